@@ -1,0 +1,3 @@
+//! The DiLoCo averaging protocol: pure logic, no I/O.
+pub mod codec;
+pub mod outer;
