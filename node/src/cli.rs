@@ -1,0 +1,305 @@
+//! Command-line flags as the user typed them, and their validation into run configurations.
+//!
+//! Every flag can also be set through a `DILOCO_*` environment variable (useful in Docker).
+//! Parsing (clap) and validation ([`TrainArgs::to_config`], [`SimulateArgs::to_config`]) are
+//! separate so every check lives in one place and produces one clear message.
+
+use crate::backend::BackendChoice;
+use crate::data::DataSpec;
+use crate::model::ModelConfig;
+use crate::simulate::{Mode, SimConfig};
+use crate::train::TrainConfig;
+use crate::trainer::InnerConfig;
+use clap::{Args, Parser, Subcommand};
+use diloco_protocol::codec::Quantization;
+use diloco_protocol::outer::OuterConfig;
+use std::path::PathBuf;
+use thiserror::Error;
+
+/// A flag combination that cannot work.
+#[derive(Debug, Error, PartialEq)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage<T>(msg: impl Into<String>) -> Result<T, UsageError> {
+    Err(UsageError(msg.into()))
+}
+
+/// diloco-node: train one language model together with DiLoCo, peer to peer.
+#[derive(Debug, Parser)]
+#[command(name = "diloco-node", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "diloco_node=debug".
+    #[arg(long, global = true, env = "DILOCO_LOG", default_value = "info")]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train one replica with plain AdamW (checkpoints, --resume).
+    Train(TrainArgs),
+    /// Run M replicas in one process with DiLoCo or data-parallel and compare traffic.
+    Simulate(SimulateArgs),
+}
+
+/// Flags shared by `train` and `simulate`.
+#[derive(Debug, Args, Clone)]
+pub struct CommonArgs {
+    /// Training data: a text file, a directory of .txt/.jsonl files, or a .jsonl file with a
+    /// "text" field. Omit for the built-in generated corpus.
+    #[arg(long, env = "DILOCO_DATA")]
+    pub data: Option<PathBuf>,
+    /// Held-out data for evaluation (default: the last --eval-fraction of --data).
+    #[arg(long, env = "DILOCO_EVAL_DATA")]
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the data held out for evaluation when --eval-data is absent.
+    #[arg(long, env = "DILOCO_EVAL_FRACTION", default_value_t = 0.05)]
+    pub eval_fraction: f64,
+    /// Number of evaluation windows.
+    #[arg(long, env = "DILOCO_EVAL_WINDOWS", default_value_t = 128)]
+    pub eval_windows: usize,
+    /// Total inner steps.
+    #[arg(long, env = "DILOCO_STEPS", default_value_t = 400)]
+    pub steps: u64,
+    /// Model: tiny, small, base, or d<D>-l<L>-h<H>-c<C>.
+    #[arg(long, env = "DILOCO_MODEL", default_value = "tiny")]
+    pub model: String,
+    /// Compute backend.
+    #[arg(long, env = "DILOCO_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Sequences per step (for simulate: global, split evenly over the replicas).
+    #[arg(long, env = "DILOCO_BATCH", default_value_t = 32)]
+    pub batch: usize,
+    /// Sequence length in bytes (at most the model's context).
+    #[arg(long, env = "DILOCO_SEQ", default_value_t = 128)]
+    pub seq: usize,
+    /// Peak inner learning rate.
+    #[arg(long, env = "DILOCO_LR", default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, env = "DILOCO_WARMUP", default_value_t = 40)]
+    pub warmup: u64,
+    /// Decoupled weight decay of the inner AdamW.
+    #[arg(long, env = "DILOCO_WEIGHT_DECAY", default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Seed for initial parameters and data order.
+    #[arg(long, env = "DILOCO_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Print the result as one JSON object on the last line of stdout.
+    #[arg(long, env = "DILOCO_JSON")]
+    pub json: bool,
+}
+
+/// `train` flags.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Directory for checkpoints.
+    #[arg(long, env = "DILOCO_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every N steps (0: only at the end).
+    #[arg(long, env = "DILOCO_CHECKPOINT_EVERY", default_value_t = 100)]
+    pub checkpoint_every: u64,
+    /// Continue from the newest checkpoint in --checkpoint-dir.
+    #[arg(long, env = "DILOCO_RESUME")]
+    pub resume: bool,
+}
+
+/// `simulate` flags.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Number of replicas M.
+    #[arg(long, env = "DILOCO_REPLICAS", default_value_t = 2)]
+    pub replicas: usize,
+    /// DiLoCo or data-parallel.
+    #[arg(long, env = "DILOCO_MODE", value_enum, default_value_t = Mode::Diloco)]
+    pub mode: Mode,
+    /// Inner steps per round H.
+    #[arg(long, env = "DILOCO_INNER_STEPS", default_value_t = 50)]
+    pub inner_steps: u64,
+    /// Outer learning rate.
+    #[arg(long, env = "DILOCO_OUTER_LR", default_value_t = 0.7)]
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum.
+    #[arg(long, env = "DILOCO_OUTER_MOMENTUM", default_value_t = 0.9)]
+    pub outer_momentum: f32,
+    /// Codec for outer gradients: none (f32), f16, bf16, int8, fp4.
+    #[arg(long, env = "DILOCO_QUANTIZE", default_value = "none")]
+    pub quantize: String,
+    /// Probability that a replica's outer gradient is lost in a round.
+    #[arg(long, env = "DILOCO_DROP_PROB", default_value_t = 0.0)]
+    pub drop_prob: f64,
+    /// Evaluate the global model every N steps (0: only at the end).
+    #[arg(long, env = "DILOCO_EVAL_EVERY", default_value_t = 0)]
+    pub eval_every: u64,
+}
+
+impl CommonArgs {
+    /// Where the data comes from.
+    pub fn data_spec(&self) -> DataSpec {
+        DataSpec { path: self.data.clone(), eval_path: self.eval_data.clone(), eval_fraction: self.eval_fraction }
+    }
+
+    fn validate(&self) -> Result<(ModelConfig, InnerConfig), UsageError> {
+        let model = ModelConfig::parse(&self.model).map_err(|e| UsageError(e.to_string()))?;
+        if self.steps == 0 {
+            return usage("--steps must be at least 1");
+        }
+        if self.batch == 0 {
+            return usage("--batch must be at least 1");
+        }
+        if self.seq == 0 || self.seq > model.context {
+            return usage(format!(
+                "--seq {} must be between 1 and the model's context ({}); pass a smaller --seq or a model with a longer context",
+                self.seq, model.context
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return usage("--lr must be a positive number");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return usage("--weight-decay must be zero or positive");
+        }
+        if !(0.0..0.5).contains(&self.eval_fraction) || self.eval_fraction.is_nan() {
+            return usage("--eval-fraction must be in [0, 0.5)");
+        }
+        if self.eval_fraction == 0.0 && self.eval_data.is_none() {
+            return usage("--eval-fraction 0 needs --eval-data FILE");
+        }
+        if self.eval_windows == 0 {
+            return usage("--eval-windows must be at least 1");
+        }
+        let inner = InnerConfig::new(self.lr, self.warmup, self.steps, self.weight_decay);
+        Ok((model, inner))
+    }
+
+    fn run_json(&self, model: &ModelConfig) -> serde_json::Value {
+        serde_json::json!({
+            "model": model,
+            "steps": self.steps,
+            "batch": self.batch,
+            "seq": self.seq,
+            "lr": self.lr,
+            "warmup": self.warmup,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+            "data": self.data.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "builtin".into()),
+            "eval_data": self.eval_data.as_ref().map(|p| p.display().to_string()),
+            "eval_fraction": self.eval_fraction,
+        })
+    }
+}
+
+impl TrainArgs {
+    /// Validates the flags into a [`TrainConfig`].
+    pub fn to_config(&self) -> Result<TrainConfig, UsageError> {
+        let (model, inner) = self.common.validate()?;
+        if self.resume && self.checkpoint_dir.is_none() {
+            return usage("--resume needs --checkpoint-dir DIR (the directory the earlier run wrote to)");
+        }
+        let run = self.common.run_json(&model);
+        Ok(TrainConfig {
+            model,
+            inner,
+            batch: self.common.batch,
+            seq: self.common.seq,
+            seed: self.common.seed,
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            checkpoint_every: self.checkpoint_every,
+            resume: self.resume,
+            eval_windows: self.common.eval_windows,
+            run,
+        })
+    }
+}
+
+impl SimulateArgs {
+    /// Validates the flags into a [`SimConfig`].
+    pub fn to_config(&self) -> Result<SimConfig, UsageError> {
+        let (model, inner) = self.common.validate()?;
+        let c = &self.common;
+        if self.replicas == 0 {
+            return usage("--replicas must be at least 1");
+        }
+        if self.replicas > c.batch {
+            return usage(format!(
+                "--replicas {} is more than --batch {}: each replica needs at least one sequence per step (batch is global)",
+                self.replicas, c.batch
+            ));
+        }
+        if c.batch % self.replicas != 0 {
+            tracing::warn!(batch = c.batch, replicas = self.replicas, "batch is not a multiple of replicas; each replica gets {}", c.batch / self.replicas);
+        }
+        if self.mode == Mode::Diloco {
+            if self.inner_steps == 0 {
+                return usage("--inner-steps (H) must be at least 1");
+            }
+            if c.steps < self.inner_steps {
+                return usage(format!(
+                    "--steps {} is less than --inner-steps {}: DiLoCo would never complete a round; raise --steps or lower --inner-steps",
+                    c.steps, self.inner_steps
+                ));
+            }
+        }
+        if !(self.outer_lr.is_finite() && self.outer_lr > 0.0) {
+            return usage("--outer-lr must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return usage("--outer-momentum must be in [0, 1)");
+        }
+        if !(0.0..=1.0).contains(&self.drop_prob) {
+            return usage("--drop-prob must be in [0, 1]");
+        }
+        let quantize: Quantization = self.quantize.parse().map_err(|e| UsageError(format!("--quantize: {e}")))?;
+        Ok(SimConfig {
+            mode: self.mode,
+            replicas: self.replicas,
+            inner_steps: self.inner_steps,
+            steps: c.steps,
+            outer: OuterConfig { lr: self.outer_lr, momentum: self.outer_momentum },
+            batch: c.batch,
+            seq: c.seq,
+            inner,
+            quantize,
+            drop_prob: self.drop_prob,
+            seed: c.seed,
+            model,
+            eval_every: self.eval_every,
+            eval_windows: c.eval_windows,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(args: &[&str]) -> Result<SimConfig, UsageError> {
+        let mut v = vec!["diloco-node", "simulate"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Simulate(a) => a.to_config(),
+            Command::Train(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn rejects_impossible_combinations_with_a_reason() {
+        assert!(sim(&[]).is_ok());
+        assert!(sim(&["--inner-steps", "0"]).unwrap_err().0.contains("inner-steps"));
+        assert!(sim(&["--steps", "10", "--inner-steps", "50"]).unwrap_err().0.contains("less than"));
+        assert!(sim(&["--replicas", "64", "--batch", "32"]).unwrap_err().0.contains("more than --batch"));
+        assert!(sim(&["--model", "gigantic"]).unwrap_err().0.contains("unknown model"));
+        assert!(sim(&["--seq", "1000"]).unwrap_err().0.contains("context"));
+        assert!(sim(&["--quantize", "int3"]).unwrap_err().0.contains("--quantize"));
+        assert!(sim(&["--drop-prob", "2"]).is_err());
+        assert!(sim(&["--mode", "dp", "--steps", "10", "--inner-steps", "50"]).is_ok());
+    }
+}
