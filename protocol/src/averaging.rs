@@ -1,0 +1,2079 @@
+//! The averaging state machine: sealed rounds, with no I/O.
+//!
+//! The caller feeds [`InEvent`]s together with the current time (ms) and a seeded RNG into
+//! [`State::handle`] and carries out the [`OutEvent`]s it returns (gossip this envelope, send
+//! this direct message, set this timer, train the next round). The same code runs inside the
+//! node and inside the seeded simulator ([`crate::sim`]).
+//!
+//! # A round, in short (docs/PROTOCOL.md has the long version)
+//!
+//! Round `r` starts from state agreed at `r-1`: `theta_g`, momentum `m`, the sorted member
+//! list `M`, chain hash `C`. Members train and gossip READY (tokens, Merkle root over their `K`
+//! encoded shard hashes, norm). Leaders are ranked by `blake3(C, "close", peer)`; the leader of
+//! ballot `b` is rank `b mod |M|`. The ballot-0 leader (the closer) gossips CLOSE once every
+//! member is READY or `straggler_timeout` after the first READY. CLOSE fixes the contributors;
+//! from it every peer derives the same weights (tokens, capped) and shard owners (rendezvous rank
+//! `blake3(C, s, peer)` among contributors that can serve, at most `ceil(K/servers)` shards each;
+//! the next rank is the backup). Contributors push each shard to its owner, which averages in
+//! contributor-list order in f32 (token-weighted; or a robust rule), re-encodes with the run's
+//! codec and gossips AGG. If no AGG appears in time, the backup pulls the shards and aggregates.
+//! The leader fetches one valid aggregate per shard (most weight, then lowest owner rank, then
+//! lowest hash; finite, norm within what its inputs allow), marks the rest MISSING and gossips
+//! SEAL. Each member fetches the sealed aggregates, applies the Nesterov step and gossips COMMIT
+//! (ballot, SEAL hash, next chain hash, state hash). A quorum (majority or two thirds of `M`)
+//! of COMMITs for one (ballot, SEAL, state) decides the round; it is never reverted.
+//!
+//! If the round is not decided `attempt_timeout` after a peer first saw READY, the leader of the
+//! next ballot runs single-decree Paxos phase 1 (PREPARE / PROMISE); if any promise reports an
+//! accepted SEAL it re-proposes the one with the highest ballot, otherwise it closes afresh.
+//! COMMIT is the Paxos "accepted" message, so at most one SEAL is ever decided per round.
+//!
+//! Peers that miss a decision (loss, partition, restart) notice messages of a later round and
+//! ask for decision proofs (the SEAL and a quorum of COMMITs), verify them against their own
+//! members and chain, fetch the aggregates and replay. Peers too far behind, and joiners, fetch
+//! the full state, verified against the COMMIT state hash, then gossip JOIN; the next SEAL lists
+//! them as members. A READY that missed CLOSE is folded (token-weighted) into the peer's next
+//! contribution. Two validly signed conflicting messages are evidence: the signer is banned.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use rand_chacha::rand_core::RngCore;
+use thiserror::Error;
+
+use crate::codec::{self, CodecError, Quantization};
+use crate::outer::{self, OuterConfig};
+use crate::wire::{
+    self, Agg, Body, Close, Commit, Contributor, DecisionProof, Direct, Envelope, Evidence, Hash,
+    PeerId, Promise, Propose, Ready, Seal, SealedShard, Verifier, WireError,
+};
+
+/// Milliseconds on the caller's clock.
+pub type Time = u64;
+
+/// Rounds of decision proofs and aggregates a peer keeps to serve catch-up.
+pub const RETAIN_ROUNDS: u64 = 8;
+/// Most messages for the next round buffered while this round finishes.
+pub const MAX_BUFFERED: usize = 4096;
+
+/// How many COMMITs decide a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quorum {
+    /// More than half of the members (crash faults).
+    Majority,
+    /// More than two thirds of the members (Byzantine-tolerant setting).
+    TwoThirds,
+}
+
+impl Quorum {
+    /// COMMITs needed among `n` members.
+    pub fn size(&self, n: usize) -> usize {
+        match self {
+            Quorum::Majority => n / 2 + 1,
+            Quorum::TwoThirds => 2 * n / 3 + 1,
+        }
+    }
+}
+
+/// How an owner combines the contributions to one shard.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// Token-weighted mean (DiLoCo).
+    Mean,
+    /// The leader leaves out contributors whose READY norm exceeds `factor` x the median norm;
+    /// owners also drop shards whose norm exceeds their READY's claim. Then the mean.
+    NormScreen {
+        /// Allowed multiple of the median norm.
+        factor: f32,
+    },
+    /// Coordinate-wise: drop the `trim` fraction of smallest and of largest values, then the
+    /// token-weighted mean of the rest.
+    TrimmedMean {
+        /// Fraction trimmed from each end, in `[0, 0.5)`.
+        trim: f32,
+    },
+}
+
+/// Run configuration: identical on every peer of a run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Run id.
+    pub run: Hash,
+    /// Number of parameters.
+    pub len: usize,
+    /// Outer-gradient codec.
+    pub codec: Quantization,
+    /// Upper bound on shards per round (the actual count is `min(this, |M|, blocks)`).
+    pub max_shards: usize,
+    /// Cap on a contribution's weight (H x local batch tokens).
+    pub token_cap: u64,
+    /// Outer optimizer.
+    pub outer: OuterConfig,
+    /// Decision quorum.
+    pub quorum: Quorum,
+    /// Aggregation rule.
+    pub rule: Rule,
+    /// Closer waits this long after the first READY for the rest.
+    pub straggler_timeout: Time,
+    /// After CLOSE: owners aggregate by 40%, backups step in at 60%, the leader seals at 100%.
+    pub agg_timeout: Time,
+    /// A leader of ballot `b` starts `b * attempt_timeout` after the first READY if undecided.
+    pub attempt_timeout: Time,
+    /// Retry period for fetches, sync requests and JOINs.
+    pub retry: Time,
+    /// Whether this peer accepts inbound streams and can own shards.
+    pub can_serve: bool,
+    /// Members not heard from for this many rounds are dropped from the next member list.
+    pub evict_after_rounds: u64,
+}
+
+impl Config {
+    /// A config with the defaults used by the simulator and the node.
+    pub fn new(run: Hash, len: usize) -> Self {
+        Self {
+            run,
+            len,
+            codec: Quantization::F32,
+            max_shards: 256,
+            token_cap: u64::MAX,
+            outer: OuterConfig::default(),
+            quorum: Quorum::Majority,
+            rule: Rule::Mean,
+            straggler_timeout: 2_000,
+            agg_timeout: 3_000,
+            attempt_timeout: 10_000,
+            retry: 1_000,
+            can_serve: true,
+            evict_after_rounds: 3,
+        }
+    }
+}
+
+/// Timers the state machine asks for; the caller hands them back as [`InEvent::Timer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Timer {
+    /// The closer's straggler deadline.
+    Straggler(u64),
+    /// Failover: start ballot `.1` of round `.0`.
+    Attempt(u64, u32),
+    /// An owner (or backup) aggregates what it has.
+    OwnerDeadline(u64),
+    /// A backup checks for missing AGGs.
+    BackupCheck(u64),
+    /// The leader of ballot `.1` seals.
+    SealDeadline(u64, u32),
+    /// Periodic retries (fetch, sync, join).
+    Retry(u64),
+}
+
+/// Inputs.
+#[derive(Debug, Clone)]
+pub enum InEvent {
+    /// Local training for `round` finished with this outer gradient and token count.
+    Trained {
+        /// Round trained for.
+        round: u64,
+        /// `theta_g - theta_i`.
+        delta: Vec<f32>,
+        /// Tokens processed.
+        tokens: u64,
+    },
+    /// A gossip message. `verified: true` means the caller already checked its signature
+    /// (e.g. once for all receivers); otherwise the state machine does.
+    Gossip {
+        /// The envelope.
+        env: Arc<Envelope>,
+        /// Signature already checked.
+        verified: bool,
+    },
+    /// A direct message from an authenticated peer.
+    Direct {
+        /// Transport-authenticated sender.
+        from: PeerId,
+        /// The message.
+        msg: Arc<Direct>,
+    },
+    /// A timer fired.
+    Timer(Timer),
+    /// A peer became reachable (joiners ask it for state).
+    Contact(PeerId),
+}
+
+/// Why an incoming message was dropped.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
+pub enum Reject {
+    /// Failed admission (run, round, signer, signature).
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// Payload did not decode.
+    #[error("payload: {0}")]
+    Codec(#[from] CodecError),
+    /// A payload's length does not match its shard.
+    #[error("wrong length {got}, expected {expected}")]
+    WrongLength {
+        /// Length received.
+        got: usize,
+        /// Length required.
+        expected: usize,
+    },
+    /// A shard is not under the contributor's Merkle root.
+    #[error("shard not under the READY's Merkle root")]
+    BadProof,
+    /// A payload's norm exceeds what its signed claims allow.
+    #[error("norm {got} exceeds the bound {bound}")]
+    NormTooLarge {
+        /// Measured norm.
+        got: f32,
+        /// Allowed norm.
+        bound: f32,
+    },
+    /// A payload does not match the hash it was announced with.
+    #[error("payload hash mismatch")]
+    HashMismatch,
+    /// The sender has no right to send this message (not the leader, not the owner, ...).
+    #[error("{0} not allowed from this sender")]
+    NotAllowed(&'static str),
+    /// The message is internally inconsistent.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    /// The sender signed two conflicting messages.
+    #[error("equivocation")]
+    Equivocation,
+    /// A decision proof or state did not verify.
+    #[error("bad proof: {0}")]
+    BadDecision(&'static str),
+}
+
+/// Outputs.
+#[derive(Debug, Clone)]
+pub enum OutEvent {
+    /// Gossip this signed message to the run's topic.
+    Gossip(Arc<Envelope>),
+    /// Send this message on a direct stream.
+    Direct {
+        /// Recipient.
+        to: PeerId,
+        /// The message.
+        msg: Arc<Direct>,
+    },
+    /// Hand back `InEvent::Timer(timer)` at time `at`.
+    SetTimer {
+        /// When.
+        at: Time,
+        /// Which.
+        timer: Timer,
+    },
+    /// Start training for `round` from [`State::theta`]; answer with `InEvent::Trained`.
+    Train {
+        /// The round to train for.
+        round: u64,
+    },
+    /// Round `round` was decided; the state is now at `round + 1`.
+    Decided {
+        /// Decided round.
+        round: u64,
+        /// Hash of the SEAL.
+        seal: Hash,
+        /// Hash of theta_g and momentum after the round.
+        state: Hash,
+    },
+    /// A message was dropped.
+    Rejected {
+        /// Who sent (or signed) it.
+        from: PeerId,
+        /// Its kind.
+        kind: &'static str,
+        /// Why.
+        reason: Reject,
+    },
+    /// `peer` was banned on evidence.
+    Banned {
+        /// The banned peer.
+        peer: PeerId,
+    },
+}
+
+/// Hash of the replicated state (theta_g and momentum, little-endian f32).
+pub fn state_hash(theta: &[f32], momentum: &[f32]) -> Hash {
+    let mut h = blake3::Hasher::new();
+    for v in theta.iter().chain(momentum) {
+        h.update(&v.to_le_bytes());
+    }
+    Hash(*h.finalize().as_bytes())
+}
+
+/// Number of shards for a round with `members` members.
+pub fn shard_count(cfg: &Config, members: usize) -> usize {
+    cfg.max_shards
+        .min(members)
+        .min(cfg.len.div_ceil(codec::BLOCK))
+        .max(1)
+}
+
+/// Leader order of a round: members ranked by `blake3(chain, "close", peer)`.
+pub fn leader_order(chain: &Hash, members: &[PeerId]) -> Vec<PeerId> {
+    let mut m: Vec<(Hash, PeerId)> = members
+        .iter()
+        .map(|p| (Hash::of_parts(&[&chain.0, b"close", &p.0]), *p))
+        .collect();
+    m.sort();
+    m.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Owner then backups for each of `k` shards, among `servers` (sorted), rendezvous-ranked by
+/// `blake3(chain, s, peer)`, at most `ceil(k / servers)` shards per owner.
+pub fn shard_owners(chain: &Hash, servers: &[PeerId], k: usize) -> Vec<Vec<PeerId>> {
+    if servers.is_empty() {
+        return vec![Vec::new(); k];
+    }
+    let cap = k.div_ceil(servers.len());
+    let mut load: HashMap<PeerId, usize> = HashMap::new();
+    (0..k)
+        .map(|s| {
+            let mut ranked: Vec<(Hash, PeerId)> = servers
+                .iter()
+                .map(|p| {
+                    (
+                        Hash::of_parts(&[&chain.0, &(s as u64).to_le_bytes(), &p.0]),
+                        *p,
+                    )
+                })
+                .collect();
+            ranked.sort();
+            let ranked: Vec<PeerId> = ranked.into_iter().map(|(_, p)| p).collect();
+            let owner_pos = ranked
+                .iter()
+                .position(|p| load.get(p).copied().unwrap_or(0) < cap)
+                .unwrap_or(0);
+            let owner = ranked[owner_pos];
+            *load.entry(owner).or_default() += 1;
+            let mut out = vec![owner];
+            out.extend(ranked.iter().copied().filter(|p| *p != owner).take(1));
+            out
+        })
+        .collect()
+}
+
+fn bitmap(bits: impl Iterator<Item = bool>, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n.div_ceil(8)];
+    for (i, b) in bits.enumerate().take(n) {
+        if b {
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+fn bit(map: &[u8], i: usize) -> bool {
+    map.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter()
+        .map(|x| f64::from(*x) * f64::from(*x))
+        .sum::<f64>()
+        .sqrt() as f32
+}
+
+/// Bound on an aggregate's norm from its inputs' claimed norms, with slack for two codec passes.
+fn norm_bound(q: Quantization, max_input: f32, len: usize) -> f32 {
+    let rel = match q {
+        Quantization::F32 => 1e-5,
+        Quantization::F16 | Quantization::Bf16 => 0.02,
+        Quantization::Int8 => 0.05,
+        Quantization::Fp4 => 0.7,
+    };
+    max_input * (1.0 + rel) + 1e-6 * (len as f32).sqrt()
+}
+
+/// Combines shard inputs (in contributor order) with `rule`.
+pub fn aggregate(rule: Rule, inputs: &[(&[f32], u64)]) -> Vec<f32> {
+    let Some((first, _)) = inputs.first() else {
+        return Vec::new();
+    };
+    let len = first.len();
+    match rule {
+        Rule::Mean | Rule::NormScreen { .. } => {
+            let vs: Vec<&[f32]> = inputs.iter().map(|(v, _)| *v).collect();
+            let ws: Vec<f64> = inputs.iter().map(|(_, w)| *w as f64).collect();
+            outer::weighted_mean(&vs, &ws).unwrap_or_else(|_| vec![0.0; len])
+        }
+        Rule::TrimmedMean { trim } => {
+            let m = inputs.len();
+            let cut = ((m as f32) * trim.clamp(0.0, 0.49)).floor() as usize;
+            let mut out = vec![0f32; len];
+            let mut col: Vec<(f32, usize)> = Vec::with_capacity(m);
+            for (j, o) in out.iter_mut().enumerate() {
+                col.clear();
+                col.extend(inputs.iter().enumerate().map(|(i, (v, _))| (v[j], i)));
+                col.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let kept = &col[cut..m - cut];
+                let total: f64 = kept.iter().map(|(_, i)| inputs[*i].1 as f64).sum();
+                if total > 0.0 {
+                    let mut acc = 0f32;
+                    for (x, i) in kept {
+                        acc += (inputs[*i].1 as f64 / total) as f32 * x;
+                    }
+                    *o = acc;
+                }
+            }
+            out
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Contribution {
+    delta: Vec<f32>,
+    tokens: u64,
+    shards: Vec<Vec<u8>>,
+    leaves: Vec<Hash>,
+    ready_id: Hash,
+}
+
+#[derive(Debug, Clone)]
+struct CloseInfo {
+    close: Close,
+    owners: Vec<Vec<PeerId>>,
+}
+
+#[derive(Debug, Default)]
+struct OwnerState {
+    inputs: BTreeMap<usize, Vec<f32>>,
+    done: bool,
+    backup: bool,
+}
+
+#[derive(Debug)]
+enum Leading {
+    Preparing {
+        ballot: u32,
+        promises: BTreeMap<PeerId, Promise>,
+    },
+    Collecting {
+        ballot: u32,
+        close_id: Hash,
+    },
+    Proposed,
+}
+
+#[derive(Debug)]
+struct Tentative {
+    theta: Vec<f32>,
+    momentum: Vec<f32>,
+    state: Hash,
+    next_chain: Hash,
+}
+
+#[derive(Debug, Default)]
+struct RoundState {
+    reference: Option<Time>,
+    contrib: Option<Contribution>,
+    readies: BTreeMap<PeerId, (Hash, Ready)>,
+    closes: HashMap<Hash, CloseInfo>,
+    owned: BTreeMap<(Hash, u32), OwnerState>,
+    aggs: BTreeMap<(Hash, u32), Vec<(PeerId, Agg)>>,
+    promised: u32,
+    accepted: Option<Propose>,
+    proposals: BTreeMap<u32, Arc<Envelope>>,
+    applying: Option<(Arc<Envelope>, Vec<PeerId>)>,
+    tentative: HashMap<Hash, Tentative>,
+    commits: HashMap<(u32, Hash, Hash), BTreeMap<PeerId, Arc<Envelope>>>,
+    leading: Option<Leading>,
+    joins: BTreeSet<PeerId>,
+    decide_target: Option<(u32, Hash, Hash)>,
+    fetch_pending: BTreeMap<Hash, (Vec<PeerId>, Time)>,
+    early_pushes: Vec<(PeerId, Arc<Direct>)>,
+}
+
+/// One peer's protocol state.
+pub struct State {
+    cfg: Config,
+    key: SigningKey,
+    me: PeerId,
+    verifier: Verifier,
+    round: u64,
+    chain: Hash,
+    members: Vec<PeerId>,
+    theta: Vec<f32>,
+    momentum: Vec<f32>,
+    synced: bool,
+    r: RoundState,
+    history: VecDeque<(u64, DecisionProof)>,
+    store: HashMap<Hash, (u64, Arc<Vec<u8>>)>,
+    carry: Option<(Vec<f32>, u64)>,
+    seen: HashMap<(PeerId, u64, u8, u32, Hash), Arc<Envelope>>,
+    future: Vec<Arc<Envelope>>,
+    last_heard: HashMap<PeerId, u64>,
+    contacts: BTreeSet<PeerId>,
+    last_sync: Option<Time>,
+    out: Vec<OutEvent>,
+    now: Time,
+}
+
+impl State {
+    /// A founding member of a run: everyone starts from the same `theta0`, zero momentum, round
+    /// 0, chain `blake3(run)`, and the same sorted member list.
+    pub fn genesis(
+        cfg: Config,
+        key: SigningKey,
+        theta0: Vec<f32>,
+        mut members: Vec<PeerId>,
+    ) -> Self {
+        members.sort();
+        members.dedup();
+        let mut s = Self::blank(cfg, key);
+        s.momentum = vec![0.0; theta0.len()];
+        s.theta = theta0;
+        s.members = members;
+        s.synced = true;
+        s
+    }
+
+    /// A peer with no state (a joiner, or a restart that lost its disk): it asks its contacts
+    /// for the state, then gossips JOIN.
+    pub fn joiner(cfg: Config, key: SigningKey, contacts: Vec<PeerId>) -> Self {
+        let mut s = Self::blank(cfg, key);
+        s.contacts = contacts.into_iter().collect();
+        s
+    }
+
+    /// A peer restarting from state saved at the start of `round` (possibly stale): it catches
+    /// up through decision proofs or a full state transfer.
+    pub fn restore(
+        cfg: Config,
+        key: SigningKey,
+        round: u64,
+        chain: Hash,
+        members: Vec<PeerId>,
+        theta: Vec<f32>,
+        momentum: Vec<f32>,
+    ) -> Self {
+        let mut s = Self::genesis(cfg, key, theta, members);
+        s.momentum = momentum;
+        s.round = round;
+        s.chain = chain;
+        s
+    }
+
+    fn blank(cfg: Config, key: SigningKey) -> Self {
+        let me = PeerId::of(&key);
+        let verifier = Verifier::new(cfg.run);
+        Self {
+            chain: Hash::of(&cfg.run.0),
+            cfg,
+            key,
+            me,
+            verifier,
+            round: 0,
+            members: Vec::new(),
+            theta: Vec::new(),
+            momentum: Vec::new(),
+            synced: false,
+            r: RoundState::default(),
+            history: VecDeque::new(),
+            store: HashMap::new(),
+            carry: None,
+            seen: HashMap::new(),
+            future: Vec::new(),
+            last_heard: HashMap::new(),
+            contacts: BTreeSet::new(),
+            last_sync: None,
+            out: Vec::new(),
+            now: 0,
+        }
+    }
+
+    /// This peer's id.
+    pub fn id(&self) -> PeerId {
+        self.me
+    }
+    /// The round in progress (all rounds below it are decided).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+    /// Chain hash at the start of the current round.
+    pub fn chain(&self) -> Hash {
+        self.chain
+    }
+    /// Members of the current round.
+    pub fn members(&self) -> &[PeerId] {
+        &self.members
+    }
+    /// Whether this peer is a member of the current round.
+    pub fn is_member(&self) -> bool {
+        self.synced && self.members.binary_search(&self.me).is_ok()
+    }
+    /// Whether this peer holds agreed state.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+    /// Global parameters theta_g.
+    pub fn theta(&self) -> &[f32] {
+        &self.theta
+    }
+    /// Outer momentum.
+    pub fn momentum(&self) -> &[f32] {
+        &self.momentum
+    }
+    /// Hash of (theta_g, momentum).
+    pub fn state_hash(&self) -> Hash {
+        state_hash(&self.theta, &self.momentum)
+    }
+    /// Keys banned on evidence.
+    pub fn banned(&self) -> &BTreeSet<PeerId> {
+        &self.verifier.banned
+    }
+    /// Decision proofs kept for catch-up, oldest first.
+    pub fn decisions(&self) -> impl Iterator<Item = &DecisionProof> {
+        self.history.iter().map(|(_, p)| p)
+    }
+    /// The run configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Starts the peer: founding members are asked to train round 0; others ask for state.
+    pub fn start(&mut self, now: Time) -> Vec<OutEvent> {
+        self.now = now;
+        if self.is_member() {
+            self.out.push(OutEvent::Train { round: self.round });
+        }
+        self.set_timer(now + self.cfg.retry, Timer::Retry(self.round));
+        if !self.synced {
+            self.request_state();
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// Feeds one event; returns the actions to carry out.
+    pub fn handle(&mut self, now: Time, ev: InEvent, rng: &mut dyn RngCore) -> Vec<OutEvent> {
+        self.now = now;
+        match ev {
+            InEvent::Trained {
+                round,
+                delta,
+                tokens,
+            } => self.on_trained(round, delta, tokens),
+            InEvent::Gossip { env, verified } => self.on_gossip(env, verified),
+            InEvent::Direct { from, msg } => self.on_direct(from, msg),
+            InEvent::Timer(t) => self.on_timer(t, rng),
+            InEvent::Contact(p) => {
+                if self.contacts.len() < 1024 {
+                    self.contacts.insert(p);
+                }
+            }
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // helpers
+
+    fn set_timer(&mut self, at: Time, timer: Timer) {
+        self.out.push(OutEvent::SetTimer { at, timer });
+    }
+
+    fn reject(&mut self, from: PeerId, kind: &'static str, reason: impl Into<Reject>) {
+        self.out.push(OutEvent::Rejected {
+            from,
+            kind,
+            reason: reason.into(),
+        });
+    }
+
+    fn send(&mut self, to: PeerId, msg: Direct) {
+        if to == self.me {
+            return;
+        }
+        self.out.push(OutEvent::Direct {
+            to,
+            msg: Arc::new(msg),
+        });
+    }
+
+    fn gossip(&mut self, body: Body) {
+        let env = Arc::new(Envelope::sign(
+            &self.key,
+            self.cfg.run,
+            self.round,
+            self.chain,
+            body,
+        ));
+        self.out.push(OutEvent::Gossip(env.clone()));
+        self.process(env);
+    }
+
+    fn k(&self) -> usize {
+        shard_count(&self.cfg, self.members.len())
+    }
+
+    fn quorum(&self) -> usize {
+        self.cfg.quorum.size(self.members.len())
+    }
+
+    fn leader(&self, ballot: u32) -> Option<PeerId> {
+        let order = leader_order(&self.chain, &self.members);
+        order.get(ballot as usize % order.len().max(1)).copied()
+    }
+
+    fn weight(&self, tokens: u64) -> u64 {
+        tokens.min(self.cfg.token_cap).max(1)
+    }
+
+    fn note_reference(&mut self) {
+        if self.r.reference.is_some() {
+            return;
+        }
+        let now = self.now;
+        self.r.reference = Some(now);
+        let round = self.round;
+        let order = leader_order(&self.chain, &self.members);
+        if order.first() == Some(&self.me) {
+            self.set_timer(now + self.cfg.straggler_timeout, Timer::Straggler(round));
+        }
+        if let Some(rank) = order.iter().position(|p| *p == self.me) {
+            let b = if rank == 0 { order.len() } else { rank };
+            if b > 0 && b < u32::MAX as usize {
+                self.set_timer(
+                    now + b as u64 * self.cfg.attempt_timeout,
+                    Timer::Attempt(round, b as u32),
+                );
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // training and READY
+
+    fn on_trained(&mut self, round: u64, mut delta: Vec<f32>, mut tokens: u64) {
+        if round != self.round || !self.is_member() || self.r.contrib.is_some() {
+            return;
+        }
+        if delta.len() != self.cfg.len {
+            return;
+        }
+        if let Some((old, old_tokens)) = self.carry.take() {
+            // A contribution that missed its CLOSE is folded in once, token-weighted.
+            let (a, b) = (self.weight(old_tokens) as f64, self.weight(tokens) as f64);
+            for (d, o) in delta.iter_mut().zip(&old) {
+                *d = ((f64::from(*d) * b + f64::from(*o) * a) / (a + b)) as f32;
+            }
+            tokens = tokens.saturating_add(old_tokens);
+        }
+        let k = self.k();
+        let shards: Vec<Vec<u8>> = codec::shards(self.cfg.len, k)
+            .into_iter()
+            .map(|r| codec::encode(self.cfg.codec, &delta[r]))
+            .collect();
+        let leaves: Vec<Hash> = shards.iter().map(|s| Hash::of(s)).collect();
+        let ready = Ready {
+            tokens: tokens.min(self.cfg.token_cap),
+            shard_root: wire::merkle_root(&leaves),
+            norm_bits: norm(&codec::quantize_roundtrip(self.cfg.codec, &delta)).to_bits(),
+            can_serve: self.cfg.can_serve,
+        };
+        self.r.contrib = Some(Contribution {
+            delta,
+            tokens,
+            shards,
+            leaves,
+            ready_id: Hash::default(),
+        });
+        self.gossip(Body::Ready(ready));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // gossip intake
+
+    fn on_gossip(&mut self, env: Arc<Envelope>, verified: bool) {
+        if !self.synced {
+            if self.contacts.len() < 1024 {
+                self.contacts.insert(env.signer);
+            }
+            return;
+        }
+        let kind = env.body.kind();
+        if env.round > self.round {
+            // We are behind: check the signature only, buffer the next round, ask for proofs.
+            let ok = env.run == self.cfg.run && (verified || env.verify_signature());
+            if !ok {
+                self.reject(env.signer, kind, WireError::BadSignature(env.signer));
+                return;
+            }
+            if env.round == self.round + 1 && self.future.len() < MAX_BUFFERED {
+                self.future.push(env.clone());
+            }
+            self.maybe_sync(env.signer);
+            return;
+        }
+        let members = std::mem::take(&mut self.members);
+        let res = self.verifier.check(&env, self.round, &members, |e| {
+            verified || e.verify_signature()
+        });
+        self.members = members;
+        if let Err(e) = res {
+            // Stale messages are routine after a decision; everything else is worth reporting.
+            if !matches!(e, WireError::OldRound { got, .. } if got + 1 >= self.round) {
+                self.reject(env.signer, kind, e);
+            }
+            return;
+        }
+        if env.chain != self.chain && !matches!(env.body, Body::Evidence(_)) {
+            self.reject(env.signer, kind, Reject::Malformed("chain hash"));
+            return;
+        }
+        if self.equivocates(&env) {
+            return;
+        }
+        self.process(env);
+    }
+
+    /// Records the first message per (signer, round, kind, slot); a different second one is
+    /// evidence.
+    fn equivocates(&mut self, env: &Arc<Envelope>) -> bool {
+        let slot: Option<(u8, u32, Hash)> = match &env.body {
+            Body::Ready(_) => Some((0, 0, Hash::default())),
+            Body::Close(c) => Some((1, c.ballot, Hash::default())),
+            Body::Agg(a) => Some((2, a.shard, a.close)),
+            Body::Seal(p) => Some((3, p.ballot, Hash::default())),
+            Body::Commit(c) => Some((4, c.ballot, Hash::default())),
+            _ => None,
+        };
+        let Some((tag, n, h)) = slot else {
+            return false;
+        };
+        let key = (env.signer, env.round, tag, n, h);
+        match self.seen.get(&key) {
+            None => {
+                if self.seen.len() < 1 << 20 {
+                    self.seen.insert(key, env.clone());
+                }
+                false
+            }
+            Some(first) if first.body == env.body => true, // duplicate: drop silently
+            Some(first) => {
+                let ev = Evidence {
+                    a: Box::new((**first).clone()),
+                    b: Box::new((**env).clone()),
+                };
+                self.reject(env.signer, env.body.kind(), Reject::Equivocation);
+                self.ban(env.signer);
+                self.gossip(Body::Evidence(ev));
+                true
+            }
+        }
+    }
+
+    fn ban(&mut self, peer: PeerId) {
+        if peer != self.me && self.verifier.banned.insert(peer) {
+            self.out.push(OutEvent::Banned { peer });
+        }
+    }
+
+    fn process(&mut self, env: Arc<Envelope>) {
+        if env.round == self.round {
+            self.last_heard.insert(env.signer, self.round);
+        }
+        let signer = env.signer;
+        match &env.body {
+            Body::Ready(r) => self.on_ready(&env, r.clone()),
+            Body::Close(c) => self.on_close(&env, c.clone()),
+            Body::Agg(a) => self.on_agg(signer, a.clone()),
+            Body::Prepare(b) => self.on_prepare(signer, *b),
+            Body::Promise(p) => self.on_promise(signer, p.clone()),
+            Body::Seal(p) => self.on_seal(env.clone(), p.ballot),
+            Body::Commit(c) => self.on_commit(env.clone(), *c),
+            Body::Join => {
+                if self.r.joins.len() < 1024 {
+                    self.r.joins.insert(signer);
+                    self.last_heard.insert(signer, self.round);
+                }
+            }
+            Body::Evidence(e) => match wire::check_evidence(e) {
+                Some(p) => self.ban(p),
+                None => self.reject(
+                    signer,
+                    "EVIDENCE",
+                    Reject::BadDecision("evidence does not verify"),
+                ),
+            },
+        }
+    }
+
+    fn on_ready(&mut self, env: &Envelope, r: Ready) {
+        if env.signer == self.me {
+            if let Some(c) = self.r.contrib.as_mut() {
+                c.ready_id = env.id();
+            }
+        }
+        self.r.readies.insert(env.signer, (env.id(), r));
+        self.note_reference();
+        let all_ready = self
+            .members
+            .iter()
+            .all(|m| self.r.readies.contains_key(m) || self.banned().contains(m));
+        if all_ready && self.leader(0) == Some(self.me) && self.r.leading.is_none() {
+            self.do_close(0);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // CLOSE and reduce
+
+    fn do_close(&mut self, ballot: u32) {
+        let mut readies: Vec<(PeerId, Hash, Ready)> = self
+            .r
+            .readies
+            .iter()
+            .filter(|(p, _)| {
+                !self.verifier.banned.contains(p) && self.members.binary_search(p).is_ok()
+            })
+            .map(|(p, (h, r))| (*p, *h, r.clone()))
+            .collect();
+        if let Rule::NormScreen { factor } = self.cfg.rule {
+            let mut norms: Vec<f32> = readies
+                .iter()
+                .map(|(_, _, r)| f32::from_bits(r.norm_bits))
+                .collect();
+            norms.sort_by(|a, b| a.total_cmp(b));
+            if let Some(med) = norms.get(norms.len() / 2).copied() {
+                readies.retain(|(_, _, r)| {
+                    let n = f32::from_bits(r.norm_bits);
+                    n.is_finite() && n <= factor * med
+                });
+            }
+        }
+        if readies.is_empty() {
+            return;
+        }
+        let close = Close {
+            ballot,
+            contributors: readies
+                .into_iter()
+                .map(|(peer, ready, info)| Contributor { peer, ready, info })
+                .collect(),
+        };
+        self.r.leading = Some(Leading::Collecting {
+            ballot,
+            close_id: Hash::default(),
+        });
+        let round = self.round;
+        self.set_timer(
+            self.now + self.cfg.agg_timeout,
+            Timer::SealDeadline(round, ballot),
+        );
+        self.gossip(Body::Close(close));
+    }
+
+    fn on_close(&mut self, env: &Envelope, close: Close) {
+        if Some(env.signer) != self.leader(close.ballot) {
+            self.reject(env.signer, "CLOSE", Reject::NotAllowed("CLOSE"));
+            return;
+        }
+        let sorted = close.contributors.windows(2).all(|w| w[0].peer < w[1].peer);
+        let members_ok = close
+            .contributors
+            .iter()
+            .all(|c| self.members.binary_search(&c.peer).is_ok());
+        if !sorted || !members_ok || close.contributors.is_empty() {
+            self.reject(env.signer, "CLOSE", Reject::Malformed("CLOSE contributors"));
+            return;
+        }
+        let id = env.id();
+        if let Some(Leading::Collecting { ballot, close_id }) = &mut self.r.leading {
+            if *ballot == close.ballot && env.signer == self.me {
+                *close_id = id;
+            }
+        }
+        let k = self.k();
+        let servers: Vec<PeerId> = close
+            .contributors
+            .iter()
+            .filter(|c| c.info.can_serve)
+            .map(|c| c.peer)
+            .collect();
+        let owners = shard_owners(&self.chain, &servers, k);
+        let round = self.round;
+        let me = self.me;
+        let mine_owner = owners.iter().any(|o| o.first() == Some(&me));
+        let mine_backup = owners.iter().any(|o| o.get(1) == Some(&me));
+        for (s, o) in owners.iter().enumerate() {
+            if o.first() == Some(&me) {
+                self.r.owned.entry((id, s as u32)).or_default();
+            }
+        }
+        self.r.closes.insert(
+            id,
+            CloseInfo {
+                close: close.clone(),
+                owners: owners.clone(),
+            },
+        );
+        // Push my shards.
+        if let Some(c) = self.r.contrib.clone() {
+            if let Some(idx) = close
+                .contributors
+                .iter()
+                .position(|x| x.peer == me && x.ready == c.ready_id)
+            {
+                for (s, o) in owners.iter().enumerate() {
+                    let Some(owner) = o.first().copied() else {
+                        continue;
+                    };
+                    if owner == me {
+                        self.owner_input(id, s as u32, idx, &c.shards[s]);
+                    } else {
+                        let proof = wire::merkle_proof(&c.leaves, s);
+                        self.send(
+                            owner,
+                            Direct::PushShard {
+                                round,
+                                close: id,
+                                shard: s as u32,
+                                data: c.shards[s].clone(),
+                                proof,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let early = std::mem::take(&mut self.r.early_pushes);
+        for (from, msg) in early {
+            if let Direct::PushShard {
+                round,
+                close,
+                shard,
+                data,
+                proof,
+            } = &*msg
+            {
+                if *close == id {
+                    self.on_push(from, *round, *close, *shard, data, proof);
+                } else {
+                    self.r.early_pushes.push((from, msg.clone()));
+                }
+            }
+        }
+        let keys: Vec<(Hash, u32)> = self
+            .r
+            .owned
+            .keys()
+            .filter(|(c, _)| *c == id)
+            .copied()
+            .collect();
+        for (c, s) in keys {
+            self.maybe_finish_shard(c, s, false);
+        }
+        if mine_owner {
+            self.set_timer(
+                self.now + self.cfg.agg_timeout * 2 / 5,
+                Timer::OwnerDeadline(round),
+            );
+        }
+        if mine_backup {
+            self.set_timer(
+                self.now + self.cfg.agg_timeout * 3 / 5,
+                Timer::BackupCheck(round),
+            );
+        }
+    }
+
+    fn shard_range(&self, s: usize) -> std::ops::Range<usize> {
+        codec::shards(self.cfg.len, self.k())
+            .get(s)
+            .cloned()
+            .unwrap_or(0..0)
+    }
+
+    fn owner_input(&mut self, close_id: Hash, shard: u32, idx: usize, data: &[u8]) {
+        let range = self.shard_range(shard as usize);
+        let Ok(v) = codec::decode(data, range.len()) else {
+            return;
+        };
+        if let Some(st) = self.r.owned.get_mut(&(close_id, shard)) {
+            st.inputs.insert(idx, v);
+        }
+        self.maybe_finish_shard(close_id, shard, false);
+    }
+
+    fn on_push(
+        &mut self,
+        from: PeerId,
+        round: u64,
+        close_id: Hash,
+        shard: u32,
+        data: &[u8],
+        proof: &[Hash],
+    ) {
+        if round != self.round {
+            return;
+        }
+        let Some(info) = self.r.closes.get(&close_id) else {
+            // The push overtook the CLOSE gossip: keep it until the CLOSE arrives.
+            if self.r.early_pushes.len() < MAX_BUFFERED {
+                let msg = Direct::PushShard {
+                    round,
+                    close: close_id,
+                    shard,
+                    data: data.to_vec(),
+                    proof: proof.to_vec(),
+                };
+                self.r.early_pushes.push((from, Arc::new(msg)));
+            }
+            return;
+        };
+        let Some(idx) = info.close.contributors.iter().position(|c| c.peer == from) else {
+            self.reject(from, "PUSH", Reject::NotAllowed("PUSH"));
+            return;
+        };
+        let c = &info.close.contributors[idx];
+        let claimed = f32::from_bits(c.info.norm_bits);
+        let root = c.info.shard_root;
+        if !self.r.owned.contains_key(&(close_id, shard)) {
+            self.reject(from, "PUSH", Reject::NotAllowed("PUSH to a non-owner"));
+            return;
+        }
+        if !wire::merkle_verify(root, Hash::of(data), shard as usize, proof) {
+            self.reject(from, "PUSH", Reject::BadProof);
+            return;
+        }
+        let range = self.shard_range(shard as usize);
+        let v = match codec::decode(data, range.len()) {
+            Ok(v) => v,
+            Err(e) => return self.reject(from, "PUSH", e),
+        };
+        if v.len() != range.len() {
+            return self.reject(
+                from,
+                "PUSH",
+                Reject::WrongLength {
+                    got: v.len(),
+                    expected: range.len(),
+                },
+            );
+        }
+        let n = norm(&v);
+        let bound = claimed * (1.0 + 1e-5) + 1e-6;
+        if !(n <= bound) {
+            return self.reject(from, "PUSH", Reject::NormTooLarge { got: n, bound });
+        }
+        if let Some(st) = self.r.owned.get_mut(&(close_id, shard)) {
+            st.inputs.insert(idx, v);
+        }
+        self.maybe_finish_shard(close_id, shard, false);
+    }
+
+    fn maybe_finish_shard(&mut self, close_id: Hash, shard: u32, deadline: bool) {
+        let Some(info) = self.r.closes.get(&close_id) else {
+            return;
+        };
+        let n = info.close.contributors.len();
+        let Some(st) = self.r.owned.get(&(close_id, shard)) else {
+            return;
+        };
+        if st.done || st.inputs.is_empty() || (!deadline && st.inputs.len() < n) {
+            return;
+        }
+        let inputs: Vec<(&[f32], u64)> = st
+            .inputs
+            .iter()
+            .map(|(i, v)| {
+                (
+                    v.as_slice(),
+                    self.weight(info.close.contributors[*i].info.tokens),
+                )
+            })
+            .collect();
+        let weight: u64 = inputs
+            .iter()
+            .map(|(_, w)| *w)
+            .fold(0u64, |a, b| a.saturating_add(b));
+        let agg = aggregate(self.cfg.rule, &inputs);
+        let included = bitmap((0..n).map(|i| st.inputs.contains_key(&i)), n);
+        let data = codec::encode(self.cfg.codec, &agg);
+        let hash = Hash::of(&data);
+        self.store.insert(hash, (self.round, Arc::new(data)));
+        if let Some(st) = self.r.owned.get_mut(&(close_id, shard)) {
+            st.done = true;
+        }
+        self.gossip(Body::Agg(Agg {
+            close: close_id,
+            shard,
+            included,
+            data: hash,
+            weight,
+        }));
+    }
+
+    fn on_agg(&mut self, signer: PeerId, a: Agg) {
+        let Some(info) = self.r.closes.get(&a.close) else {
+            // CLOSE not seen (lost or still in flight): keep it anyway, checked at SEAL time.
+            self.r
+                .aggs
+                .entry((a.close, a.shard))
+                .or_default()
+                .push((signer, a));
+            return;
+        };
+        let allowed = info
+            .owners
+            .get(a.shard as usize)
+            .is_some_and(|o| o.contains(&signer));
+        if !allowed || a.included.len() != info.close.contributors.len().div_ceil(8) {
+            self.reject(signer, "AGG", Reject::NotAllowed("AGG"));
+            return;
+        }
+        let list = self.r.aggs.entry((a.close, a.shard)).or_default();
+        if list.len() < 8 {
+            list.push((signer, a));
+        }
+        self.leader_progress();
+    }
+
+    fn on_timer(&mut self, t: Timer, rng: &mut dyn RngCore) {
+        match t {
+            Timer::Straggler(r) if r == self.round => {
+                if self.r.leading.is_none() && self.leader(0) == Some(self.me) {
+                    if self.r.readies.is_empty() {
+                        self.set_timer(self.now + self.cfg.straggler_timeout, Timer::Straggler(r));
+                    } else {
+                        self.do_close(0);
+                    }
+                }
+            }
+            Timer::OwnerDeadline(r) if r == self.round => {
+                let keys: Vec<(Hash, u32)> = self.r.owned.keys().copied().collect();
+                for (c, s) in keys {
+                    self.maybe_finish_shard(c, s, true);
+                }
+            }
+            Timer::BackupCheck(r) if r == self.round => self.backup_check(),
+            Timer::SealDeadline(r, b) if r == self.round => self.seal_deadline(b),
+            Timer::Attempt(r, b) if r == self.round => {
+                let n = self.members.len().max(1) as u32;
+                self.set_timer(
+                    self.now + u64::from(n) * self.cfg.attempt_timeout,
+                    Timer::Attempt(r, b.saturating_add(n)),
+                );
+                if self.r.decide_target.is_none() && self.leader(b) == Some(self.me) {
+                    self.r.leading = Some(Leading::Preparing {
+                        ballot: b,
+                        promises: BTreeMap::new(),
+                    });
+                    self.gossip(Body::Prepare(b));
+                }
+            }
+            Timer::Retry(_) => {
+                let round = self.round;
+                self.set_timer(self.now + self.cfg.retry, Timer::Retry(round));
+                self.retry(rng);
+            }
+            _ => {}
+        }
+    }
+
+    fn retry(&mut self, rng: &mut dyn RngCore) {
+        if !self.synced {
+            self.request_state();
+            return;
+        }
+        if !self.is_member() {
+            self.gossip(Body::Join);
+        }
+        // Re-ask for payloads still missing, rotating through the known holders.
+        let now = self.now;
+        let retry = self.cfg.retry;
+        let pending: Vec<(Hash, Vec<PeerId>)> = self
+            .r
+            .fetch_pending
+            .iter_mut()
+            .filter(|(_, (_, t))| now >= *t + retry)
+            .map(|(h, (v, t))| {
+                *t = now;
+                (*h, v.clone())
+            })
+            .collect();
+        for (h, sources) in pending {
+            if sources.is_empty() {
+                continue;
+            }
+            let to = sources[(rng.next_u32() as usize) % sources.len()];
+            self.send(
+                to,
+                Direct::Fetch {
+                    round: self.round,
+                    hash: h,
+                },
+            );
+        }
+    }
+
+    fn backup_check(&mut self) {
+        let me = self.me;
+        let round = self.round;
+        let closes: Vec<(Hash, CloseInfo)> =
+            self.r.closes.iter().map(|(h, c)| (*h, c.clone())).collect();
+        for (id, info) in closes {
+            for (s, o) in info.owners.iter().enumerate() {
+                if o.get(1) != Some(&me) || self.r.aggs.contains_key(&(id, s as u32)) {
+                    continue;
+                }
+                let st = self.r.owned.entry((id, s as u32)).or_default();
+                st.backup = true;
+                for (i, c) in info.close.contributors.iter().enumerate() {
+                    if c.peer == me {
+                        if let Some(data) = self.r.contrib.as_ref().map(|x| x.shards[s].clone()) {
+                            self.owner_input(id, s as u32, i, &data);
+                        }
+                    } else {
+                        self.send(
+                            c.peer,
+                            Direct::PullShard {
+                                round,
+                                close: id,
+                                shard: s as u32,
+                            },
+                        );
+                    }
+                }
+                let at = self.now + self.cfg.agg_timeout / 5;
+                self.set_timer(at, Timer::OwnerDeadline(round));
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // leader: collect AGGs, fetch, SEAL
+
+    fn leader_progress(&mut self) {
+        let Some(Leading::Collecting { close_id, .. }) = &self.r.leading else {
+            return;
+        };
+        let close_id = *close_id;
+        let k = self.k();
+        let complete = (0..k as u32).all(|s| self.r.aggs.contains_key(&(close_id, s)));
+        // Fetch every candidate we do not hold yet.
+        let mut wanted = Vec::new();
+        for s in 0..k as u32 {
+            for (owner, a) in self.r.aggs.get(&(close_id, s)).into_iter().flatten() {
+                if !self.store.contains_key(&a.data) && !self.r.fetch_pending.contains_key(&a.data)
+                {
+                    wanted.push((a.data, *owner));
+                }
+            }
+        }
+        for (h, owner) in wanted {
+            self.r.fetch_pending.insert(h, (vec![owner], self.now));
+            self.send(
+                owner,
+                Direct::Fetch {
+                    round: self.round,
+                    hash: h,
+                },
+            );
+        }
+        if complete && self.r.fetch_pending.is_empty() {
+            if let Some(Leading::Collecting { ballot, .. }) = self.r.leading {
+                self.seal_deadline(ballot);
+            }
+        }
+    }
+
+    fn seal_deadline(&mut self, ballot: u32) {
+        let Some(Leading::Collecting {
+            ballot: b,
+            close_id,
+        }) = &self.r.leading
+        else {
+            return;
+        };
+        if *b != ballot {
+            return;
+        }
+        let close_id = *close_id;
+        let Some(info) = self.r.closes.get(&close_id).cloned() else {
+            return;
+        };
+        let k = self.k();
+        let mut shards = Vec::with_capacity(k);
+        for s in 0..k {
+            let range = self.shard_range(s);
+            let mut cands: Vec<(u64, usize, Hash, PeerId, Agg)> = self
+                .r
+                .aggs
+                .get(&(close_id, s as u32))
+                .into_iter()
+                .flatten()
+                .map(|(p, a)| {
+                    let rank = info.owners[s]
+                        .iter()
+                        .position(|o| o == p)
+                        .unwrap_or(usize::MAX);
+                    (u64::MAX - a.weight, rank, a.data, *p, a.clone())
+                })
+                .collect();
+            cands.sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
+            let mut pick = None;
+            for (_, _, h, p, a) in cands {
+                let Some((_, data)) = self.store.get(&h) else {
+                    continue;
+                };
+                let Ok(v) = codec::decode(data, range.len()) else {
+                    continue;
+                };
+                if v.len() != range.len() {
+                    continue;
+                }
+                let claims = info
+                    .close
+                    .contributors
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bit(&a.included, *i))
+                    .map(|(_, c)| f32::from_bits(c.info.norm_bits));
+                // A (weighted) mean is no longer than its longest input; a coordinate-wise
+                // trimmed mean is bounded by the root of the sum of squared input norms.
+                let max_in = match self.cfg.rule {
+                    Rule::TrimmedMean { .. } => claims.map(|c| c * c).sum::<f32>().sqrt(),
+                    _ => claims.fold(0f32, f32::max),
+                };
+                if norm(&v) > norm_bound(self.cfg.codec, max_in, v.len()) {
+                    self.reject(
+                        p,
+                        "AGG",
+                        Reject::NormTooLarge {
+                            got: norm(&v),
+                            bound: max_in,
+                        },
+                    );
+                    continue;
+                }
+                pick = Some(SealedShard {
+                    owner: p,
+                    data: h,
+                    included: a.included.clone(),
+                    weight: a.weight,
+                });
+                break;
+            }
+            shards.push(pick);
+        }
+        let round = self.round;
+        let evict = self.cfg.evict_after_rounds;
+        let mut next: Vec<PeerId> = self
+            .members
+            .iter()
+            .filter(|p| {
+                **p == self.me
+                    || self
+                        .last_heard
+                        .get(p)
+                        .is_some_and(|r| r.saturating_add(evict) > round)
+            })
+            .chain(self.r.joins.iter())
+            .filter(|p| !self.verifier.banned.contains(p))
+            .copied()
+            .collect();
+        next.sort();
+        next.dedup();
+        let seal = Seal {
+            close: info.close,
+            close_id,
+            shards,
+            next_members: next,
+        };
+        self.r.leading = Some(Leading::Proposed);
+        self.gossip(Body::Seal(Propose { ballot, seal }));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // ballots
+
+    fn on_prepare(&mut self, signer: PeerId, b: u32) {
+        if Some(signer) != self.leader(b) {
+            self.reject(signer, "PREPARE", Reject::NotAllowed("PREPARE"));
+            return;
+        }
+        if b > self.r.promised {
+            self.r.promised = b;
+            let accepted = self.r.accepted.clone();
+            self.gossip(Body::Promise(Promise {
+                ballot: b,
+                accepted,
+            }));
+        }
+    }
+
+    fn on_promise(&mut self, signer: PeerId, p: Promise) {
+        let q = self.quorum();
+        let Some(Leading::Preparing { ballot, promises }) = &mut self.r.leading else {
+            return;
+        };
+        if p.ballot != *ballot {
+            return;
+        }
+        let ballot = *ballot;
+        promises.insert(signer, p);
+        if promises.len() < q {
+            return;
+        }
+        let best = promises
+            .values()
+            .filter_map(|p| p.accepted.clone())
+            .max_by_key(|a| a.ballot);
+        match best {
+            Some(prev) => {
+                self.r.leading = Some(Leading::Proposed);
+                self.gossip(Body::Seal(Propose {
+                    ballot,
+                    seal: prev.seal,
+                }));
+            }
+            None => {
+                self.r.leading = None;
+                self.do_close(ballot);
+            }
+        }
+    }
+
+    fn on_seal(&mut self, env: Arc<Envelope>, ballot: u32) {
+        let Body::Seal(p) = &env.body else { return };
+        if Some(env.signer) != self.leader(ballot) {
+            self.reject(env.signer, "SEAL", Reject::NotAllowed("SEAL"));
+            return;
+        }
+        if let Err(why) = self.check_seal(&p.seal) {
+            self.reject(env.signer, "SEAL", Reject::Malformed(why));
+            return;
+        }
+        self.r.proposals.insert(ballot, env.clone());
+        if ballot < self.r.promised {
+            return;
+        }
+        self.start_apply(env);
+    }
+
+    fn check_seal(&self, seal: &Seal) -> Result<(), &'static str> {
+        let n = seal.close.contributors.len();
+        if seal.shards.len() != self.k() {
+            return Err("shard count");
+        }
+        if n == 0
+            || !seal
+                .close
+                .contributors
+                .windows(2)
+                .all(|w| w[0].peer < w[1].peer)
+        {
+            return Err("contributors");
+        }
+        if seal.next_members.is_empty() || !seal.next_members.windows(2).all(|w| w[0] < w[1]) {
+            return Err("member list");
+        }
+        if seal
+            .shards
+            .iter()
+            .flatten()
+            .any(|s| s.included.len() != n.div_ceil(8))
+        {
+            return Err("bitmap");
+        }
+        Ok(())
+    }
+
+    /// Begins (or resumes) fetching the aggregates of a proposal, then applies it.
+    fn start_apply(&mut self, env: Arc<Envelope>) {
+        let Body::Seal(p) = &env.body else { return };
+        let mut sources = vec![env.signer];
+        for (_, m) in self
+            .r
+            .commits
+            .iter()
+            .filter(|((_, h, _), _)| *h == p.seal.hash())
+        {
+            sources.extend(m.keys().copied());
+        }
+        for s in p.seal.shards.iter().flatten() {
+            if !self.store.contains_key(&s.data) {
+                let mut src = vec![s.owner];
+                src.extend(sources.iter().copied().filter(|x| *x != s.owner).take(8));
+                if !self.r.fetch_pending.contains_key(&s.data) {
+                    self.send(
+                        s.owner,
+                        Direct::Fetch {
+                            round: self.round,
+                            hash: s.data,
+                        },
+                    );
+                }
+                let now = self.now;
+                self.r.fetch_pending.insert(s.data, (src, now));
+            }
+        }
+        self.r.applying = Some((env, sources));
+        self.try_apply();
+    }
+
+    fn try_apply(&mut self) {
+        let Some((env, _)) = self.r.applying.clone() else {
+            return;
+        };
+        let Body::Seal(p) = &env.body else { return };
+        if p.seal
+            .shards
+            .iter()
+            .flatten()
+            .any(|s| !self.store.contains_key(&s.data))
+        {
+            return;
+        }
+        let seal_hash = p.seal.hash();
+        if !self.r.tentative.contains_key(&seal_hash) {
+            let mut delta = vec![0f32; self.cfg.len];
+            let ranges = codec::shards(self.cfg.len, self.k());
+            for (s, range) in p.seal.shards.iter().zip(ranges) {
+                let Some(s) = s else { continue };
+                let Some((_, data)) = self.store.get(&s.data) else {
+                    return;
+                };
+                match codec::decode(data, range.len()) {
+                    Ok(v) if v.len() == range.len() => delta[range].copy_from_slice(&v),
+                    _ => {
+                        // A sealed aggregate that does not decode: this proposal can never be
+                        // applied; wait for failover.
+                        self.reject(env.signer, "SEAL", Reject::Malformed("sealed aggregate"));
+                        self.r.applying = None;
+                        return;
+                    }
+                }
+            }
+            let mut theta = self.theta.clone();
+            let mut momentum = self.momentum.clone();
+            if outer::nesterov_step(self.cfg.outer, &mut theta, &mut momentum, &delta).is_err() {
+                self.r.applying = None;
+                return;
+            }
+            let state = state_hash(&theta, &momentum);
+            let next_chain = Hash::of_parts(&[&self.chain.0, &seal_hash.0]);
+            self.r.tentative.insert(
+                seal_hash,
+                Tentative {
+                    theta,
+                    momentum,
+                    state,
+                    next_chain,
+                },
+            );
+        }
+        self.r.applying = None;
+        let (state, next_chain) = {
+            let t = &self.r.tentative[&seal_hash];
+            (t.state, t.next_chain)
+        };
+        if let Some((_, h, st)) = self.r.decide_target {
+            if h == seal_hash && st == state {
+                self.finalize(seal_hash);
+                return;
+            }
+        }
+        if p.ballot >= self.r.promised && self.is_member() {
+            self.r.promised = p.ballot;
+            self.r.accepted = Some(p.clone());
+            self.gossip(Body::Commit(Commit {
+                ballot: p.ballot,
+                seal: seal_hash,
+                next_chain,
+                state,
+            }));
+        }
+    }
+
+    fn on_commit(&mut self, env: Arc<Envelope>, c: Commit) {
+        let key = (c.ballot, c.seal, c.state);
+        let q = self.quorum();
+        let set = self.r.commits.entry(key).or_default();
+        set.insert(env.signer, env.clone());
+        if set.len() >= q && self.r.decide_target.is_none() {
+            self.r.decide_target = Some(key);
+            if self
+                .r
+                .tentative
+                .get(&c.seal)
+                .is_some_and(|t| t.state == c.state)
+            {
+                self.finalize(c.seal);
+            } else if let Some(p) = self.r.proposals.get(&c.ballot).cloned() {
+                self.start_apply(p);
+            } else {
+                // We never saw the SEAL: ask a committer for the decision proof.
+                self.send(env.signer, Direct::SyncRequest { from: self.round });
+            }
+        }
+    }
+
+    fn finalize(&mut self, seal_hash: Hash) {
+        let Some((ballot, _, state)) = self.r.decide_target else {
+            return;
+        };
+        let Some(t) = self.r.tentative.remove(&seal_hash) else {
+            return;
+        };
+        if t.state != state {
+            return;
+        }
+        let Some(seal_env) = self.r.proposals.get(&ballot).cloned() else {
+            return;
+        };
+        let Body::Seal(p) = &seal_env.body else {
+            return;
+        };
+        let commits: Vec<Envelope> = self.r.commits[&(ballot, seal_hash, state)]
+            .values()
+            .take(self.quorum())
+            .map(|e| (**e).clone())
+            .collect();
+        let round = self.round;
+        self.history.push_back((
+            round,
+            DecisionProof {
+                seal: (*seal_env).clone(),
+                commits,
+            },
+        ));
+        while self.history.len() as u64 > RETAIN_ROUNDS {
+            self.history.pop_front();
+        }
+        // Straggler: my READY missed the CLOSE -> fold my delta into the next one.
+        if let Some(c) = self.r.contrib.take() {
+            if !p.seal.close.contributors.iter().any(|x| x.peer == self.me) {
+                self.carry = Some((c.delta, c.tokens));
+            }
+        }
+        self.theta = t.theta;
+        self.momentum = t.momentum;
+        self.chain = t.next_chain;
+        self.members = p.seal.next_members.clone();
+        self.round += 1;
+        self.r = RoundState::default();
+        let keep_from = self.round.saturating_sub(RETAIN_ROUNDS);
+        self.store.retain(|_, (r, _)| *r >= keep_from);
+        self.seen.retain(|(_, r, ..), _| *r >= self.round);
+        self.out.push(OutEvent::Decided {
+            round,
+            seal: seal_hash,
+            state,
+        });
+        if self.is_member() {
+            self.out.push(OutEvent::Train { round: self.round });
+        } else {
+            self.gossip(Body::Join);
+        }
+        let future = std::mem::take(&mut self.future);
+        for env in future {
+            self.on_gossip(env, true);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // direct messages, catch-up, state sync
+
+    fn maybe_sync(&mut self, from: PeerId) {
+        let due = self
+            .last_sync
+            .is_none_or(|t| self.now >= t + self.cfg.retry);
+        if due {
+            self.last_sync = Some(self.now);
+            self.send(from, Direct::SyncRequest { from: self.round });
+        }
+    }
+
+    fn request_state(&mut self) {
+        let due = self
+            .last_sync
+            .is_none_or(|t| self.now >= t + self.cfg.retry);
+        if !due {
+            return;
+        }
+        self.last_sync = Some(self.now);
+        // Ask two contacts, chosen by time so retries rotate.
+        let contacts: Vec<PeerId> = self.contacts.iter().copied().collect();
+        if contacts.is_empty() {
+            return;
+        }
+        let i = (self.now / self.cfg.retry.max(1)) as usize;
+        for j in 0..2.min(contacts.len()) {
+            self.send(contacts[(i + j) % contacts.len()], Direct::StateRequest);
+        }
+    }
+
+    fn on_direct(&mut self, from: PeerId, msg: Arc<Direct>) {
+        match &*msg {
+            Direct::PushShard {
+                round,
+                close,
+                shard,
+                data,
+                proof,
+            } => {
+                if self.synced {
+                    self.on_push(from, *round, *close, *shard, data, proof);
+                }
+            }
+            Direct::PullShard {
+                round,
+                close,
+                shard,
+            } => {
+                if *round != self.round {
+                    return;
+                }
+                let Some(c) = self.r.contrib.as_ref() else {
+                    return;
+                };
+                let Some(data) = c.shards.get(*shard as usize).cloned() else {
+                    return;
+                };
+                let proof = wire::merkle_proof(&c.leaves, *shard as usize);
+                self.send(
+                    from,
+                    Direct::PushShard {
+                        round: *round,
+                        close: *close,
+                        shard: *shard,
+                        data,
+                        proof,
+                    },
+                );
+            }
+            Direct::Fetch { round, hash } => {
+                let reply = match self.store.get(hash) {
+                    Some((_, d)) => Direct::Data {
+                        round: *round,
+                        hash: *hash,
+                        data: (**d).clone(),
+                    },
+                    None => Direct::NotFound,
+                };
+                self.send(from, reply);
+            }
+            Direct::Data { round, hash, data } => {
+                if !self.r.fetch_pending.contains_key(hash) {
+                    return;
+                }
+                if Hash::of(data) != *hash {
+                    self.reject(from, "DATA", Reject::HashMismatch);
+                    return;
+                }
+                self.r.fetch_pending.remove(hash);
+                self.store.insert(*hash, (*round, Arc::new(data.clone())));
+                self.leader_progress();
+                self.try_apply();
+            }
+            Direct::SyncRequest { from: first } => self.on_sync_request(from, *first),
+            Direct::SyncProofs(proofs) => {
+                if let Some(p) = proofs.first() {
+                    self.on_proof(from, p.clone());
+                }
+            }
+            Direct::StateRequest => {
+                if !self.synced {
+                    return;
+                }
+                match self.history.back() {
+                    Some((r, proof)) if r + 1 == self.round => {
+                        let msg = Direct::State {
+                            round: self.round,
+                            proof: Box::new(proof.clone()),
+                            theta: codec::encode(Quantization::F32, &self.theta),
+                            momentum: codec::encode(Quantization::F32, &self.momentum),
+                        };
+                        self.send(from, msg);
+                    }
+                    _ => self.send(from, Direct::NotFound),
+                }
+            }
+            Direct::State {
+                round,
+                proof,
+                theta,
+                momentum,
+            } => self.on_state(from, *round, proof, theta, momentum),
+            Direct::NotFound => {}
+        }
+    }
+
+    fn on_sync_request(&mut self, from: PeerId, first: u64) {
+        if !self.synced {
+            return;
+        }
+        let proofs: Vec<DecisionProof> = self
+            .history
+            .iter()
+            .filter(|(r, _)| *r >= first)
+            .take(4)
+            .map(|(_, p)| p.clone())
+            .collect();
+        let covered = self.history.front().is_some_and(|(r, _)| *r <= first);
+        if covered && !proofs.is_empty() {
+            self.send(from, Direct::SyncProofs(proofs));
+        } else if first < self.round {
+            // Too far behind for proofs: offer the whole state.
+            self.on_direct(from, Arc::new(Direct::StateRequest));
+        }
+    }
+
+    fn verify_proof(&self, proof: &DecisionProof) -> Result<(Propose, Commit), &'static str> {
+        let seal = &proof.seal;
+        let Body::Seal(p) = &seal.body else {
+            return Err("not a SEAL");
+        };
+        if seal.run != self.cfg.run || seal.round != self.round || seal.chain != self.chain {
+            return Err("SEAL for another round or chain");
+        }
+        if Some(seal.signer) != self.leader(p.ballot) || !seal.verify_signature() {
+            return Err("SEAL signer");
+        }
+        self.check_seal(&p.seal)?;
+        let seal_hash = p.seal.hash();
+        let mut signers = BTreeSet::new();
+        let mut agreed: Option<Commit> = None;
+        for c in &proof.commits {
+            let Body::Commit(cm) = &c.body else {
+                return Err("not a COMMIT");
+            };
+            if c.round != self.round || c.chain != self.chain || c.run != self.cfg.run {
+                return Err("COMMIT for another round");
+            }
+            if cm.seal != seal_hash || cm.ballot != p.ballot || agreed.is_some_and(|a| a != *cm) {
+                return Err("COMMITs disagree");
+            }
+            if self.members.binary_search(&c.signer).is_err() || !c.verify_signature() {
+                return Err("COMMIT signer");
+            }
+            signers.insert(c.signer);
+            agreed = Some(*cm);
+        }
+        match agreed {
+            Some(c) if signers.len() >= self.quorum() => Ok((p.clone(), c)),
+            _ => Err("no quorum"),
+        }
+    }
+
+    fn on_proof(&mut self, from: PeerId, proof: DecisionProof) {
+        if !self.synced || proof.seal.round != self.round || self.r.decide_target.is_some() {
+            return;
+        }
+        match self.verify_proof(&proof) {
+            Ok((p, c)) => {
+                let env = Arc::new(proof.seal.clone());
+                for ce in &proof.commits {
+                    self.r
+                        .commits
+                        .entry((c.ballot, c.seal, c.state))
+                        .or_default()
+                        .insert(ce.signer, Arc::new(ce.clone()));
+                }
+                self.r.proposals.insert(p.ballot, env.clone());
+                self.r.decide_target = Some((c.ballot, c.seal, c.state));
+                self.start_apply(env);
+                // The peer that sent the proof holds the aggregates too.
+                for (v, _) in self.r.fetch_pending.values_mut() {
+                    if !v.contains(&from) {
+                        v.insert(0, from);
+                    }
+                }
+            }
+            Err(why) => self.reject(from, "SYNC", Reject::BadDecision(why)),
+        }
+    }
+
+    fn on_state(
+        &mut self,
+        from: PeerId,
+        round: u64,
+        proof: &DecisionProof,
+        theta: &[u8],
+        momentum: &[u8],
+    ) {
+        if self.synced && round <= self.round + 1 {
+            return; // proofs are enough when at most one round behind
+        }
+        let (Ok(t), Ok(m)) = (
+            codec::decode(theta, self.cfg.len),
+            codec::decode(momentum, self.cfg.len),
+        ) else {
+            return self.reject(from, "STATE", Reject::BadDecision("state payload"));
+        };
+        if t.len() != self.cfg.len || m.len() != self.cfg.len {
+            return self.reject(
+                from,
+                "STATE",
+                Reject::WrongLength {
+                    got: t.len(),
+                    expected: self.cfg.len,
+                },
+            );
+        }
+        let Body::Seal(p) = &proof.seal.body else {
+            return self.reject(from, "STATE", Reject::BadDecision("not a SEAL"));
+        };
+        // Trust anchor for a joiner: a quorum (of the next member list) of validly signed
+        // COMMITs for this SEAL whose state hash matches the bytes received.
+        let seal_hash = p.seal.hash();
+        let sh = state_hash(&t, &m);
+        let members = &p.seal.next_members;
+        let mut signers = BTreeSet::new();
+        let mut next_chain = None;
+        for c in &proof.commits {
+            let Body::Commit(cm) = &c.body else { continue };
+            if cm.seal == seal_hash
+                && cm.state == sh
+                && c.round + 1 == round
+                && c.run == self.cfg.run
+                && members.binary_search(&c.signer).is_ok()
+                && c.verify_signature()
+            {
+                signers.insert(c.signer);
+                next_chain = Some(cm.next_chain);
+            }
+        }
+        let Some(next_chain) = next_chain else {
+            return self.reject(from, "STATE", Reject::BadDecision("no matching COMMIT"));
+        };
+        if signers.len()
+            < self
+                .cfg
+                .quorum
+                .size(members.len())
+                .min(proof.commits.len())
+                .max(1)
+        {
+            return self.reject(from, "STATE", Reject::BadDecision("no quorum"));
+        }
+        self.theta = t;
+        self.momentum = m;
+        self.round = round;
+        self.chain = next_chain;
+        self.members = members.clone();
+        self.synced = true;
+        self.carry = None;
+        self.r = RoundState::default();
+        self.future.clear();
+        self.history.clear();
+        self.history.push_back((round - 1, proof.clone()));
+        self.out.push(OutEvent::Decided {
+            round: round - 1,
+            seal: seal_hash,
+            state: sh,
+        });
+        if self.is_member() {
+            self.out.push(OutEvent::Train { round });
+        } else {
+            self.gossip(Body::Join);
+        }
+    }
+}

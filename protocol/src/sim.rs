@@ -1,0 +1,958 @@
+//! Seeded discrete-event simulator for [`crate::averaging::State`].
+//!
+//! `n` peers run the real state machine over a simulated network with latency, jitter, loss
+//! and duplication of gossip, partitions, crashes (at a time, or right after a peer emits a
+//! given message kind in a given round: phase boundaries), mid-transfer crashes, restarts from
+//! stale or empty disk, churn, joiners, slow peers and malicious peers. Everything random comes
+//! from one ChaCha8 seed, so a seed replays the same trace: tests print the seed of a failure
+//! and `SEED=... cargo test` reruns just that one.
+//!
+//! Training is modeled: peer `i` pulls theta toward its own target, so the outer gradient is
+//! `delta_i = 0.1 * (theta_g - target_i)` with a fixed token count; the simulator can therefore
+//! recompute the centrally expected result.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::averaging::{self, Config, InEvent, OutEvent, Reject, State, Time};
+use crate::codec;
+use crate::wire::{self, Body, Direct, Envelope, Hash, PeerId, Ready};
+
+/// A misbehaviour of a malicious peer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attack {
+    /// Also sends copies of its gossip re-signed... by nobody: another peer's id, own signature.
+    ForgedSignature,
+    /// Also sends validly signed copies of its gossip for another run.
+    WrongRun,
+    /// Re-sends its envelopes of two rounds ago.
+    Replay,
+    /// Announces and pushes shards one value too long.
+    WrongLength,
+    /// Announces and pushes shards containing NaN and Inf.
+    NonFinite,
+    /// Scales its outer gradient by this factor and claims the scaled norm (robust rules
+    /// must bound its effect).
+    Scaled(f32),
+    /// Scales its outer gradient but claims the honest norm.
+    NormLie(f32),
+    /// Signs two different READYs in every round.
+    Equivocate,
+}
+
+/// A scheduled fault.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Crash `peer` at time `at`.
+    Crash {
+        /// Peer index.
+        peer: usize,
+        /// When.
+        at: Time,
+    },
+    /// The first `count` peers that emit `kind` (a [`Body::kind`] or "PUSH") in `round` crash
+    /// right after emitting it (for "PUSH": after sending half of their pushes).
+    CrashWhen {
+        /// Round.
+        round: u64,
+        /// Message kind.
+        kind: &'static str,
+        /// How many peers.
+        count: usize,
+    },
+    /// Restart every crashed peer at `at`, from its saved state of `stale_rounds` decisions
+    /// earlier (`None`: from an empty disk, as a joiner).
+    RestartAll {
+        /// When.
+        at: Time,
+        /// How stale the disk is.
+        stale_rounds: Option<u64>,
+    },
+    /// Cut the peers in `side` off from the rest during `from..until`.
+    Partition {
+        /// Peer indices on one side.
+        side: Vec<usize>,
+        /// Start.
+        from: Time,
+        /// End (healed).
+        until: Time,
+    },
+    /// Every `period`: restart the peers churned out last time (half stale, half empty), then
+    /// crash `frac` of the live peers.
+    Churn {
+        /// Fraction crashed per period.
+        frac: f64,
+        /// Period.
+        period: Time,
+        /// Stop churning at this time.
+        until: Time,
+    },
+    /// A new peer (blank state) appears at `at`.
+    Join {
+        /// When.
+        at: Time,
+    },
+}
+
+/// Simulation parameters.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The seed: everything random derives from it.
+    pub seed: u64,
+    /// Founding peers.
+    pub n: usize,
+    /// Parameters per model.
+    pub len: usize,
+    /// Protocol config template (run id and len are set by the simulator).
+    pub proto: Config,
+    /// One-way latency range in ms.
+    pub latency: (Time, Time),
+    /// Probability that one gossip delivery is lost.
+    pub loss: f64,
+    /// Probability that one gossip delivery is duplicated.
+    pub dup: f64,
+    /// Training time per round, ms (each peer gets +-20% jitter per round).
+    pub train_time: Time,
+    /// Peers that train `factor` times slower.
+    pub slow: Vec<(usize, f64)>,
+    /// Malicious peers.
+    pub malicious: Vec<(usize, Attack)>,
+    /// Scheduled faults.
+    pub faults: Vec<Fault>,
+    /// Stop at this simulated time.
+    pub max_time: Time,
+    /// Stop once every live honest peer has decided this many rounds.
+    pub rounds: u64,
+}
+
+impl SimConfig {
+    /// A fault-free run of `n` peers.
+    pub fn new(seed: u64, n: usize) -> Self {
+        let len = 64 * 8 * n.clamp(2, 32);
+        let mut proto = Config::new(Hash::of(b"sim-run"), len);
+        proto.straggler_timeout = 400;
+        proto.agg_timeout = 600;
+        proto.attempt_timeout = 2_000;
+        proto.retry = 300;
+        Self {
+            seed,
+            n,
+            len,
+            proto,
+            latency: (10, 60),
+            loss: 0.0,
+            dup: 0.0,
+            train_time: 500,
+            slow: Vec::new(),
+            malicious: Vec::new(),
+            faults: Vec::new(),
+            max_time: 60_000,
+            rounds: 5,
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Per peer index: decided (round, seal hash, state hash), in order.
+    pub decided: Vec<Vec<(u64, Hash, Hash)>>,
+    /// Per peer: round reached and state hash at the end (None if down or unsynced).
+    pub final_state: Vec<Option<(u64, Hash)>>,
+    /// Per peer: whether it is honest.
+    pub honest: Vec<bool>,
+    /// Rejections: (receiver, sender index or usize::MAX, kind, reason).
+    pub rejections: Vec<(usize, usize, &'static str, Reject)>,
+    /// Bans: (who banned, whom).
+    pub bans: Vec<(usize, usize)>,
+    /// Largest data bytes (PushShard + Data) one peer sent in one round.
+    pub max_data_bytes_per_round: u64,
+    /// Largest control bytes (gossip and small direct messages) one peer sent in one round.
+    pub max_control_bytes_per_round: u64,
+    /// Encoded size of one full outer gradient (S).
+    pub vector_bytes: u64,
+    /// Hash of the whole event trace (same seed, same hash).
+    pub trace: Hash,
+    /// Events processed.
+    pub events: u64,
+    /// Simulated time at the end.
+    pub end_time: Time,
+    /// theta of every live honest synced peer at its final round (index, round, theta).
+    pub thetas: Vec<(usize, u64, Vec<f32>)>,
+}
+
+impl Report {
+    /// Every (round -> seal) decided by any honest peer; `Err` on two different SEALs.
+    pub fn decided_history(&self) -> Result<BTreeMap<u64, (Hash, Hash)>, String> {
+        let mut h = BTreeMap::new();
+        for (i, d) in self.decided.iter().enumerate() {
+            if !self.honest[i] {
+                continue;
+            }
+            for (r, s, st) in d {
+                if let Some(prev) = h.insert(*r, (*s, *st)) {
+                    if prev != (*s, *st) {
+                        return Err(format!(
+                            "round {r}: peer {i} decided {s:?}/{st:?}, another {prev:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(h)
+    }
+
+    /// Highest round every live honest synced peer has finished.
+    pub fn min_round(&self) -> u64 {
+        self.final_state
+            .iter()
+            .zip(&self.honest)
+            .filter_map(|(s, h)| if *h { s.map(|(r, _)| r) } else { None })
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    In(InEvent),
+    Train(u64),
+    Crash,
+    Restart(Option<u64>),
+    Churn,
+    Join,
+}
+
+struct Peer {
+    key: SigningKey,
+    id: PeerId,
+    state: Option<State>,
+    epoch: u64,
+    snapshots: Vec<(u64, Hash, Vec<PeerId>, Vec<f32>, Vec<f32>)>,
+    attack: Option<Attack>,
+    slow: f64,
+    target: Vec<f32>,
+    sent_envs: Vec<Arc<Envelope>>,
+    bad_shards: Option<(u64, Vec<Vec<u8>>, Vec<Hash>)>,
+    churned: bool,
+}
+
+/// The simulator.
+pub struct Sim {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    now: Time,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Time, u64, usize)>>,
+    events: HashMap<u64, (usize, u64, Ev)>,
+    peers: Vec<Peer>,
+    index: HashMap<PeerId, usize>,
+    sig_cache: HashMap<Hash, bool>,
+    report: Report,
+    bytes: HashMap<(usize, u64), (u64, u64)>,
+    crash_when: Vec<(u64, &'static str, usize, BTreeSet<usize>)>,
+    partitions: Vec<(BTreeSet<usize>, Time, Time)>,
+    trace: blake3::Hasher,
+    theta0: Vec<f32>,
+    churn_frac: f64,
+}
+
+fn det_vec(seed: u64, tag: u64, len: usize, scale: f32) -> Vec<f32> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed ^ tag.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    (0..len)
+        .map(|_| ((r.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+/// The modeled outer gradient of a peer: `0.1 * (theta - target)`.
+pub fn model_delta(theta: &[f32], target: &[f32]) -> Vec<f32> {
+    theta
+        .iter()
+        .zip(target)
+        .map(|(t, g)| 0.1 * (t - g))
+        .collect()
+}
+
+/// Tokens a peer reports per round.
+pub fn model_tokens(peer: usize) -> u64 {
+    1000 + (peer as u64 * 37) % 500
+}
+
+impl Sim {
+    /// Builds the peers and schedules the faults.
+    pub fn new(mut cfg: SimConfig) -> Self {
+        cfg.proto.len = cfg.len;
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let theta0 = det_vec(cfg.seed, 1, cfg.len, 1.0);
+        let mut sim = Sim {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            peers: Vec::new(),
+            index: HashMap::new(),
+            sig_cache: HashMap::new(),
+            report: Report::default(),
+            bytes: HashMap::new(),
+            crash_when: Vec::new(),
+            partitions: Vec::new(),
+            trace: blake3::Hasher::new(),
+            theta0,
+            churn_frac: 0.0,
+            cfg: cfg.clone(),
+        };
+        let mut keys = Vec::new();
+        for _ in 0..cfg.n {
+            let mut b = [0u8; 32];
+            rng.fill_bytes(&mut b);
+            keys.push(SigningKey::from_bytes(&b));
+        }
+        let members: Vec<PeerId> = keys.iter().map(PeerId::of).collect();
+        for key in keys {
+            let mut st = State::genesis(
+                cfg.proto.clone(),
+                key.clone(),
+                sim.theta0.clone(),
+                members.clone(),
+            );
+            let i = sim.add_peer(key);
+            let outs = st.start(0);
+            sim.peers[i].state = Some(st);
+            sim.dispatch(i, outs);
+        }
+        for (p, f) in &cfg.slow {
+            if let Some(peer) = sim.peers.get_mut(*p) {
+                peer.slow = *f;
+            }
+        }
+        for (p, a) in &cfg.malicious {
+            if let Some(peer) = sim.peers.get_mut(*p) {
+                peer.attack = Some(*a);
+            }
+        }
+        for f in cfg.faults.clone() {
+            match f {
+                Fault::Crash { peer, at } => sim.schedule(at, peer, Ev::Crash),
+                Fault::CrashWhen { round, kind, count } => {
+                    sim.crash_when.push((round, kind, count, BTreeSet::new()))
+                }
+                Fault::RestartAll { at, stale_rounds } => {
+                    for p in 0..cfg.n {
+                        sim.schedule(at, p, Ev::Restart(stale_rounds));
+                    }
+                }
+                Fault::Partition { side, from, until } => {
+                    sim.partitions
+                        .push((side.into_iter().collect(), from, until))
+                }
+                Fault::Churn {
+                    frac,
+                    period,
+                    until,
+                } => {
+                    let mut t = period;
+                    while t < until {
+                        sim.schedule(t, usize::MAX, Ev::Churn);
+                        t += period;
+                    }
+                    sim.churn_frac = frac;
+                }
+                Fault::Join { at } => sim.schedule(at, usize::MAX, Ev::Join),
+            }
+        }
+        sim
+    }
+
+    fn add_peer(&mut self, key: SigningKey) -> usize {
+        let i = self.peers.len();
+        let id = PeerId::of(&key);
+        let target = det_vec(self.cfg.seed, 1000 + i as u64, self.cfg.len, 1.0);
+        self.peers.push(Peer {
+            key,
+            id,
+            state: None,
+            epoch: 0,
+            snapshots: Vec::new(),
+            attack: None,
+            slow: 1.0,
+            target,
+            sent_envs: Vec::new(),
+            bad_shards: None,
+            churned: false,
+        });
+        self.index.insert(id, i);
+        self.report.decided.push(Vec::new());
+        i
+    }
+
+    fn schedule(&mut self, at: Time, peer: usize, ev: Ev) {
+        self.seq += 1;
+        let epoch = self.peers.get(peer).map_or(0, |p| p.epoch);
+        self.events.insert(self.seq, (peer, epoch, ev));
+        self.queue.push(Reverse((at, self.seq, peer)));
+    }
+
+    fn latency(&mut self) -> Time {
+        let (a, b) = self.cfg.latency;
+        a + (self.rng.next_u64() % (b - a + 1))
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        p > 0.0 && (self.rng.next_u64() as f64 / u64::MAX as f64) < p
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.partitions.iter().any(|(side, from, until)| {
+            self.now >= *from && self.now < *until && side.contains(&a) != side.contains(&b)
+        })
+    }
+
+    fn alive(&self, i: usize) -> bool {
+        self.peers[i].state.is_some()
+    }
+
+    fn round_of(&self, i: usize) -> u64 {
+        self.peers[i].state.as_ref().map_or(0, |s| s.round())
+    }
+
+    fn count_bytes(&mut self, i: usize, round: Option<u64>, data: u64, control: u64) {
+        let r = round.unwrap_or_else(|| self.round_of(i));
+        let e = self.bytes.entry((i, r)).or_default();
+        e.0 += data;
+        e.1 += control;
+    }
+
+    fn gossip_from(&mut self, from: usize, env: Arc<Envelope>) {
+        let size = env.to_bytes().map_or(0, |b| b.len() as u64);
+        self.count_bytes(from, Some(env.round), 0, size);
+        // Verify once for all receivers (cached by content and signature); receivers of an
+        // invalid signature check it themselves and reject it.
+        let key = Hash::of_parts(&[&env.id().0, &env.sig.0]);
+        let verified = match self.sig_cache.get(&key) {
+            Some(v) => *v,
+            None => {
+                let v = env.verify_signature();
+                if self.sig_cache.len() < 1 << 22 {
+                    self.sig_cache.insert(key, v);
+                }
+                v
+            }
+        };
+        for to in 0..self.peers.len() {
+            if to == from || !self.alive(to) || self.cut(from, to) || self.chance(self.cfg.loss) {
+                continue;
+            }
+            let at = self.now + self.latency();
+            let ev = InEvent::Gossip {
+                env: env.clone(),
+                verified,
+            };
+            self.schedule(at, to, Ev::In(ev.clone()));
+            if self.chance(self.cfg.dup) {
+                let at2 = at + self.latency();
+                self.schedule(at2, to, Ev::In(ev));
+            }
+        }
+    }
+
+    fn direct_from(&mut self, from: usize, to: PeerId, msg: Arc<Direct>) {
+        let (data, control, round) = match &*msg {
+            Direct::PushShard {
+                data, proof, round, ..
+            } => (
+                data.len() as u64,
+                48 + 32 * proof.len() as u64,
+                Some(*round),
+            ),
+            Direct::Data { data, round, .. } => (data.len() as u64, 48, Some(*round)),
+            Direct::State {
+                theta, momentum, ..
+            } => (0, (theta.len() + momentum.len()) as u64, None),
+            _ => (0, 64, None),
+        };
+        self.count_bytes(from, round, data, control);
+        let Some(&t) = self.index.get(&to) else {
+            return;
+        };
+        if !self.alive(t) || self.cut(from, t) {
+            return;
+        }
+        // Streams are reliable but slower for bulk data: latency + size / (100 MB/s).
+        let at = self.now + self.latency() + data / 100_000;
+        let me = self.peers[from].id;
+        self.schedule(at, t, Ev::In(InEvent::Direct { from: me, msg }));
+    }
+
+    fn dispatch(&mut self, i: usize, outs: Vec<OutEvent>) {
+        let mut crash_after = false;
+        let round = self.round_of(i);
+        let mut pushes_seen = 0usize;
+        let total_pushes =
+            outs.iter().filter(|o| matches!(o, OutEvent::Direct { msg, .. } if matches!(**msg, Direct::PushShard { .. }))).count();
+        for out in outs {
+            match out {
+                OutEvent::Gossip(env) => {
+                    let kind = env.body.kind();
+                    if self.should_crash(i, round, kind) {
+                        crash_after = true;
+                    }
+                    self.send_gossip_with_attack(i, env);
+                }
+                OutEvent::Direct { to, msg } => {
+                    let is_push = matches!(*msg, Direct::PushShard { .. });
+                    if is_push {
+                        pushes_seen += 1;
+                        if self.should_crash(i, round, "PUSH") && pushes_seen * 2 > total_pushes {
+                            self.crash(i);
+                            return;
+                        }
+                    }
+                    let msg = if is_push {
+                        self.attack_push(i, msg)
+                    } else {
+                        msg
+                    };
+                    self.direct_from(i, to, msg);
+                }
+                OutEvent::SetTimer { at, timer } => {
+                    self.schedule(at, i, Ev::In(InEvent::Timer(timer)))
+                }
+                OutEvent::Train { round } => {
+                    let jitter = 0.8 + 0.4 * (self.rng.next_u32() as f64 / u32::MAX as f64);
+                    let t = (self.cfg.train_time as f64 * jitter * self.peers[i].slow) as Time;
+                    self.schedule(self.now + t, i, Ev::Train(round));
+                }
+                OutEvent::Decided { round, seal, state } => {
+                    self.trace.update(&[i as u8]);
+                    self.trace.update(&round.to_le_bytes());
+                    self.trace.update(&seal.0);
+                    self.report.decided[i].push((round, seal, state));
+                    if let Some(s) = &self.peers[i].state {
+                        let snap = (
+                            s.round(),
+                            s.chain(),
+                            s.members().to_vec(),
+                            s.theta().to_vec(),
+                            s.momentum().to_vec(),
+                        );
+                        let p = &mut self.peers[i];
+                        p.snapshots.push(snap);
+                        if p.snapshots.len() > 6 {
+                            p.snapshots.remove(0);
+                        }
+                    }
+                }
+                OutEvent::Rejected { from, kind, reason } => {
+                    let f = self.index.get(&from).copied().unwrap_or(usize::MAX);
+                    if self.report.rejections.len() < 100_000 {
+                        self.report.rejections.push((i, f, kind, reason));
+                    }
+                }
+                OutEvent::Banned { peer } => {
+                    let f = self.index.get(&peer).copied().unwrap_or(usize::MAX);
+                    self.report.bans.push((i, f));
+                }
+            }
+        }
+        if crash_after {
+            self.crash(i);
+        }
+    }
+
+    fn should_crash(&mut self, i: usize, round: u64, kind: &str) -> bool {
+        for (r, k, count, who) in &mut self.crash_when {
+            if *r == round && *k == kind && (who.contains(&i) || who.len() < *count) {
+                who.insert(i);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn crash(&mut self, i: usize) {
+        if self.peers[i].state.take().is_some() {
+            self.peers[i].epoch += 1;
+        }
+    }
+
+    fn send_gossip_with_attack(&mut self, i: usize, env: Arc<Envelope>) {
+        let attack = self.peers[i].attack;
+        let run = self.cfg.proto.run;
+        let key = self.peers[i].key.clone();
+        let env = match (attack, &env.body) {
+            (
+                Some(
+                    Attack::WrongLength
+                    | Attack::NonFinite
+                    | Attack::Scaled(_)
+                    | Attack::NormLie(_),
+                ),
+                Body::Ready(r),
+            ) => self.bad_ready(i, &env, r.clone()),
+            _ => env,
+        };
+        self.gossip_from(i, env.clone());
+        match attack {
+            Some(Attack::ForgedSignature) => {
+                let mut f = (*env).clone();
+                f.signer = self.peers[(i + 1) % self.cfg.n].id;
+                self.gossip_from(i, Arc::new(f));
+            }
+            Some(Attack::WrongRun) => {
+                let f = Envelope::sign(
+                    &key,
+                    Hash::of(b"other run"),
+                    env.round,
+                    env.chain,
+                    env.body.clone(),
+                );
+                self.gossip_from(i, Arc::new(f));
+            }
+            Some(Attack::Replay) => {
+                let old: Vec<Arc<Envelope>> = self.peers[i]
+                    .sent_envs
+                    .iter()
+                    .filter(|e| e.round + 2 == env.round)
+                    .cloned()
+                    .collect();
+                for e in old.into_iter().take(2) {
+                    self.gossip_from(i, e);
+                }
+                self.peers[i].sent_envs.push(env.clone());
+                let keep = env.round.saturating_sub(3);
+                self.peers[i].sent_envs.retain(|e| e.round >= keep);
+            }
+            Some(Attack::Equivocate) => {
+                if let Body::Ready(r) = &env.body {
+                    let mut r2 = r.clone();
+                    r2.tokens = r2.tokens.wrapping_add(1);
+                    let f = Envelope::sign(&key, run, env.round, env.chain, Body::Ready(r2));
+                    self.gossip_from(i, Arc::new(f));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Replaces a malicious peer's READY with one announcing bad shards.
+    fn bad_ready(&mut self, i: usize, env: &Envelope, r: Ready) -> Arc<Envelope> {
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return Arc::new(env.clone());
+        };
+        let k = averaging::shard_count(st.config(), st.members().len());
+        let q = st.config().codec;
+        let delta = model_delta(st.theta(), &self.peers[i].target);
+        let attack = self.peers[i].attack;
+        let ranges = codec::shards(self.cfg.len, k);
+        let mut claimed = f32::from_bits(r.norm_bits);
+        let shards: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|rg| match attack {
+                Some(Attack::WrongLength) => codec::encode(q, &vec![0.01; rg.len() + 1]),
+                Some(Attack::NonFinite) => {
+                    let mut raw = Vec::new();
+                    for j in 0..rg.len() {
+                        let v = if j % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                        raw.extend_from_slice(&v.to_le_bytes());
+                    }
+                    let mut b = vec![codec::FORMAT_VERSION, 0, 0, 0];
+                    b.extend_from_slice(&(rg.len() as u64).to_le_bytes());
+                    b.extend_from_slice(&zstd::bulk::compress(&raw, 1).unwrap_or_default());
+                    b
+                }
+                Some(Attack::Scaled(s) | Attack::NormLie(s)) => {
+                    let v: Vec<f32> = delta[rg.clone()].iter().map(|x| x * s).collect();
+                    codec::encode(q, &v)
+                }
+                _ => codec::encode(q, &delta[rg.clone()]),
+            })
+            .collect();
+        if let Some(Attack::Scaled(s)) = attack {
+            claimed *= s.abs();
+        }
+        let leaves: Vec<Hash> = shards.iter().map(|s| Hash::of(s)).collect();
+        let ready = Ready {
+            shard_root: wire::merkle_root(&leaves),
+            norm_bits: claimed.to_bits(),
+            ..r
+        };
+        self.peers[i].bad_shards = Some((env.round, shards, leaves));
+        Arc::new(Envelope::sign(
+            &self.peers[i].key,
+            env.run,
+            env.round,
+            env.chain,
+            Body::Ready(ready),
+        ))
+    }
+
+    fn attack_push(&mut self, i: usize, msg: Arc<Direct>) -> Arc<Direct> {
+        let Direct::PushShard {
+            round,
+            close,
+            shard,
+            ..
+        } = &*msg
+        else {
+            return msg;
+        };
+        match &self.peers[i].bad_shards {
+            Some((r, shards, leaves)) if r == round => {
+                let s = *shard as usize;
+                match shards.get(s) {
+                    Some(d) => Arc::new(Direct::PushShard {
+                        round: *round,
+                        close: *close,
+                        shard: *shard,
+                        data: d.clone(),
+                        proof: wire::merkle_proof(leaves, s),
+                    }),
+                    None => msg,
+                }
+            }
+            _ => msg,
+        }
+    }
+
+    fn restart(&mut self, i: usize, stale: Option<u64>) {
+        if self.alive(i) {
+            return;
+        }
+        let contacts: Vec<PeerId> = (0..self.peers.len())
+            .filter(|j| *j != i)
+            .map(|j| self.peers[j].id)
+            .collect();
+        let key = self.peers[i].key.clone();
+        let st = match stale {
+            Some(back) if !self.peers[i].snapshots.is_empty() => {
+                let snaps = &self.peers[i].snapshots;
+                let idx = snaps.len().saturating_sub(1 + back as usize);
+                let (round, chain, members, theta, m) = snaps[idx].clone();
+                State::restore(self.cfg.proto.clone(), key, round, chain, members, theta, m)
+            }
+            Some(_) => State::genesis(
+                self.cfg.proto.clone(),
+                key,
+                self.theta0.clone(),
+                (0..self.cfg.n).map(|j| self.peers[j].id).collect(),
+            ),
+            None => State::joiner(self.cfg.proto.clone(), key, contacts),
+        };
+        let mut st = st;
+        let outs = st.start(self.now);
+        self.peers[i].state = Some(st);
+        self.dispatch(i, outs);
+    }
+
+    /// Runs to completion and returns the report.
+    pub fn run(mut self) -> Report {
+        while let Some(Reverse((at, seq, i))) = self.queue.pop() {
+            if at > self.cfg.max_time {
+                break;
+            }
+            self.now = at;
+            let Some((peer, epoch, ev)) = self.events.remove(&seq) else {
+                continue;
+            };
+            self.report.events += 1;
+            self.trace.update(&at.to_le_bytes());
+            self.trace.update(&(i as u64).to_le_bytes());
+            match ev {
+                Ev::Churn => {
+                    self.churn();
+                    continue;
+                }
+                Ev::Join => {
+                    let mut b = [0u8; 32];
+                    self.rng.fill_bytes(&mut b);
+                    let j = self.add_peer(SigningKey::from_bytes(&b));
+                    self.restart(j, None);
+                    continue;
+                }
+                _ => {}
+            }
+            if peer >= self.peers.len() || self.peers[peer].epoch != epoch {
+                continue; // event for a previous incarnation
+            }
+            match ev {
+                Ev::Crash => self.crash(peer),
+                Ev::Restart(stale) => self.restart(peer, stale),
+                Ev::Train(round) => {
+                    let Some(st) = self.peers[peer].state.as_ref() else {
+                        continue;
+                    };
+                    if st.round() != round {
+                        continue;
+                    }
+                    let delta = model_delta(st.theta(), &self.peers[peer].target);
+                    let ev = InEvent::Trained {
+                        round,
+                        delta,
+                        tokens: model_tokens(peer),
+                    };
+                    self.feed(peer, ev);
+                }
+                Ev::In(ev) => self.feed(peer, ev),
+                _ => {}
+            }
+            if self.done() {
+                break;
+            }
+        }
+        self.finish()
+    }
+
+    fn feed(&mut self, i: usize, ev: InEvent) {
+        let now = self.now;
+        let Some(st) = self.peers[i].state.as_mut() else {
+            return;
+        };
+        let outs = st.handle(now, ev, &mut self.rng);
+        self.dispatch(i, outs);
+    }
+
+    fn churn(&mut self) {
+        for i in 0..self.peers.len() {
+            if self.peers[i].churned && !self.alive(i) {
+                self.peers[i].churned = false;
+                let stale = if self.rng.next_u32() % 2 == 0 {
+                    Some(1)
+                } else {
+                    None
+                };
+                self.restart(i, stale);
+            }
+        }
+        let alive: Vec<usize> = (0..self.peers.len()).filter(|i| self.alive(*i)).collect();
+        let k = (alive.len() as f64 * self.churn_frac).floor() as usize;
+        let mut pool = alive;
+        for _ in 0..k {
+            if pool.is_empty() {
+                break;
+            }
+            let j = pool.swap_remove(self.rng.next_u32() as usize % pool.len());
+            self.peers[j].churned = true;
+            self.crash(j);
+        }
+    }
+
+    fn done(&self) -> bool {
+        let target = self.cfg.rounds;
+        let mut any = false;
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.attack.is_some() {
+                continue;
+            }
+            if let Some(s) = &p.state {
+                any = true;
+                if s.round() < target {
+                    return false;
+                }
+            } else if self.peers[i].churned {
+                return false;
+            }
+        }
+        any && self.queue.iter().all(|Reverse((at, ..))| *at >= self.now)
+    }
+
+    fn finish(mut self) -> Report {
+        let mut r = std::mem::take(&mut self.report);
+        r.honest = self.peers.iter().map(|p| p.attack.is_none()).collect();
+        r.final_state = self
+            .peers
+            .iter()
+            .map(|p| {
+                p.state
+                    .as_ref()
+                    .filter(|s| s.is_synced())
+                    .map(|s| (s.round(), s.state_hash()))
+            })
+            .collect();
+        for (i, p) in self.peers.iter().enumerate() {
+            if let Some(s) = p
+                .state
+                .as_ref()
+                .filter(|s| s.is_synced() && p.attack.is_none())
+            {
+                r.thetas.push((i, s.round(), s.theta().to_vec()));
+            }
+        }
+        for ((_, _), (d, c)) in &self.bytes {
+            r.max_data_bytes_per_round = r.max_data_bytes_per_round.max(*d);
+            r.max_control_bytes_per_round = r.max_control_bytes_per_round.max(*c);
+        }
+        let k = averaging::shard_count(&self.cfg.proto, self.cfg.n);
+        let delta = model_delta(
+            &self.theta0,
+            &det_vec(self.cfg.seed, 1000, self.cfg.len, 1.0),
+        );
+        r.vector_bytes = codec::shards(self.cfg.len, k)
+            .into_iter()
+            .map(|rg| codec::encode(self.cfg.proto.codec, &delta[rg]).len() as u64)
+            .sum();
+        r.trace = Hash(*self.trace.finalize().as_bytes());
+        r.end_time = self.now;
+        r
+    }
+}
+
+/// Runs one simulation.
+pub fn run(cfg: SimConfig) -> Report {
+    Sim::new(cfg).run()
+}
+
+/// The seeds a property test runs: `SEED=x` selects one, `SEEDS=n` sets how many (default
+/// `default`).
+pub fn seeds(default: u64) -> Vec<u64> {
+    if let Some(s) = std::env::var("SEED").ok().and_then(|s| s.parse().ok()) {
+        return vec![s];
+    }
+    let n = std::env::var("SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    (0..n).collect()
+}
+
+/// Reference: the centrally computed global parameters after `rounds` fault-free rounds in
+/// which every peer contributes (token-weighted mean of the codec-rounded deltas, the
+/// aggregate rounded once more by the codec, then the Nesterov step).
+pub fn central_reference(cfg: &SimConfig, rounds: u64) -> Vec<f32> {
+    let sim = Sim::new(cfg.clone());
+    let mut theta = sim.theta0.clone();
+    let mut m = vec![0f32; cfg.len];
+    // Contributors are ordered by peer id, as in CLOSE.
+    let mut order: Vec<(PeerId, usize)> = sim
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.id, i))
+        .collect();
+    order.sort();
+    let k = averaging::shard_count(&cfg.proto, cfg.n);
+    let q = cfg.proto.codec;
+    for _ in 0..rounds {
+        let deltas: Vec<Vec<f32>> = order
+            .iter()
+            .map(|(_, i)| codec::quantize_roundtrip(q, &model_delta(&theta, &sim.peers[*i].target)))
+            .collect();
+        let mut delta = vec![0f32; cfg.len];
+        for rg in codec::shards(cfg.len, k) {
+            let inputs: Vec<(&[f32], u64)> = order
+                .iter()
+                .zip(&deltas)
+                .map(|((_, i), d)| (&d[rg.clone()], model_tokens(*i)))
+                .collect();
+            let agg = averaging::aggregate(cfg.proto.rule, &inputs);
+            delta[rg].copy_from_slice(&codec::quantize_roundtrip(q, &agg));
+        }
+        let _ = crate::outer::nesterov_step(cfg.proto.outer, &mut theta, &mut m, &delta);
+    }
+    theta
+}
