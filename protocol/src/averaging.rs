@@ -511,6 +511,7 @@ pub struct State {
     last_sync: Option<Time>,
     out: Vec<OutEvent>,
     now: Time,
+    vote_from: u64,
 }
 
 impl State {
@@ -583,6 +584,7 @@ impl State {
             last_sync: None,
             out: Vec::new(),
             now: 0,
+            vote_from: 0,
         }
     }
 
@@ -633,6 +635,14 @@ impl State {
     /// The run configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Paxos acceptors must not forget their votes: a peer that restarts must not PROMISE or
+    /// COMMIT in any round it may have voted in before. The node keeps the highest round it
+    /// voted in on disk (written before the vote is sent) and passes `that + 1` here after a
+    /// restart; the peer then only follows decisions until it reaches that round.
+    pub fn set_vote_from(&mut self, round: u64) {
+        self.vote_from = round;
     }
 
     /// Starts the peer: founding members are asked to train round 0; others ask for state.
@@ -1498,7 +1508,7 @@ impl State {
             self.reject(signer, "PREPARE", Reject::NotAllowed("PREPARE"));
             return;
         }
-        if b > self.r.promised {
+        if b > self.r.promised && self.round >= self.vote_from {
             self.r.promised = b;
             let accepted = self.r.accepted.clone();
             self.gossip(Body::Promise(Promise {
@@ -1680,7 +1690,7 @@ impl State {
                 return;
             }
         }
-        if p.ballot >= self.r.promised && self.is_member() {
+        if p.ballot >= self.r.promised && self.is_member() && self.round >= self.vote_from {
             self.r.promised = p.ballot;
             self.r.accepted = Some(p.clone());
             self.gossip(Body::Commit(Commit {

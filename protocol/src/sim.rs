@@ -240,6 +240,7 @@ struct Peer {
     sent_envs: Vec<Arc<Envelope>>,
     bad_shards: Option<(u64, Vec<Vec<u8>>, Vec<Hash>)>,
     churned: bool,
+    voted: Option<u64>,
 }
 
 /// The simulator.
@@ -385,6 +386,7 @@ impl Sim {
             sent_envs: Vec::new(),
             bad_shards: None,
             churned: false,
+            voted: None,
         });
         self.index.insert(id, i);
         self.report.decided.push(Vec::new());
@@ -499,6 +501,11 @@ impl Sim {
             match out {
                 OutEvent::Gossip(env) => {
                     let kind = env.body.kind();
+                    if matches!(env.body, Body::Commit(_) | Body::Promise(_)) {
+                        // The durable vote record a real node writes before sending.
+                        let v = &mut self.peers[i].voted;
+                        *v = Some(v.map_or(env.round, |x| x.max(env.round)));
+                    }
                     if self.should_crash(i, round, kind) {
                         crash_after = true;
                     }
@@ -745,6 +752,9 @@ impl Sim {
             None => State::joiner(self.cfg.proto.clone(), key, contacts),
         };
         let mut st = st;
+        if let Some(v) = self.peers[i].voted {
+            st.set_vote_from(v + 1);
+        }
         let outs = st.start(self.now);
         self.peers[i].state = Some(st);
         self.dispatch(i, outs);

@@ -1,7 +1,5 @@
 //! Simulator properties over many seeds (`SEED=n` replays one seed, `SEEDS=n` sets the count).
 
-#[allow(unused_imports)]
-use diloco_protocol::averaging::Quorum as _Q;
 use diloco_protocol::averaging::{Quorum, Reject, Rule};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::sim::{self, Attack, Fault, Report, SimConfig};
@@ -78,6 +76,287 @@ fn no_faults_every_round_decides_and_matches_central_mean() {
             r.max_data_bytes_per_round as f64 <= bound,
             "seed {seed}: {} data bytes > {bound}",
             r.max_data_bytes_per_round
+        );
+    }
+}
+
+#[test]
+fn crashes_at_every_phase_boundary_keep_deciding() {
+    let kinds = ["READY", "PUSH", "CLOSE", "AGG", "SEAL", "COMMIT"];
+    for seed in sim::seeds(200) {
+        let n = 5 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.max_time = 120_000;
+        let kind = kinds[(seed % kinds.len() as u64) as usize];
+        let round = 1 + seed % 2;
+        if seed % 4 == 0 {
+            // Closer and an owner together (3 of 5 or more survive: still a majority).
+            c.faults.push(Fault::CrashWhen {
+                round,
+                kind: "AGG",
+                count: 1,
+            });
+            c.faults.push(Fault::CrashWhen {
+                round,
+                kind: "CLOSE",
+                count: 1,
+            });
+        } else {
+            c.faults.push(Fault::CrashWhen {
+                round,
+                kind,
+                count: 1,
+            });
+        }
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed} ({kind} crash): survivors reached only {}",
+            r.min_round()
+        );
+    }
+}
+
+#[test]
+fn partitions_minority_never_decides_and_catches_up() {
+    for seed in sim::seeds(200) {
+        let n = 5 + (seed % 4) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 6;
+        c.max_time = 120_000;
+        let minority = match seed % 3 {
+            0 => vec![0],                            // 1 vs rest
+            1 => (0..(n * 3 / 10).max(1)).collect(), // 30/70
+            _ => (0..(n - 1) / 2).collect(),         // as close to 50/50 as a majority allows
+        };
+        c.faults.push(Fault::Partition {
+            side: minority.clone(),
+            from: 700,
+            until: 6_000,
+        });
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {} after healing",
+            r.min_round()
+        );
+    }
+}
+
+#[test]
+fn exact_half_partition_decides_nothing_on_either_side() {
+    for seed in sim::seeds(200) {
+        let n = 4 + 2 * (seed % 2) as usize;
+        let mut c = base(seed, n);
+        c.faults.push(Fault::Partition {
+            side: (0..n / 2).collect(),
+            from: 0,
+            until: 1_000_000,
+        });
+        c.max_time = 20_000;
+        let r = sim::run(c);
+        assert!(
+            r.decided.iter().all(|d| d.is_empty()),
+            "seed {seed}: a half decided alone"
+        );
+    }
+}
+
+#[test]
+fn churn_joins_and_stale_restarts() {
+    for seed in sim::seeds(200) {
+        let n = 7 + (seed % 2) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 4;
+        c.max_time = 40_000;
+        c.proto.evict_after_rounds = 2;
+        match seed % 3 {
+            0 => c.faults.push(Fault::Churn {
+                frac: 0.3,
+                period: 1_500,
+                until: 9_000,
+            }),
+            1 => {
+                c.faults.push(Fault::Crash { peer: 1, at: 300 });
+                c.faults.push(Fault::Crash { peer: 2, at: 900 });
+                c.faults.push(Fault::RestartAll {
+                    at: 5_000,
+                    stale_rounds: Some(2),
+                });
+                c.faults.push(Fault::Join { at: 2_500 });
+            }
+            _ => {
+                c.faults.push(Fault::Join { at: 400 });
+                c.faults.push(Fault::Join { at: 1_900 });
+                c.faults.push(Fault::CrashWhen {
+                    round: 1,
+                    kind: "CLOSE",
+                    count: 1,
+                });
+                c.faults.push(Fault::RestartAll {
+                    at: 4_000,
+                    stale_rounds: None,
+                });
+            }
+        }
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= 1,
+            "seed {seed}: stuck at {}",
+            r.min_round()
+        );
+    }
+}
+
+#[test]
+fn malicious_messages_are_rejected_and_honest_peers_agree() {
+    let attacks = [
+        Attack::ForgedSignature,
+        Attack::WrongRun,
+        Attack::Replay,
+        Attack::WrongLength,
+        Attack::NonFinite,
+        Attack::NormLie(100.0),
+        Attack::Equivocate,
+    ];
+    let seeds = sim::seeds(200);
+    let mut hits: std::collections::HashMap<String, usize> = Default::default();
+    for &seed in &seeds {
+        let n = 5 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.proto.quorum = Quorum::TwoThirds;
+        let attack = attacks[(seed % attacks.len() as u64) as usize];
+        c.malicious.push((n - 1, attack));
+        c.max_time = 120_000;
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed} {attack:?}: reached only {}",
+            r.min_round()
+        );
+        let from_attacker: Vec<&Reject> = r
+            .rejections
+            .iter()
+            .filter(|(_, f, _, _)| *f == n - 1)
+            .map(|(_, _, _, why)| why)
+            .collect();
+        let expected = match attack {
+            Attack::ForgedSignature => r
+                .rejections
+                .iter()
+                .any(|(_, _, _, w)| matches!(w, Reject::Wire(_))),
+            Attack::WrongRun | Attack::Replay => {
+                from_attacker.iter().any(|w| matches!(w, Reject::Wire(_)))
+            }
+            Attack::WrongLength | Attack::NonFinite => from_attacker.iter().any(|w| {
+                matches!(
+                    w,
+                    Reject::Codec(_) | Reject::WrongLength { .. } | Reject::BadProof
+                )
+            }),
+            // Rejected when the attacker is included and an owner checks its shard; when the
+            // attacker is excluded (late) nothing of it arrives: only agreement is checked.
+            Attack::NormLie(_) => true,
+            Attack::Equivocate => r.bans.iter().any(|(_, whom)| *whom == n - 1),
+            Attack::Scaled(_) => true,
+        };
+        // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
+        // all seeds every attack must have been caught with its reason.
+        if expected {
+            *hits.entry(format!("{attack:?}")).or_default() += 1;
+        }
+        // No honest peer is ever banned.
+        assert!(
+            r.bans.iter().all(|(_, whom)| *whom == n - 1),
+            "seed {seed}: honest peer banned"
+        );
+    }
+    if seeds.len() >= 2 * attacks.len() {
+        for a in attacks {
+            assert!(
+                hits.get(&format!("{a:?}")).copied().unwrap_or(0) > 0,
+                "{a:?} never rejected: {hits:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn robust_rules_bound_a_scaled_gradient_attacker() {
+    for seed in sim::seeds(200) {
+        let n = 7;
+        let mut clean = base(seed, n);
+        clean.rounds = 1;
+        let rule = if seed % 2 == 0 {
+            Rule::NormScreen { factor: 3.0 }
+        } else {
+            Rule::TrimmedMean { trim: 0.2 }
+        };
+        clean.proto.rule = rule;
+        let mut attacked = clean.clone();
+        attacked.malicious.push((n - 1, Attack::Scaled(1000.0)));
+        let a = sim::run(clean.clone());
+        let b = sim::run(attacked);
+        let (Some((_, _, ta)), Some((_, _, tb))) = (a.thetas.first(), b.thetas.first()) else {
+            panic!("seed {seed}: no state")
+        };
+        // The honest update has size ~0.1 * |theta - target|; the attacker multiplies its own
+        // by 1000. Robust rules keep the difference within a few honest updates.
+        let diff: f32 = ta
+            .iter()
+            .zip(tb)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt();
+        let scale: f32 = ta.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(
+            diff < 0.5 * scale,
+            "seed {seed} {rule:?}: moved by {diff} (|theta| = {scale})"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_trace() {
+    for seed in sim::seeds(200).into_iter().take(50) {
+        let mut c = base(seed, 6);
+        c.loss = 0.05;
+        c.dup = 0.05;
+        c.faults.push(Fault::CrashWhen {
+            round: 1,
+            kind: "CLOSE",
+            count: 1,
+        });
+        let a = sim::run(c.clone());
+        let b = sim::run(c);
+        assert_eq!(a.trace, b.trace, "seed {seed}");
+        assert_eq!(a.events, b.events);
+    }
+}
+
+#[test]
+fn lossy_gossip_still_converges() {
+    for seed in sim::seeds(200) {
+        let mut c = base(seed, 6);
+        c.loss = 0.05;
+        c.dup = 0.05;
+        c.max_time = 200_000;
+        c.slow.push((0, 1.5));
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {}",
+            r.min_round()
         );
     }
 }
