@@ -9,7 +9,9 @@ use burn::prelude::Device;
 use thiserror::Error;
 
 /// What the user asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// wgpu on a hardware adapter if there is one, else the CPU backend.
@@ -42,7 +44,11 @@ pub struct Selected {
 
 /// Picks the device for `choice`.
 pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
-    let cpu = || Selected { device: Device::flex(), kind: "cpu", description: "flex (CPU)".into() };
+    let cpu = || Selected {
+        device: Device::flex(),
+        kind: "cpu",
+        description: "flex (CPU)".into(),
+    };
     match choice {
         BackendChoice::Cpu => Ok(cpu()),
         BackendChoice::Wgpu => init_wgpu().map(|(s, _)| s).map_err(BackendError::NoAdapter),
@@ -75,7 +81,14 @@ fn init_wgpu() -> Result<(Selected, bool), String> {
             let info = setup.adapter.get_info();
             let software = info.device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu;
             let description = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
-            Ok((Selected { device, kind: "wgpu", description }, software))
+            Ok((
+                Selected {
+                    device,
+                    kind: "wgpu",
+                    description,
+                },
+                software,
+            ))
         }
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the wgpu driver panicked during adapter discovery".into()),

@@ -96,7 +96,10 @@ pub struct Loaded {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -113,12 +116,23 @@ fn to_safetensors(layout: &[ParamInfo], groups: &[(&str, &[f32])]) -> Result<Vec
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (suffix, values) in groups {
         if values.len() != total {
-            return Err(format!("{suffix}: {} values for {total} parameters", values.len()));
+            return Err(format!(
+                "{suffix}: {} values for {total} parameters",
+                values.len()
+            ));
         }
         let mut off = 0;
         for p in layout {
-            let name = if suffix.is_empty() { p.name.clone() } else { format!("{}.{suffix}", p.name) };
-            buffers.push((name, p.shape.clone(), f32_bytes(&values[off..off + p.len()])));
+            let name = if suffix.is_empty() {
+                p.name.clone()
+            } else {
+                format!("{}.{suffix}", p.name)
+            };
+            buffers.push((
+                name,
+                p.shape.clone(),
+                f32_bytes(&values[off..off + p.len()]),
+            ));
             off += p.len();
         }
     }
@@ -141,8 +155,14 @@ fn from_safetensors(
     for suffix in suffixes {
         let mut values = Vec::new();
         for p in layout {
-            let name = if suffix.is_empty() { p.name.clone() } else { format!("{}.{suffix}", p.name) };
-            let t = st.tensor(&name).map_err(|_| format!("tensor {name} is missing"))?;
+            let name = if suffix.is_empty() {
+                p.name.clone()
+            } else {
+                format!("{}.{suffix}", p.name)
+            };
+            let t = st
+                .tensor(&name)
+                .map_err(|_| format!("tensor {name} is missing"))?;
             if t.dtype() != Dtype::F32 || t.shape() != p.shape.as_slice() {
                 return Err(format!(
                     "tensor {name} is {:?} {:?}, this model needs F32 {:?}",
@@ -151,7 +171,11 @@ fn from_safetensors(
                     p.shape
                 ));
             }
-            values.extend(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            values.extend(
+                t.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
         }
         out.insert(suffix.to_string(), values);
     }
@@ -165,7 +189,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
 }
 
 /// Writes a checkpoint for `state.step` into `dir`; returns its directory.
@@ -186,14 +212,22 @@ pub fn save(
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let corrupt = |reason: String| CheckpointError::Corrupt { path: tmp.clone(), reason };
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: tmp.clone(),
+        reason,
+    };
     let model = to_safetensors(layout, &[("", params)]).map_err(corrupt)?;
     let optim = to_safetensors(layout, optimizer).map_err(corrupt)?;
     state.version = FORMAT_VERSION;
     state.files.clear();
-    for (file, bytes) in [("model.safetensors", &model), ("optimizer.safetensors", &optim)] {
+    for (file, bytes) in [
+        ("model.safetensors", &model),
+        ("optimizer.safetensors", &optim),
+    ] {
         write_synced(&tmp.join(file), bytes)?;
-        state.files.insert(file.to_string(), blake3::hash(bytes).to_hex().to_string());
+        state
+            .files
+            .insert(file.to_string(), blake3::hash(bytes).to_hex().to_string());
     }
     let json = serde_json::to_vec_pretty(&state).map_err(|e| corrupt(e.to_string()))?;
     write_synced(&tmp.join("state.json"), &json)?;
@@ -212,7 +246,9 @@ pub fn save(
 
 /// Removes all but the newest [`KEEP`] complete checkpoints (best effort).
 fn prune(dir: &Path, newest: &str) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
@@ -241,14 +277,24 @@ pub fn load_latest(
         Err(e) => return Err(io(&latest)(e)),
     };
     if !name.starts_with("step-") || name.contains(['/', '\\']) || name.contains("..") {
-        return Err(CheckpointError::Corrupt { path: latest, reason: format!("LATEST names '{name}'") });
+        return Err(CheckpointError::Corrupt {
+            path: latest,
+            reason: format!("LATEST names '{name}'"),
+        });
     }
     load(&dir.join(name), layout, optimizer_suffixes).map(Some)
 }
 
 /// Loads one checkpoint directory.
-pub fn load(path: &Path, layout: &[ParamInfo], optimizer_suffixes: &[&str]) -> Result<Loaded, CheckpointError> {
-    let corrupt = |reason: String| CheckpointError::Corrupt { path: path.to_path_buf(), reason };
+pub fn load(
+    path: &Path,
+    layout: &[ParamInfo],
+    optimizer_suffixes: &[&str],
+) -> Result<Loaded, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     let read = |file: &str| {
         let p = path.join(file);
         fs::read(&p).map_err(|e| match e.kind() {
@@ -259,18 +305,29 @@ pub fn load(path: &Path, layout: &[ParamInfo], optimizer_suffixes: &[&str]) -> R
     let state: State = serde_json::from_slice(&read("state.json")?)
         .map_err(|e| corrupt(format!("state.json does not parse: {e}")))?;
     if state.version != FORMAT_VERSION {
-        return Err(corrupt(format!("format version {} (this build reads {FORMAT_VERSION})", state.version)));
+        return Err(corrupt(format!(
+            "format version {} (this build reads {FORMAT_VERSION})",
+            state.version
+        )));
     }
     let mut blobs = BTreeMap::new();
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let bytes = read(file)?;
-        let want = state.files.get(file).ok_or_else(|| corrupt(format!("state.json lists no hash for {file}")))?;
+        let want = state
+            .files
+            .get(file)
+            .ok_or_else(|| corrupt(format!("state.json lists no hash for {file}")))?;
         if blake3::hash(&bytes).to_hex().as_str() != want {
-            return Err(corrupt(format!("{file} does not match its hash in state.json")));
+            return Err(corrupt(format!(
+                "{file} does not match its hash in state.json"
+            )));
         }
         blobs.insert(file, bytes);
     }
-    let mismatch = |reason: String| CheckpointError::Mismatch { path: path.to_path_buf(), reason };
+    let mismatch = |reason: String| CheckpointError::Mismatch {
+        path: path.to_path_buf(),
+        reason,
+    };
     let params = from_safetensors(&blobs["model.safetensors"], layout, &[""])
         .map_err(mismatch)?
         .remove("")
@@ -278,16 +335,30 @@ pub fn load(path: &Path, layout: &[ParamInfo], optimizer_suffixes: &[&str]) -> R
     let optimizer = from_safetensors(&blobs["optimizer.safetensors"], layout, optimizer_suffixes)
         .map_err(mismatch)?;
     if diloco_protocol::outer::hash_f32(&params) != state.global_hash {
-        return Err(corrupt("parameters do not match global_hash in state.json".into()));
+        return Err(corrupt(
+            "parameters do not match global_hash in state.json".into(),
+        ));
     }
-    Ok(Loaded { state, params, optimizer, path: path.to_path_buf() })
+    Ok(Loaded {
+        state,
+        params,
+        optimizer,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Compares the run configuration stored in a checkpoint with the current one; fields listed in
 /// `may_differ` (e.g. `steps`) are ignored.
-pub fn check_run(loaded: &Loaded, current: &serde_json::Value, may_differ: &[&str]) -> Result<(), CheckpointError> {
+pub fn check_run(
+    loaded: &Loaded,
+    current: &serde_json::Value,
+    may_differ: &[&str],
+) -> Result<(), CheckpointError> {
     let (Some(old), Some(new)) = (loaded.state.run.as_object(), current.as_object()) else {
-        return Err(CheckpointError::Corrupt { path: loaded.path.clone(), reason: "run config is not an object".into() });
+        return Err(CheckpointError::Corrupt {
+            path: loaded.path.clone(),
+            reason: "run config is not an object".into(),
+        });
     };
     let mut diffs = Vec::new();
     for (k, v) in new {
@@ -303,7 +374,10 @@ pub fn check_run(loaded: &Loaded, current: &serde_json::Value, may_differ: &[&st
     if diffs.is_empty() {
         Ok(())
     } else {
-        Err(CheckpointError::Mismatch { path: loaded.path.clone(), reason: diffs.join("; ") })
+        Err(CheckpointError::Mismatch {
+            path: loaded.path.clone(),
+            reason: diffs.join("; "),
+        })
     }
 }
 
@@ -313,8 +387,14 @@ mod tests {
 
     fn layout() -> Vec<ParamInfo> {
         vec![
-            ParamInfo { name: "a.weight".into(), shape: vec![2, 3] },
-            ParamInfo { name: "b".into(), shape: vec![4] },
+            ParamInfo {
+                name: "a.weight".into(),
+                shape: vec![2, 3],
+            },
+            ParamInfo {
+                name: "b".into(),
+                shape: vec![4],
+            },
         ]
     }
 
@@ -337,9 +417,18 @@ mod tests {
         let p: Vec<f32> = (0..10).map(|i| i as f32).collect();
         let m: Vec<f32> = (0..10).map(|i| -(i as f32)).collect();
         for step in [1, 2, 3] {
-            save(dir.path(), &lay, &p, &[("outer_momentum", &m)], state(step, &p)).unwrap();
+            save(
+                dir.path(),
+                &lay,
+                &p,
+                &[("outer_momentum", &m)],
+                state(step, &p),
+            )
+            .unwrap();
         }
-        let l = load_latest(dir.path(), &lay, &["outer_momentum"]).unwrap().unwrap();
+        let l = load_latest(dir.path(), &lay, &["outer_momentum"])
+            .unwrap()
+            .unwrap();
         assert_eq!(l.state.step, 3);
         assert_eq!(l.params, p);
         assert_eq!(l.optimizer["outer_momentum"], m);
@@ -348,7 +437,10 @@ mod tests {
         let ok = serde_json::json!({"model": "x", "steps": 20});
         check_run(&l, &ok, &["steps"]).unwrap();
         let bad = serde_json::json!({"model": "y", "steps": 10});
-        assert!(matches!(check_run(&l, &bad, &["steps"]), Err(CheckpointError::Mismatch { .. })));
+        assert!(matches!(
+            check_run(&l, &bad, &["steps"]),
+            Err(CheckpointError::Mismatch { .. })
+        ));
     }
 
     #[test]
@@ -358,8 +450,17 @@ mod tests {
         let p = vec![0.5f32; 10];
         let path = save(dir.path(), &lay, &p, &[("exp_avg", &p)], state(5, &p)).unwrap();
         // Another model shape.
-        let other = vec![ParamInfo { name: "a.weight".into(), shape: vec![3, 2] }, lay[1].clone()];
-        assert!(matches!(load_latest(dir.path(), &other, &["exp_avg"]), Err(CheckpointError::Mismatch { .. })));
+        let other = vec![
+            ParamInfo {
+                name: "a.weight".into(),
+                shape: vec![3, 2],
+            },
+            lay[1].clone(),
+        ];
+        assert!(matches!(
+            load_latest(dir.path(), &other, &["exp_avg"]),
+            Err(CheckpointError::Mismatch { .. })
+        ));
         // Truncated tensor file.
         let f = path.join("model.safetensors");
         let bytes = fs::read(&f).unwrap();
@@ -368,7 +469,10 @@ mod tests {
         assert!(matches!(e, CheckpointError::Corrupt { .. }), "{e}");
         // Garbage state file.
         fs::write(path.join("state.json"), b"{not json").unwrap();
-        assert!(matches!(load_latest(dir.path(), &lay, &["exp_avg"]), Err(CheckpointError::Corrupt { .. })));
+        assert!(matches!(
+            load_latest(dir.path(), &lay, &["exp_avg"]),
+            Err(CheckpointError::Corrupt { .. })
+        ));
         // Nothing there at all.
         let empty = tempfile::tempdir().unwrap();
         assert!(load_latest(empty.path(), &lay, &[]).unwrap().is_none());

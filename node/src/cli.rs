@@ -144,7 +144,11 @@ pub struct SimulateArgs {
 impl CommonArgs {
     /// Where the data comes from.
     pub fn data_spec(&self) -> DataSpec {
-        DataSpec { path: self.data.clone(), eval_path: self.eval_data.clone(), eval_fraction: self.eval_fraction }
+        DataSpec {
+            path: self.data.clone(),
+            eval_path: self.eval_data.clone(),
+            eval_fraction: self.eval_fraction,
+        }
     }
 
     fn validate(&self) -> Result<(ModelConfig, InnerConfig), UsageError> {
@@ -202,7 +206,9 @@ impl TrainArgs {
     pub fn to_config(&self) -> Result<TrainConfig, UsageError> {
         let (model, inner) = self.common.validate()?;
         if self.resume && self.checkpoint_dir.is_none() {
-            return usage("--resume needs --checkpoint-dir DIR (the directory the earlier run wrote to)");
+            return usage(
+                "--resume needs --checkpoint-dir DIR (the directory the earlier run wrote to)",
+            );
         }
         let run = self.common.run_json(&model);
         Ok(TrainConfig {
@@ -235,7 +241,12 @@ impl SimulateArgs {
             ));
         }
         if c.batch % self.replicas != 0 {
-            tracing::warn!(batch = c.batch, replicas = self.replicas, "batch is not a multiple of replicas; each replica gets {}", c.batch / self.replicas);
+            tracing::warn!(
+                batch = c.batch,
+                replicas = self.replicas,
+                "batch is not a multiple of replicas; each replica gets {}",
+                c.batch / self.replicas
+            );
         }
         if self.mode == Mode::Diloco {
             if self.inner_steps == 0 {
@@ -257,13 +268,19 @@ impl SimulateArgs {
         if !(0.0..=1.0).contains(&self.drop_prob) {
             return usage("--drop-prob must be in [0, 1]");
         }
-        let quantize: Quantization = self.quantize.parse().map_err(|e| UsageError(format!("--quantize: {e}")))?;
+        let quantize: Quantization = self
+            .quantize
+            .parse()
+            .map_err(|e| UsageError(format!("--quantize: {e}")))?;
         Ok(SimConfig {
             mode: self.mode,
             replicas: self.replicas,
             inner_steps: self.inner_steps,
             steps: c.steps,
-            outer: OuterConfig { lr: self.outer_lr, momentum: self.outer_momentum },
+            outer: OuterConfig {
+                lr: self.outer_lr,
+                momentum: self.outer_momentum,
+            },
             batch: c.batch,
             seq: c.seq,
             inner,
@@ -293,12 +310,27 @@ mod tests {
     #[test]
     fn rejects_impossible_combinations_with_a_reason() {
         assert!(sim(&[]).is_ok());
-        assert!(sim(&["--inner-steps", "0"]).unwrap_err().0.contains("inner-steps"));
-        assert!(sim(&["--steps", "10", "--inner-steps", "50"]).unwrap_err().0.contains("less than"));
-        assert!(sim(&["--replicas", "64", "--batch", "32"]).unwrap_err().0.contains("more than --batch"));
-        assert!(sim(&["--model", "gigantic"]).unwrap_err().0.contains("unknown model"));
+        assert!(sim(&["--inner-steps", "0"])
+            .unwrap_err()
+            .0
+            .contains("inner-steps"));
+        assert!(sim(&["--steps", "10", "--inner-steps", "50"])
+            .unwrap_err()
+            .0
+            .contains("less than"));
+        assert!(sim(&["--replicas", "64", "--batch", "32"])
+            .unwrap_err()
+            .0
+            .contains("more than --batch"));
+        assert!(sim(&["--model", "gigantic"])
+            .unwrap_err()
+            .0
+            .contains("unknown model"));
         assert!(sim(&["--seq", "1000"]).unwrap_err().0.contains("context"));
-        assert!(sim(&["--quantize", "int3"]).unwrap_err().0.contains("--quantize"));
+        assert!(sim(&["--quantize", "int3"])
+            .unwrap_err()
+            .0
+            .contains("--quantize"));
         assert!(sim(&["--drop-prob", "2"]).is_err());
         assert!(sim(&["--mode", "dp", "--steps", "10", "--inner-steps", "50"]).is_ok());
     }

@@ -51,7 +51,9 @@ pub enum DataError {
         reason: String,
     },
     /// The corpus is larger than we are willing to hold in memory.
-    #[error("data at {path} is {bytes} bytes, more than the {max} byte limit; split it or use a subset")]
+    #[error(
+        "data at {path} is {bytes} bytes, more than the {max} byte limit; split it or use a subset"
+    )]
     TooLarge {
         /// The path.
         path: PathBuf,
@@ -121,7 +123,12 @@ impl Corpus {
         h.update(&(train.len() as u64).to_le_bytes());
         h.update(&train);
         h.update(&eval);
-        Ok(Self { train, eval, source, hash: h.finalize().to_hex().to_string() })
+        Ok(Self {
+            train,
+            eval,
+            source,
+            hash: h.finalize().to_hex().to_string(),
+        })
     }
 
     /// Checks that `shards` training shards and the eval split each hold a window of `seq`.
@@ -153,15 +160,24 @@ impl Corpus {
 fn read_source(path: &Path) -> Result<Vec<u8>, DataError> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DataError::Missing(path.to_path_buf()),
-        _ => DataError::Unreadable { path: path.to_path_buf(), source: e },
+        _ => DataError::Unreadable {
+            path: path.to_path_buf(),
+            source: e,
+        },
     })?;
     let out = if meta.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| DataError::Unreadable { path: path.to_path_buf(), source: e })?
+            .map_err(|e| DataError::Unreadable {
+                path: path.to_path_buf(),
+                source: e,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.is_file()
-                    && matches!(p.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl"))
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("txt" | "jsonl")
+                    )
             })
             .collect();
         files.sort();
@@ -194,10 +210,17 @@ fn read_source(path: &Path) -> Result<Vec<u8>, DataError> {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, DataError> {
-    let unreadable = |e| DataError::Unreadable { path: path.to_path_buf(), source: e };
+    let unreadable = |e| DataError::Unreadable {
+        path: path.to_path_buf(),
+        source: e,
+    };
     let len = std::fs::metadata(path).map_err(unreadable)?.len();
     if len > MAX_CORPUS_BYTES {
-        return Err(DataError::TooLarge { path: path.to_path_buf(), bytes: len, max: MAX_CORPUS_BYTES });
+        return Err(DataError::TooLarge {
+            path: path.to_path_buf(),
+            bytes: len,
+            max: MAX_CORPUS_BYTES,
+        });
     }
     let bytes = std::fs::read(path).map_err(unreadable)?;
     if path.extension().and_then(|e| e.to_str()) == Some("jsonl") {
@@ -213,7 +236,11 @@ fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let bad = |reason: String| DataError::BadJsonl { path: path.to_path_buf(), line: i + 1, reason };
+        let bad = |reason: String| DataError::BadJsonl {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
         let v: serde_json::Value =
             serde_json::from_slice(line).map_err(|e| bad(format!("not valid JSON ({e})")))?;
         let text = v
@@ -233,18 +260,47 @@ fn parse_jsonl(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
 /// small model can learn (templated sentences, counting and addition facts).
 pub fn builtin_corpus() -> Vec<u8> {
     const SUBJECTS: &[&str] = &[
-        "the cat", "a dog", "the old king", "my sister", "the farmer", "a small bird",
-        "the ship", "our teacher", "the queen", "a young fox", "the river", "his friend",
+        "the cat",
+        "a dog",
+        "the old king",
+        "my sister",
+        "the farmer",
+        "a small bird",
+        "the ship",
+        "our teacher",
+        "the queen",
+        "a young fox",
+        "the river",
+        "his friend",
     ];
     const VERBS: &[&str] = &[
-        "sees", "likes", "follows", "finds", "helps", "watches", "carries", "remembers",
+        "sees",
+        "likes",
+        "follows",
+        "finds",
+        "helps",
+        "watches",
+        "carries",
+        "remembers",
     ];
     const OBJECTS: &[&str] = &[
-        "the moon", "a red apple", "the long road", "an old book", "the green hill",
-        "a bright star", "the quiet house", "a warm fire", "the open sea", "a silver key",
+        "the moon",
+        "a red apple",
+        "the long road",
+        "an old book",
+        "the green hill",
+        "a bright star",
+        "the quiet house",
+        "a warm fire",
+        "the open sea",
+        "a silver key",
     ];
     const PLACES: &[&str] = &[
-        "in the morning", "at night", "by the water", "near the town", "after the rain",
+        "in the morning",
+        "at night",
+        "by the water",
+        "near the town",
+        "after the rain",
         "under the bridge",
     ];
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed_c0de);
@@ -307,13 +363,23 @@ impl Batch {
             targets.extend(w[1..].iter().map(|b| *b as i64));
             batch += 1;
         }
-        Self { inputs, targets, batch, seq }
+        Self {
+            inputs,
+            targets,
+            batch,
+            seq,
+        }
     }
 
     /// Concatenates batches row-wise (all must share `seq`).
     pub fn concat(parts: &[Batch]) -> Batch {
         let seq = parts.first().map_or(0, |b| b.seq);
-        let mut out = Batch { inputs: Vec::new(), targets: Vec::new(), batch: 0, seq };
+        let mut out = Batch {
+            inputs: Vec::new(),
+            targets: Vec::new(),
+            batch: 0,
+            seq,
+        };
         for p in parts {
             out.inputs.extend_from_slice(&p.inputs);
             out.targets.extend_from_slice(&p.targets);
@@ -347,7 +413,13 @@ impl Stream {
     ) -> Self {
         let per = corpus.train.len() / shards.max(1);
         let start = per * shard;
-        Self { shard: start..start + per, seed, replica: shard_key, batch, seq }
+        Self {
+            shard: start..start + per,
+            seed,
+            replica: shard_key,
+            batch,
+            seq,
+        }
     }
 
     /// The batch for global step `step` (pure function of the step).
@@ -388,7 +460,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.txt");
         std::fs::write(&p, text).unwrap();
-        Corpus::load(&DataSpec { path: Some(p), eval_path: None, eval_fraction: 0.1 }).unwrap()
+        Corpus::load(&DataSpec {
+            path: Some(p),
+            eval_path: None,
+            eval_fraction: 0.1,
+        })
+        .unwrap()
     }
 
     #[test]
@@ -408,7 +485,9 @@ mod tests {
 
     #[test]
     fn replicas_draw_disjoint_deterministic_batches() {
-        let text: String = (0..20_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let text: String = (0..20_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
         let c = corpus_of(&text);
         let s0 = Stream::new(&c, 0, 2, 0, 1, 4, 16);
         let s1 = Stream::new(&c, 1, 2, 1, 1, 4, 16);
@@ -425,9 +504,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.jsonl");
         let mut f = std::fs::File::create(&p).unwrap();
-        writeln!(f, "{{\"text\": \"hello\"}}\n\n{{\"text\": \"world\", \"id\": 3}}").unwrap();
-        let c = Corpus::load(&DataSpec { path: Some(p.clone()), eval_path: None, eval_fraction: 0.0 })
-            .unwrap();
+        writeln!(
+            f,
+            "{{\"text\": \"hello\"}}\n\n{{\"text\": \"world\", \"id\": 3}}"
+        )
+        .unwrap();
+        let c = Corpus::load(&DataSpec {
+            path: Some(p.clone()),
+            eval_path: None,
+            eval_fraction: 0.0,
+        })
+        .unwrap();
         assert_eq!(c.train, b"hello\nworld");
         std::fs::write(dir.path().join("b.txt"), "more").unwrap();
         let c = Corpus::load(&DataSpec {
@@ -442,8 +529,15 @@ mod tests {
     #[test]
     fn bad_inputs_get_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = |p: PathBuf| DataSpec { path: Some(p), eval_path: None, eval_fraction: 0.05 };
-        assert!(matches!(Corpus::load(&spec(dir.path().join("nope"))), Err(DataError::Missing(_))));
+        let spec = |p: PathBuf| DataSpec {
+            path: Some(p),
+            eval_path: None,
+            eval_fraction: 0.05,
+        };
+        assert!(matches!(
+            Corpus::load(&spec(dir.path().join("nope"))),
+            Err(DataError::Missing(_))
+        ));
         std::fs::write(dir.path().join("empty.txt"), "").unwrap();
         assert!(matches!(
             Corpus::load(&spec(dir.path().join("empty.txt"))),
@@ -451,14 +545,24 @@ mod tests {
         ));
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
-        assert!(matches!(Corpus::load(&spec(sub)), Err(DataError::NoFiles(_))));
+        assert!(matches!(
+            Corpus::load(&spec(sub)),
+            Err(DataError::NoFiles(_))
+        ));
         std::fs::write(dir.path().join("bad.jsonl"), "{\"text\": 1}\n").unwrap();
         let e = Corpus::load(&spec(dir.path().join("bad.jsonl"))).unwrap_err();
         assert!(e.to_string().contains("bad.jsonl:1"), "{e}");
-        std::fs::write(dir.path().join("worse.jsonl"), "{\"text\": \"a\"}\nnot json\n").unwrap();
+        std::fs::write(
+            dir.path().join("worse.jsonl"),
+            "{\"text\": \"a\"}\nnot json\n",
+        )
+        .unwrap();
         let e = Corpus::load(&spec(dir.path().join("worse.jsonl"))).unwrap_err();
         assert!(e.to_string().contains("worse.jsonl:2"), "{e}");
         let short = corpus_of("short text, not a whole sequence long");
-        assert!(matches!(short.check(128, 1), Err(DataError::TooShort { .. })));
+        assert!(matches!(
+            short.check(128, 1),
+            Err(DataError::TooShort { .. })
+        ));
     }
 }

@@ -79,13 +79,19 @@ impl ModuleVisitor for LayoutVisitor {
         self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push(ParamInfo { name: self.path.joined(), shape: param.lazy_shape().to_vec() });
+        self.out.push(ParamInfo {
+            name: self.path.joined(),
+            shape: param.lazy_shape().to_vec(),
+        });
     }
 }
 
 /// Names and shapes of all parameters, in flat order.
 pub fn layout<M: Module>(module: &M) -> Vec<ParamInfo> {
-    let mut v = LayoutVisitor { path: Path::default(), out: Vec::new() };
+    let mut v = LayoutVisitor {
+        path: Path::default(),
+        out: Vec::new(),
+    };
     module.visit(&mut v);
     v.out
 }
@@ -107,7 +113,9 @@ impl ModuleVisitor for ReadVisitor {
 
 /// Reads every parameter into one vector, in [`layout`] order.
 pub fn read<M: Module>(module: &M) -> Vec<f32> {
-    let mut v = ReadVisitor { out: Vec::with_capacity(module.num_params()) };
+    let mut v = ReadVisitor {
+        out: Vec::with_capacity(module.num_params()),
+    };
     module.visit(&mut v);
     v.out
 }
@@ -141,7 +149,10 @@ impl ModuleMapper for WriteMapper<'_> {
 pub fn write<M: Module>(module: M, values: &[f32]) -> Result<M, FlatError> {
     let expected = module.num_params();
     if values.len() != expected {
-        return Err(FlatError::Length { expected, got: values.len() });
+        return Err(FlatError::Length {
+            expected,
+            got: values.len(),
+        });
     }
     Ok(module.map(&mut WriteMapper { values, offset: 0 }))
 }
@@ -239,7 +250,11 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
         None => 0.0,
     };
     if norm.is_finite() && norm > max_norm {
-        let mut s = GradScale { grads, ids: Vec::new(), scale: max_norm / (norm + 1e-6) };
+        let mut s = GradScale {
+            grads,
+            ids: Vec::new(),
+            scale: max_norm / (norm + 1e-6),
+        };
         module.visit(&mut s);
     }
     norm
@@ -260,11 +275,17 @@ mod tests {
         assert_eq!(lay[1].name, "pos_emb");
         assert_eq!(lay[2].name, "blocks.0.ln1.gamma");
         assert_eq!(lay.last().unwrap().name, "head.weight");
-        assert_eq!(lay.iter().map(ParamInfo::len).sum::<usize>(), cfg.num_params());
+        assert_eq!(
+            lay.iter().map(ParamInfo::len).sum::<usize>(),
+            cfg.num_params()
+        );
         let values: Vec<f32> = (0..cfg.num_params()).map(|i| i as f32 * 0.001).collect();
         let model = write(model, &values).unwrap();
         assert_eq!(read(&model), values);
-        assert!(matches!(write(model, &values[1..]), Err(FlatError::Length { .. })));
+        assert!(matches!(
+            write(model, &values[1..]),
+            Err(FlatError::Length { .. })
+        ));
     }
 
     #[test]

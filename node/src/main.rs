@@ -12,7 +12,10 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -33,7 +36,11 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-fn prepare(common: &CommonArgs, seq: usize, shards: usize) -> anyhow::Result<(data::Corpus, backend::Selected)> {
+fn prepare(
+    common: &CommonArgs,
+    seq: usize,
+    shards: usize,
+) -> anyhow::Result<(data::Corpus, backend::Selected)> {
     let corpus = data::Corpus::load(&common.data_spec())?;
     corpus.check(seq, shards)?;
     tracing::info!(source = %corpus.source, train_bytes = corpus.train.len(), eval_bytes = corpus.eval.len(), "data loaded");

@@ -12,6 +12,7 @@
 //! ChaCha stream in the documented parameter order, so every backend and every peer starts from
 //! bit-identical parameters without any transfer.
 
+use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
@@ -53,15 +54,36 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// `tiny`: ~0.9M parameters (d 128, 4 layers, 4 heads, context 128).
     pub fn tiny() -> Self {
-        Self { vocab: 256, d_model: 128, n_layers: 4, n_heads: 4, context: 128, mlp_ratio: 4 }
+        Self {
+            vocab: 256,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            context: 128,
+            mlp_ratio: 4,
+        }
     }
     /// `small`: ~25M parameters (d 512, 8 layers, 8 heads, context 256).
     pub fn small() -> Self {
-        Self { vocab: 256, d_model: 512, n_layers: 8, n_heads: 8, context: 256, mlp_ratio: 4 }
+        Self {
+            vocab: 256,
+            d_model: 512,
+            n_layers: 8,
+            n_heads: 8,
+            context: 256,
+            mlp_ratio: 4,
+        }
     }
     /// `base`: ~128M parameters (d 768, 18 layers, 12 heads, context 1024).
     pub fn base() -> Self {
-        Self { vocab: 256, d_model: 768, n_layers: 18, n_heads: 12, context: 1024, mlp_ratio: 4 }
+        Self {
+            vocab: 256,
+            d_model: 768,
+            n_layers: 18,
+            n_heads: 12,
+            context: 1024,
+            mlp_ratio: 4,
+        }
     }
 
     /// Parses a named size (`tiny`, `small`, `base`) or explicit dimensions
@@ -163,7 +185,9 @@ impl ModelConfig {
             pos_emb: Param::from_tensor(Tensor::zeros([self.context, d], device)),
             blocks,
             ln_f: LayerNormConfig::new(d).init(device),
-            head: LinearConfig::new(d, self.vocab).with_bias(false).init(device),
+            head: LinearConfig::new(d, self.vocab)
+                .with_bias(false)
+                .init(device),
         }
     }
 }
@@ -200,7 +224,9 @@ impl Block {
         let att = softmax(scores, 3).matmul(v); // [b, h, t, hd]
         let att = att.swap_dims(1, 2).reshape([b, t, d]);
         let x = x + self.proj.forward(att);
-        let y = self.fc2.forward(gelu(self.fc1.forward(self.ln2.forward(x.clone()))));
+        let y = self
+            .fc2
+            .forward(gelu(self.fc1.forward(self.ln2.forward(x.clone()))));
         x + y
     }
 }
@@ -250,7 +276,10 @@ impl Transformer {
         let target_logit = logits.gather(1, targets.reshape([b * t, 1]));
         let ce = (lse.clone() - target_logit).mean();
         let z = lse.powi_scalar(2).mean().mul_scalar(Z_LOSS_WEIGHT);
-        Loss { total: ce.clone() + z, ce }
+        Loss {
+            total: ce.clone() + z,
+            ce,
+        }
     }
 }
 
@@ -263,19 +292,37 @@ mod tests {
         let tiny = ModelConfig::tiny().num_params();
         assert!((800_000..1_200_000).contains(&tiny), "tiny has {tiny}");
         let small = ModelConfig::small().num_params();
-        assert!((20_000_000..30_000_000).contains(&small), "small has {small}");
+        assert!(
+            (20_000_000..30_000_000).contains(&small),
+            "small has {small}"
+        );
         let base = ModelConfig::base().num_params();
-        assert!((110_000_000..140_000_000).contains(&base), "base has {base}");
+        assert!(
+            (110_000_000..140_000_000).contains(&base),
+            "base has {base}"
+        );
     }
 
     #[test]
     fn parses_names_and_explicit_dimensions() {
         assert_eq!(ModelConfig::parse("tiny").unwrap(), ModelConfig::tiny());
         let c = ModelConfig::parse("d64-l2-h2-c32").unwrap();
-        assert_eq!((c.d_model, c.n_layers, c.n_heads, c.context), (64, 2, 2, 32));
-        assert!(matches!(ModelConfig::parse("huge"), Err(ModelError::UnknownName(_))));
-        assert!(matches!(ModelConfig::parse("d64-l2-h3-c32"), Err(ModelError::Invalid(_))));
-        assert!(matches!(ModelConfig::parse("d64-l2"), Err(ModelError::UnknownName(_))));
+        assert_eq!(
+            (c.d_model, c.n_layers, c.n_heads, c.context),
+            (64, 2, 2, 32)
+        );
+        assert!(matches!(
+            ModelConfig::parse("huge"),
+            Err(ModelError::UnknownName(_))
+        ));
+        assert!(matches!(
+            ModelConfig::parse("d64-l2-h3-c32"),
+            Err(ModelError::Invalid(_))
+        ));
+        assert!(matches!(
+            ModelConfig::parse("d64-l2"),
+            Err(ModelError::UnknownName(_))
+        ));
     }
 
     #[test]
@@ -290,7 +337,8 @@ mod tests {
         let cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
         let device = Device::flex();
         let model = cfg.init(&device);
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64; 2 * 8], [2, 8]), &device);
+        let tokens =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![1i64; 2 * 8], [2, 8]), &device);
         assert_eq!(model.forward(tokens.clone()).dims(), [2, 8, 256]);
         let loss: f32 = model.loss(tokens.clone(), tokens).ce.into_scalar();
         assert!(loss.is_finite());

@@ -25,12 +25,22 @@ impl Progress {
             bar.set_position(start);
             bar
         });
-        Self { bar, last_log: Instant::now(), interval: Duration::from_secs(10), total }
+        Self {
+            bar,
+            last_log: Instant::now(),
+            interval: Duration::from_secs(10),
+            total,
+        }
     }
 
     /// A reporter that never draws or logs (tests, benchmarks).
     pub fn hidden() -> Self {
-        Self { bar: None, last_log: Instant::now(), interval: Duration::MAX, total: 0 }
+        Self {
+            bar: None,
+            last_log: Instant::now(),
+            interval: Duration::MAX,
+            total: 0,
+        }
     }
 
     /// Records that `step` steps are done with the given loss and throughput.
@@ -40,7 +50,13 @@ impl Progress {
             bar.set_message(format!("loss {loss:.4} | {tokens_per_s:.0} tok/s"));
         } else if self.last_log.elapsed() >= self.interval {
             self.last_log = Instant::now();
-            tracing::info!(step, total = self.total, loss, tokens_per_s = tokens_per_s.round(), "training");
+            tracing::info!(
+                step,
+                total = self.total,
+                loss,
+                tokens_per_s = tokens_per_s.round(),
+                "training"
+            );
         }
     }
 

@@ -88,7 +88,9 @@ pub struct TrainReport {
 const OPT_SUFFIXES: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
 fn save(cfg: &TrainConfig, r: &Replica, step: u64) -> Result<Option<PathBuf>, TrainError> {
-    let Some(dir) = &cfg.checkpoint_dir else { return Ok(None) };
+    let Some(dir) = &cfg.checkpoint_dir else {
+        return Ok(None);
+    };
     let params = r.params();
     let (m, v) = r.adam.to_flat(r.layout());
     let state = State {
@@ -100,7 +102,13 @@ fn save(cfg: &TrainConfig, r: &Replica, step: u64) -> Result<Option<PathBuf>, Tr
         global_hash: hash_f32(&params),
         files: BTreeMap::new(),
     };
-    let path = checkpoint::save(dir, r.layout(), &params, &[(OPT_SUFFIXES[0], &m), (OPT_SUFFIXES[1], &v)], state)?;
+    let path = checkpoint::save(
+        dir,
+        r.layout(),
+        &params,
+        &[(OPT_SUFFIXES[0], &m), (OPT_SUFFIXES[1], &v)],
+        state,
+    )?;
     tracing::info!(step, path = %path.display(), "checkpoint written");
     Ok(Some(path))
 }
@@ -115,7 +123,10 @@ pub fn run(
     let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
     let mut start = 0u64;
     let mut replica = if cfg.resume {
-        let dir = cfg.checkpoint_dir.as_ref().ok_or(TrainError::ResumeWithoutDir)?;
+        let dir = cfg
+            .checkpoint_dir
+            .as_ref()
+            .ok_or(TrainError::ResumeWithoutDir)?;
         match checkpoint::load_latest(dir, &layout, &OPT_SUFFIXES)? {
             Some(loaded) => {
                 checkpoint::check_run(&loaded, &cfg.run, &["steps"])?;
@@ -133,11 +144,19 @@ pub fn run(
             }
             None => {
                 tracing::warn!(dir = %dir.display(), "--resume: no checkpoint yet, starting from step 0");
-                Replica::new(&cfg.model, device, &flat::init_values(&layout, cfg.model.n_layers, cfg.seed))?
+                Replica::new(
+                    &cfg.model,
+                    device,
+                    &flat::init_values(&layout, cfg.model.n_layers, cfg.seed),
+                )?
             }
         }
     } else {
-        Replica::new(&cfg.model, device, &flat::init_values(&layout, cfg.model.n_layers, cfg.seed))?
+        Replica::new(
+            &cfg.model,
+            device,
+            &flat::init_values(&layout, cfg.model.n_layers, cfg.seed),
+        )?
     };
     let stream = Stream::new(corpus, 0, 1, 0, cfg.seed, cfg.batch, cfg.seq);
     let total = cfg.inner.total_steps;
@@ -148,28 +167,48 @@ pub fn run(
     let mut checkpoint = None;
     let mut step = start;
     let mut interrupted = false;
+    let mut warm: Option<(Instant, u64)> = None;
     while step < total {
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
             break;
         }
-        let stats = replica.step(&stream.batch(corpus, step), cfg.inner.lr_at(step), &cfg.inner);
+        let stats = replica.step(
+            &stream.batch(corpus, step),
+            cfg.inner.lr_at(step),
+            &cfg.inner,
+        );
         step += 1;
         tokens += (cfg.batch * cfg.seq) as u64;
         last_loss = stats.loss;
-        progress.update(step, stats.loss, tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9));
+        if warm.is_none() {
+            warm = Some((Instant::now(), tokens));
+        }
+        progress.update(
+            step,
+            stats.loss,
+            tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        );
         if cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0 && step < total {
             checkpoint = save(cfg, &replica, step)?.or(checkpoint);
         }
     }
-    let tokens_per_s = tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    // Throughput excludes the first step, which includes one-time kernel compilation on wgpu.
+    let tokens_per_s = match warm {
+        Some((t1, tok1)) if tokens > tok1 => {
+            (tokens - tok1) as f64 / t1.elapsed().as_secs_f64().max(1e-9)
+        }
+        _ => tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+    };
     progress.finish();
     if step > start || checkpoint.is_none() {
         checkpoint = save(cfg, &replica, step)?.or(checkpoint);
     }
     let params = replica.params();
-    let eval_loss = Evaluator::new(&cfg.model, device)
-        .loss(&params, &eval_batches(corpus, cfg.seq, cfg.batch.max(1), cfg.eval_windows))?;
+    let eval_loss = Evaluator::new(&cfg.model, device).loss(
+        &params,
+        &eval_batches(corpus, cfg.seq, cfg.batch.max(1), cfg.eval_windows),
+    )?;
     Ok(TrainReport {
         mode: "train",
         steps: step,

@@ -91,7 +91,12 @@ impl AdamState {
             let mut out = Vec::new();
             for (i, p) in layout.iter().enumerate() {
                 match xs.get(i).and_then(|x| x.as_ref()) {
-                    Some(t) => out.extend(t.to_data().convert::<f32>().to_vec::<f32>().unwrap_or_default()),
+                    Some(t) => out.extend(
+                        t.to_data()
+                            .convert::<f32>()
+                            .try_into_vec::<f32>()
+                            .unwrap_or_default(),
+                    ),
                     None => out.extend(std::iter::repeat_n(0.0, p.len())),
                 }
             }
@@ -104,12 +109,18 @@ impl AdamState {
     /// `device` is the replica's (autodiff) device; the moments live on its inner device.
     pub fn from_flat(t: u64, m: &[f32], v: &[f32], layout: &[ParamInfo], device: &Device) -> Self {
         let device = &device.clone().inner();
-        let mut state = AdamState { t, m: Vec::new(), v: Vec::new() };
+        let mut state = AdamState {
+            t,
+            m: Vec::new(),
+            v: Vec::new(),
+        };
         let mut off = 0;
         for p in layout {
             let n = p.len();
             let mk = |x: &[f32]| {
-                (t > 0).then(|| Tensor::<1>::from_data(TensorData::new(x[off..off + n].to_vec(), [n]), device))
+                (t > 0).then(|| {
+                    Tensor::<1>::from_data(TensorData::new(x[off..off + n].to_vec(), [n]), device)
+                })
             };
             state.m.push(mk(m));
             state.v.push(mk(v));
@@ -156,10 +167,15 @@ impl ModuleMapper for AdamMapper<'_> {
         let t = self.state.t as i32;
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        let update = m.clone().div_scalar(bc1) / (v.clone().div_scalar(bc2).sqrt().add_scalar(self.cfg.eps));
+        let update =
+            m.clone().div_scalar(bc1) / (v.clone().div_scalar(bc2).sqrt().add_scalar(self.cfg.eps));
         self.state.m[i] = Some(m);
         self.state.v[i] = Some(v);
-        let wd = if self.decay.get(i).copied().unwrap_or(false) { self.cfg.weight_decay } else { 0.0 };
+        let wd = if self.decay.get(i).copied().unwrap_or(false) {
+            self.cfg.weight_decay
+        } else {
+            0.0
+        };
         let p = tensor.inner();
         let p = p.mul_scalar(1.0 - self.lr * wd) - update.reshape(shape).mul_scalar(self.lr);
         let mut p = Tensor::from_inner(p);
@@ -195,7 +211,11 @@ pub struct Replica {
 
 impl Replica {
     /// Builds a replica of `cfg` on `device` (autodiff is added here) holding `params`.
-    pub fn new(cfg: &ModelConfig, device: &Device, params: &[f32]) -> Result<Self, flat::FlatError> {
+    pub fn new(
+        cfg: &ModelConfig,
+        device: &Device,
+        params: &[f32],
+    ) -> Result<Self, flat::FlatError> {
         let device = device.clone().autodiff();
         let model = cfg.init(&device);
         let layout = flat::layout(&model);
@@ -207,7 +227,14 @@ impl Replica {
                 !matches!(leaf, "gamma" | "beta" | "bias")
             })
             .collect();
-        Ok(Self { model: Some(model), adam: AdamState::default(), layout, decay, device, tokens: 0 })
+        Ok(Self {
+            model: Some(model),
+            adam: AdamState::default(),
+            layout,
+            decay,
+            device,
+            tokens: 0,
+        })
     }
 
     fn model(&self) -> &Transformer {
@@ -264,7 +291,11 @@ impl Replica {
         };
         self.model = Some(model.map(&mut mapper));
         self.tokens += batch.tokens() as u64;
-        StepStats { loss: ce, grad_norm, lr }
+        StepStats {
+            loss: ce,
+            grad_norm,
+            lr,
+        }
     }
 
     /// Returns and resets the token counter (the replica's weight in an outer step).
@@ -276,7 +307,8 @@ impl Replica {
 fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let shape = [batch.batch, batch.seq];
     let inputs = Tensor::<2, Int>::from_data(TensorData::new(batch.inputs.clone(), shape), device);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), device);
+    let targets =
+        Tensor::<2, Int>::from_data(TensorData::new(batch.targets.clone(), shape), device);
     (inputs, targets)
 }
 
@@ -289,7 +321,10 @@ pub struct Evaluator {
 impl Evaluator {
     /// Builds an evaluator for `cfg` on `device`.
     pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
-        Self { model: Some(cfg.init(device)), device: device.clone() }
+        Self {
+            model: Some(cfg.init(device)),
+            device: device.clone(),
+        }
     }
 
     /// Mean cross-entropy (nats per byte) of `params` over `batches`.
@@ -304,7 +339,11 @@ impl Evaluator {
             tokens += b.tokens();
         }
         self.model = Some(model);
-        Ok(if tokens == 0 { f32::NAN } else { (sum / tokens as f64) as f32 })
+        Ok(if tokens == 0 {
+            f32::NAN
+        } else {
+            (sum / tokens as f64) as f32
+        })
     }
 }
 
@@ -333,10 +372,14 @@ mod tests {
         let corpus = Corpus::load(&DataSpec::default()).unwrap();
         let stream = Stream::new(&corpus, 0, 1, 0, 1, 8, 32);
         let inner = InnerConfig::new(3e-3, 2, 30, 0.1);
-        let first = r.step(&stream.batch(&corpus, 0), inner.lr_at(0), &inner).loss;
+        let first = r
+            .step(&stream.batch(&corpus, 0), inner.lr_at(0), &inner)
+            .loss;
         let mut last = first;
         for s in 1..30 {
-            last = r.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner).loss;
+            last = r
+                .step(&stream.batch(&corpus, s), inner.lr_at(s), &inner)
+                .loss;
         }
         assert!(last < first - 0.5, "loss {first} -> {last}");
         // Writing parameters back keeps the model trainable.
@@ -368,5 +411,27 @@ mod tests {
             b.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
         }
         assert_eq!(a.params(), b.params());
+    }
+}
+
+#[cfg(test)]
+mod eval_tests {
+    use super::*;
+    use crate::data::{eval_batches, Corpus, DataSpec};
+
+    #[test]
+    fn untrained_model_scores_about_ln_256() {
+        let cfg = ModelConfig::parse("d16-l1-h2-c16").unwrap();
+        let device = Device::flex();
+        let init = flat::init_values(&flat::layout(&cfg.init(&device)), cfg.n_layers, 5);
+        let corpus = Corpus::load(&DataSpec {
+            eval_fraction: 0.05,
+            ..Default::default()
+        })
+        .unwrap();
+        let batches = eval_batches(&corpus, 16, 2, 8);
+        assert_eq!(batches.len(), 4);
+        let loss = Evaluator::new(&cfg, &device).loss(&init, &batches).unwrap();
+        assert!((loss - 256f32.ln()).abs() < 0.2, "{loss}");
     }
 }

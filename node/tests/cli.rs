@@ -1,0 +1,231 @@
+//! End-to-end tests of the `diloco-node` binary: bit-exact resume after SIGKILL, the DP/DiLoCo
+//! traffic identity, and clear errors for bad input.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_diloco-node");
+const SMALL: &[&str] = &[
+    "--model",
+    "d32-l2-h2-c32",
+    "--batch",
+    "4",
+    "--seq",
+    "32",
+    "--backend",
+    "cpu",
+];
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DILOCO_LOG", "warn")
+        .output()
+        .expect("spawn diloco-node")
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim().lines().last().expect("no output"))
+        .expect("last line is JSON")
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = run(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 2: clap rejected the flags; 1: our own validation or a runtime error.
+    assert!(
+        matches!(out.status.code(), Some(1 | 2)),
+        "{:?}: {stderr}",
+        out.status
+    );
+    assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn train_args<'a>(dir: &'a str, steps: &'a str) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--steps",
+        steps,
+        "--checkpoint-dir",
+        dir,
+        "--checkpoint-every",
+        "4",
+        "--json",
+    ];
+    v.extend_from_slice(SMALL);
+    v
+}
+
+fn latest_step(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("LATEST"))
+        .ok()
+        .and_then(|s| s.trim().strip_prefix("step-").and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn killed_train_resumes_to_the_same_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let full = json(&run(&train_args(a_s, "300")));
+    assert_eq!(full["steps"], 300);
+
+    let mut child = Command::new(BIN)
+        .args(train_args(b_s, "300"))
+        .env("DILOCO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it as soon as it has written a mid-run checkpoint (it may be writing the next one).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while latest_step(&b) < 8 {
+        assert!(Instant::now() < deadline, "no checkpoint within 5 minutes");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("train exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed_at = latest_step(&b);
+    assert!(killed_at < 300, "run finished before it could be killed");
+
+    let mut args = train_args(b_s, "300");
+    args.push("--resume");
+    let resumed = json(&run(&args));
+    assert!(resumed["resumed_from"].as_u64().unwrap() >= 8);
+    assert_eq!(
+        resumed["global_hash"], full["global_hash"],
+        "resume diverged from the uninterrupted run"
+    );
+}
+
+#[test]
+fn dp_and_diloco_traffic_ratio_is_h_times_32_over_8() {
+    let common = [
+        "--replicas",
+        "2",
+        "--steps",
+        "100",
+        "--model",
+        "d16-l1-h2-c16",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--backend",
+        "cpu",
+        "--eval-windows",
+        "4",
+        "--json",
+    ];
+    let mut dp = vec!["simulate", "--mode", "dp"];
+    dp.extend_from_slice(&common);
+    let mut dl = vec![
+        "simulate",
+        "--mode",
+        "diloco",
+        "--inner-steps",
+        "50",
+        "--quantize",
+        "int8",
+    ];
+    dl.extend_from_slice(&common);
+    let dp = json(&run(&dp));
+    let dl = json(&run(&dl));
+    let (a, b) = (
+        dp["bytes_sent_per_replica"].as_u64().unwrap(),
+        dl["bytes_sent_per_replica"].as_u64().unwrap(),
+    );
+    assert!(b > 0);
+    assert_eq!(a, 200 * b, "dp {a} bytes vs diloco {b} bytes");
+    for key in [
+        "mode",
+        "replicas",
+        "inner_steps",
+        "steps",
+        "params",
+        "eval_loss",
+        "tokens_per_s",
+        "global_hash",
+    ] {
+        assert!(!dl[key].is_null(), "missing {key}");
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.txt");
+    fails_with(
+        &["simulate", "--data", missing.to_str().unwrap()],
+        "does not exist",
+    );
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    fails_with(&["simulate", "--data", empty.to_str().unwrap()], "is empty");
+    let short = tmp.path().join("short.txt");
+    std::fs::write(&short, "too short for a sequence").unwrap();
+    fails_with(
+        &[
+            "train",
+            "--data",
+            short.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ],
+        "needs at least",
+    );
+    fails_with(
+        &["simulate", "--replicas", "8", "--batch", "4"],
+        "more than --batch",
+    );
+    fails_with(&["simulate", "--inner-steps", "0"], "at least 1");
+    fails_with(
+        &["simulate", "--steps", "10", "--inner-steps", "50"],
+        "less than --inner-steps",
+    );
+    fails_with(&["simulate", "--model", "enormous"], "unknown model");
+    fails_with(&["simulate", "--backend", "tpu"], "invalid value");
+    fails_with(&["train", "--resume"], "--checkpoint-dir");
+
+    // A checkpoint from another model, and a corrupted one.
+    let dir = tmp.path().join("ck");
+    let d = dir.to_str().unwrap();
+    json(&run(&train_args(d, "2")));
+    let other = vec![
+        "train",
+        "--steps",
+        "4",
+        "--checkpoint-dir",
+        d,
+        "--resume",
+        "--model",
+        "d16-l1-h2-c16",
+        "--batch",
+        "4",
+        "--seq",
+        "16",
+        "--backend",
+        "cpu",
+    ];
+    fails_with(&other, "different run");
+    let latest = std::fs::read_to_string(dir.join("LATEST")).unwrap();
+    let model = dir.join(latest.trim()).join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() - 100]).unwrap();
+    let mut args = train_args(d, "4");
+    args.push("--resume");
+    fails_with(&args, "corrupt or truncated");
+}
