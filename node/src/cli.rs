@@ -72,7 +72,7 @@ pub struct CommonArgs {
     #[arg(long, env = "DILOCO_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// Sequences per step (for simulate: global, split evenly over the replicas).
-    #[arg(long, env = "DILOCO_BATCH", default_value_t = 32)]
+    #[arg(long, env = "DILOCO_BATCH", default_value_t = 16)]
     pub batch: usize,
     /// Sequence length in bytes (at most the model's context).
     #[arg(long, env = "DILOCO_SEQ", default_value_t = 128)]

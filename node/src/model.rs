@@ -258,7 +258,8 @@ impl Transformer {
         let d = x.dims()[2];
         let pos = self.pos_emb.val().narrow(0, 0, t).reshape([1, t, d]);
         let mut x = x + pos;
-        let mask = Tensor::<2, Bool>::triu_mask([t, t], 1, &device).reshape([1, 1, t, t]);
+        // `tril_mask` is true strictly above the diagonal: the future positions to hide.
+        let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]);
         let mask = mask.expand([b, self.blocks[0].n_heads, t, t]);
         for block in &self.blocks {
             x = block.forward(x, mask.clone());
@@ -330,6 +331,33 @@ mod tests {
         let cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
         let model = cfg.init(&Device::flex());
         assert_eq!(model.num_params(), cfg.num_params());
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        let cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
+        let device = Device::flex();
+        let model = crate::flat::init_params(cfg.init(&device), 2, 3);
+        let a: Vec<i64> = (0..8).map(|i| 40 + i).collect();
+        let mut b = a.clone();
+        b[5] = 200;
+        let logits = |v: Vec<i64>| -> Vec<f32> {
+            let t = Tensor::<2, Int>::from_data(TensorData::new(v, [1, 8]), &device);
+            model
+                .forward(t)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        let (la, lb) = (logits(a), logits(b));
+        let per_pos = 256;
+        assert_eq!(
+            la[..5 * per_pos],
+            lb[..5 * per_pos],
+            "positions before 5 saw the future"
+        );
+        assert_ne!(la[5 * per_pos..], lb[5 * per_pos..]);
     }
 
     #[test]
