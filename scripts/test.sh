@@ -15,5 +15,6 @@ echo "== cargo test --release --workspace"
 cargo test --release --workspace --locked
 
 echo "== python checkpoint test"
-cargo build --release --locked -p diloco-node
+# `cargo test` above already built the binary (integration tests use it); building it again with
+# `cargo build` would pick other feature unifications and recompile burn.
 DILOCO_BIN="$CARGO_TARGET_DIR/release/diloco-node" python3 tests/python/test_checkpoint.py
