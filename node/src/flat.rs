@@ -10,7 +10,7 @@
 //! Writing a vector back maps each `Param` in place, which keeps its `ParamId`: the inner
 //! optimizer's state (keyed by id) stays attached across outer steps.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -227,7 +227,6 @@ impl ModuleVisitor for GradNorm<'_> {
 
 struct GradScale<'a> {
     grads: &'a mut GradientsParams,
-    ids: Vec<(ParamId, usize)>,
     scale: f32,
 }
 
@@ -235,7 +234,6 @@ impl ModuleVisitor for GradScale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
             self.grads.register::<D>(param.id, g.mul_scalar(self.scale));
-            self.ids.push((param.id, D));
         }
     }
 }
@@ -252,7 +250,6 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
     if norm.is_finite() && norm > max_norm {
         let mut s = GradScale {
             grads,
-            ids: Vec::new(),
             scale: max_norm / (norm + 1e-6),
         };
         module.visit(&mut s);
