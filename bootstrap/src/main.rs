@@ -1,1 +1,99 @@
-fn main() {}
+//! `diloco-bootstrap`: a discovery-only peer. Prints its full multiaddr (with /p2p/<peer id>)
+//! for each listen address, then serves Kademlia, identify, relay and AutoNAT until stopped.
+
+use anyhow::Context;
+use clap::Parser;
+use diloco_bootstrap::{addr, keys, server};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// diloco-bootstrap: helps diloco-node peers find each other (no training, no coordination).
+#[derive(Debug, Parser)]
+#[command(name = "diloco-bootstrap", version, about, long_about = None)]
+struct Cli {
+    /// Address to listen on (repeat for several), e.g. /ip4/0.0.0.0/tcp/4001 or
+    /// /ip4/0.0.0.0/udp/4001/quic-v1.
+    #[arg(long, env = "DILOCO_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/4001")]
+    listen: Vec<String>,
+    /// Identity key file; created with a new key if absent. Keep it to keep the peer id.
+    #[arg(long, env = "DILOCO_KEY", default_value = "bootstrap.key")]
+    key: PathBuf,
+    /// Extra address to announce (e.g. the public address of a port forward).
+    #[arg(long, env = "DILOCO_EXTERNAL_ADDR", value_delimiter = ',')]
+    external_addr: Vec<String>,
+    /// Most simultaneous connections.
+    #[arg(long, env = "DILOCO_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: u32,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "DILOCO_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let listen = cli
+        .listen
+        .iter()
+        .map(|s| addr::parse_listen(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let external = cli
+        .external_addr
+        .iter()
+        .map(|s| s.parse().with_context(|| format!("--external-addr '{s}' is not a multiaddr")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (id, created) = keys::load_or_create(&cli.key)?;
+    if created {
+        tracing::info!(key = %cli.key.display(), "created a new identity key");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let cfg = server::Config {
+            listen,
+            external,
+            max_connections: cli.max_connections,
+        };
+        let swarm = server::build(&id, &cfg)?;
+        tracing::info!(peer_id = %id.peer_id(), "bootstrap peer started");
+        let shutdown = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        server::run(
+            swarm,
+            |a| {
+                println!("{a}");
+                let _ = std::io::stdout().flush();
+            },
+            shutdown,
+        )
+        .await?;
+        Ok(())
+    })
+}

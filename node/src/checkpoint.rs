@@ -80,6 +80,18 @@ pub struct State {
     pub global_hash: String,
     /// blake3 of each file in the checkpoint, by file name.
     pub files: BTreeMap<String, String>,
+    /// Agreed network state (`join` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetCheckpoint>,
+}
+
+/// The parts of a node's agreed state that are not tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetCheckpoint {
+    /// Chain hash at the start of the saved round, hex.
+    pub chain: String,
+    /// Members of the saved round (ed25519 public keys, hex), sorted.
+    pub members: Vec<String>,
 }
 
 /// A checkpoint read back from disk.
@@ -407,6 +419,7 @@ mod tests {
             run: serde_json::json!({"model": "x", "steps": 10}),
             global_hash: diloco_protocol::outer::hash_f32(params),
             files: BTreeMap::new(),
+            net: None,
         }
     }
 

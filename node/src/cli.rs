@@ -7,6 +7,7 @@
 use crate::backend::BackendChoice;
 use crate::data::DataSpec;
 use crate::model::ModelConfig;
+use crate::runconfig::RunConfig;
 use crate::simulate::{Mode, SimConfig};
 use crate::train::TrainConfig;
 use crate::trainer::InnerConfig;
@@ -30,7 +31,12 @@ fn usage<T>(msg: impl Into<String>) -> Result<T, UsageError> {
 #[command(name = "diloco-node", version, about, long_about = None)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "diloco_node=debug".
-    #[arg(long, global = true, env = "DILOCO_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "DILOCO_LOG",
+        default_value = "info,libp2p_gossipsub=error,libp2p_kad=error"
+    )]
     pub log: String,
     /// What to do.
     #[command(subcommand)]
@@ -44,6 +50,163 @@ pub enum Command {
     Train(TrainArgs),
     /// Run M replicas in one process with DiLoCo or data-parallel and compare traffic.
     Simulate(SimulateArgs),
+    /// Join (or found) a run on the network and train with its peers.
+    Join(JoinArgs),
+}
+
+/// `join` flags. Run settings left unset come from --run-config, else the defaults; all peers
+/// of a run must end up with the same run settings and data (the run id compares them).
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Bootstrap peer multiaddr ending in /p2p/<peer id> (repeat or comma-separate for several).
+    #[arg(long, env = "DILOCO_BOOTSTRAP", value_delimiter = ',', num_args = 1..)]
+    pub bootstrap: Vec<String>,
+    /// Address to listen on (repeat for several): /ip4/0.0.0.0/tcp/0 picks a free port.
+    #[arg(long, env = "DILOCO_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/0")]
+    pub listen: Vec<String>,
+    /// Run settings as JSON (fields of the run config; flags below override it).
+    #[arg(long, env = "DILOCO_RUN_CONFIG")]
+    pub run_config: Option<PathBuf>,
+    /// Training data (text file, directory, or JSONL); omit for the built-in corpus.
+    #[arg(long, env = "DILOCO_DATA")]
+    pub data: Option<PathBuf>,
+    /// Held-out data for evaluation (default: the last --eval-fraction of --data).
+    #[arg(long, env = "DILOCO_EVAL_DATA")]
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of the data held out for evaluation when --eval-data is absent.
+    #[arg(long, env = "DILOCO_EVAL_FRACTION", default_value_t = 0.05)]
+    pub eval_fraction: f64,
+    /// Eval windows evaluated after each decided round (0: none).
+    #[arg(long, env = "DILOCO_EVAL_WINDOWS", default_value_t = 16)]
+    pub eval_windows: usize,
+    /// Model: tiny, small, base, or d<D>-l<L>-h<H>-c<C>.
+    #[arg(long, env = "DILOCO_MODEL")]
+    pub model: Option<String>,
+    /// Inner steps per round H.
+    #[arg(long, env = "DILOCO_INNER_STEPS")]
+    pub inner_steps: Option<u64>,
+    /// Rounds in the run (learning-rate schedule length; nodes stop after it).
+    #[arg(long, env = "DILOCO_ROUNDS")]
+    pub rounds: Option<u64>,
+    /// Sequences per inner step on this peer.
+    #[arg(long, env = "DILOCO_BATCH")]
+    pub batch: Option<usize>,
+    /// Sequence length in bytes.
+    #[arg(long, env = "DILOCO_SEQ")]
+    pub seq: Option<usize>,
+    /// Peak inner learning rate.
+    #[arg(long, env = "DILOCO_LR")]
+    pub lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long, env = "DILOCO_WARMUP")]
+    pub warmup: Option<u64>,
+    /// Inner AdamW weight decay.
+    #[arg(long, env = "DILOCO_WEIGHT_DECAY")]
+    pub weight_decay: Option<f64>,
+    /// Outer learning rate.
+    #[arg(long, env = "DILOCO_OUTER_LR")]
+    pub outer_lr: Option<f32>,
+    /// Outer Nesterov momentum.
+    #[arg(long, env = "DILOCO_OUTER_MOMENTUM")]
+    pub outer_momentum: Option<f32>,
+    /// Outer-gradient codec: none, f16, bf16, int8, fp4.
+    #[arg(long, env = "DILOCO_QUANTIZE")]
+    pub quantize: Option<String>,
+    /// Seed of the initial parameters.
+    #[arg(long, env = "DILOCO_SEED")]
+    pub seed: Option<u64>,
+    /// Compute backend.
+    #[arg(long, env = "DILOCO_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Directory for checkpoints and the vote record; a node restarted with it resumes.
+    #[arg(long, env = "DILOCO_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Write a checkpoint every N rounds (0: only when stopping).
+    #[arg(long, env = "DILOCO_CHECKPOINT_EVERY", default_value_t = 5)]
+    pub checkpoint_every: u64,
+    /// Serve GET /status (JSON) and GET /metrics (Prometheus) on HOST:PORT.
+    #[arg(long, env = "DILOCO_STATUS_ADDR")]
+    pub status_addr: Option<std::net::SocketAddr>,
+    /// Identity key file (created if absent). Default: node.key in --checkpoint-dir, else a
+    /// new identity each start.
+    #[arg(long, env = "DILOCO_KEY")]
+    pub key: Option<PathBuf>,
+    /// Seconds a fresh node listens for a run under way before founding one.
+    #[arg(long, env = "DILOCO_GENESIS_WAIT", default_value_t = 5.0)]
+    pub genesis_wait: f64,
+    /// Print the final report as one JSON line.
+    #[arg(long, env = "DILOCO_JSON")]
+    pub json: bool,
+}
+
+impl JoinArgs {
+    /// Where the data comes from.
+    pub fn data_spec(&self) -> DataSpec {
+        DataSpec {
+            path: self.data.clone(),
+            eval_path: self.eval_data.clone(),
+            eval_fraction: self.eval_fraction,
+        }
+    }
+
+    /// The run settings: --run-config, then the flags given on top.
+    pub fn run_config(&self) -> Result<RunConfig, UsageError> {
+        let mut rc = match &self.run_config {
+            Some(p) => RunConfig::load(p).map_err(|e| UsageError(e.to_string()))?,
+            None => RunConfig::default(),
+        };
+        if let Some(v) = &self.model {
+            rc.model = v.clone();
+        }
+        if let Some(v) = self.inner_steps {
+            rc.inner_steps = v;
+        }
+        if let Some(v) = self.rounds {
+            rc.rounds = v;
+        }
+        if let Some(v) = self.batch {
+            rc.batch = v;
+        }
+        if let Some(v) = self.seq {
+            rc.seq = v;
+        }
+        if let Some(v) = self.lr {
+            rc.lr = v;
+        }
+        if let Some(v) = self.warmup {
+            rc.warmup = v;
+        }
+        if let Some(v) = self.weight_decay {
+            rc.weight_decay = v;
+        }
+        if let Some(v) = self.outer_lr {
+            rc.outer_lr = v;
+        }
+        if let Some(v) = self.outer_momentum {
+            rc.outer_momentum = v;
+        }
+        if let Some(v) = &self.quantize {
+            rc.quantize = v.clone();
+        }
+        if let Some(v) = self.seed {
+            rc.seed = v;
+        }
+        Ok(rc)
+    }
+
+    /// Checks the flags that do not depend on the data.
+    pub fn validate(&self) -> Result<(), UsageError> {
+        if !(self.genesis_wait.is_finite() && (0.0..=3600.0).contains(&self.genesis_wait)) {
+            return usage("--genesis-wait must be between 0 and 3600 seconds");
+        }
+        if !(0.0..0.5).contains(&self.eval_fraction) {
+            return usage("--eval-fraction must be in [0, 0.5)");
+        }
+        if self.listen.is_empty() {
+            return usage("--listen needs at least one address");
+        }
+        Ok(())
+    }
 }
 
 /// Flags shared by `train` and `simulate`.
@@ -303,7 +466,7 @@ mod tests {
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {
             Command::Simulate(a) => a.to_config(),
-            Command::Train(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

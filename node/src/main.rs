@@ -70,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let report = train::run(&cfg, &corpus, &dev.device, &stop)?;
             emit(args.common.json, &report)
         }
+        Command::Join(args) => join(args),
         Command::Simulate(args) => {
             let cfg = args.to_config()?;
             let (corpus, dev) = prepare(&args.common, cfg.seq, cfg.replicas)?;
@@ -83,4 +84,69 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             emit(args.common.json, &report)
         }
     }
+}
+
+fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
+    use diloco_bootstrap::{addr, keys};
+    args.validate()?;
+    let rc = args.run_config()?;
+    let bootstrap = args
+        .bootstrap
+        .iter()
+        .map(|s| addr::parse_bootstrap(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let listen = args
+        .listen
+        .iter()
+        .map(|s| addr::parse_listen(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if bootstrap.is_empty() {
+        tracing::warn!("no --bootstrap given: this node can only be found by peers that bootstrap from it");
+    }
+    let corpus = data::Corpus::load(&args.data_spec())?;
+    let run = rc.validate(&corpus)?;
+    corpus.check(run.config.seq, 1)?;
+    let key_path = args
+        .key
+        .clone()
+        .or_else(|| args.checkpoint_dir.as_ref().map(|d| d.join("node.key")));
+    let identity = match &key_path {
+        Some(p) => {
+            let (id, created) = keys::load_or_create(p)?;
+            if created {
+                tracing::info!(key = %p.display(), "created a new identity key");
+            }
+            id
+        }
+        None => keys::Identity::generate(),
+    };
+    let dev = backend::select(args.backend)?;
+    tracing::info!(backend = dev.kind, device = %dev.description, "compute device");
+    tracing::info!(run_id = %run.id_hex(), data = %corpus.source, "run");
+    println!("peer id {}", identity.peer_id());
+    println!("run id {}", run.id_hex());
+    let stop = stop_flag()?;
+    let cfg = diloco_node::join::JoinConfig {
+        run,
+        identity,
+        listen,
+        bootstrap,
+        checkpoint_dir: args.checkpoint_dir.clone(),
+        checkpoint_every: args.checkpoint_every,
+        status_addr: args.status_addr,
+        genesis_wait: std::time::Duration::from_secs_f64(args.genesis_wait),
+        eval_windows: args.eval_windows,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = rt.block_on(diloco_node::join::run(
+        cfg,
+        std::sync::Arc::new(corpus),
+        dev.device,
+        stop,
+    ))?;
+    emit(args.json, &report)
 }

@@ -101,6 +101,7 @@ fn save(cfg: &TrainConfig, r: &Replica, step: u64) -> Result<Option<PathBuf>, Tr
         run: cfg.run.clone(),
         global_hash: hash_f32(&params),
         files: BTreeMap::new(),
+        net: None,
     };
     let path = checkpoint::save(
         dir,

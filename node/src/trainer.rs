@@ -256,14 +256,17 @@ impl Replica {
 
     /// Replaces the parameters (keeps the AdamW state, as DiLoCo prescribes).
     pub fn set_params(&mut self, params: &[f32]) -> Result<(), flat::FlatError> {
-        let model = self.model.take().unwrap_or_else(|| unreachable!());
-        match flat::write(model, params) {
-            Ok(m) => {
-                self.model = Some(m);
-                Ok(())
-            }
-            Err(e) => Err(e),
+        // Check first: `flat::write` consumes the model, and an error must leave it in place.
+        let expected: usize = self.layout.iter().map(ParamInfo::len).sum();
+        if params.len() != expected {
+            return Err(flat::FlatError::Length {
+                expected,
+                got: params.len(),
+            });
         }
+        let model = self.model.take().unwrap_or_else(|| unreachable!());
+        self.model = Some(flat::write(model, params)?);
+        Ok(())
     }
 
     /// Device tensors live on (with autodiff).
@@ -329,6 +332,15 @@ impl Evaluator {
 
     /// Mean cross-entropy (nats per byte) of `params` over `batches`.
     pub fn loss(&mut self, params: &[f32], batches: &[Batch]) -> Result<f32, flat::FlatError> {
+        // Check the length first: `flat::write` consumes the model, and a failed write must
+        // leave the evaluator usable.
+        let expected = self.model.as_ref().map_or(0, |m| m.num_params());
+        if params.len() != expected {
+            return Err(flat::FlatError::Length {
+                expected,
+                got: params.len(),
+            });
+        }
         let model = self.model.take().unwrap_or_else(|| unreachable!());
         let model = flat::write(model, params)?;
         let (mut sum, mut tokens) = (0.0f64, 0usize);

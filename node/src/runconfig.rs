@@ -1,0 +1,311 @@
+//! The run a node takes part in: everything every peer must agree on, and the run id.
+//!
+//! The run id is `blake3("diloco-run/1" ‖ canonical JSON of the [`RunConfig`] ‖ blake3 of the
+//! training and eval data)`. Peers announce it (identify agent string, gossip topics, every
+//! signed protocol message), so a peer started with another model, other hyperparameters or
+//! other data never mixes into the run: it is refused with a log line saying why.
+//!
+//! A run config comes from `--run-config FILE` (JSON, unknown fields refused) and/or the
+//! individual `join` flags; a flag given on the command line overrides the file.
+
+use crate::data::Corpus;
+use crate::model::ModelConfig;
+use crate::trainer::InnerConfig;
+use diloco_protocol::averaging::{Config as ProtoConfig, Quorum};
+use diloco_protocol::codec::Quantization;
+use diloco_protocol::outer::OuterConfig;
+use diloco_protocol::wire::Hash;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use thiserror::Error;
+
+/// A run configuration that cannot be used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RunConfigError {
+    /// The file could not be read.
+    #[error("run config {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid run config.
+    #[error("run config {path} is not valid: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("run config: {0}")]
+    Invalid(String),
+}
+
+/// Everything the peers of one run share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Model: tiny, small, base or d<D>-l<L>-h<H>-c<C>.
+    pub model: String,
+    /// Inner steps per round H.
+    pub inner_steps: u64,
+    /// Rounds in the run (the inner learning rate decays over `rounds × H` steps; nodes stop
+    /// after the last round).
+    pub rounds: u64,
+    /// Sequences per inner step on each peer.
+    pub batch: usize,
+    /// Sequence length in bytes.
+    pub seq: usize,
+    /// Peak inner learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup: u64,
+    /// Inner AdamW weight decay.
+    pub weight_decay: f64,
+    /// Outer learning rate.
+    pub outer_lr: f32,
+    /// Outer Nesterov momentum.
+    pub outer_momentum: f32,
+    /// Outer-gradient codec: none, f16, bf16, int8, fp4.
+    pub quantize: String,
+    /// Seed of the initial parameters (data order is keyed by peer id).
+    pub seed: u64,
+    /// Decision quorum: majority or two-thirds.
+    pub quorum: String,
+    /// Closer waits this long after the first READY for the others (ms).
+    pub straggler_timeout_ms: u64,
+    /// Aggregation deadline after CLOSE (ms).
+    pub agg_timeout_ms: u64,
+    /// Per-ballot failover timeout (ms).
+    pub attempt_timeout_ms: u64,
+    /// Retry period for fetches, sync and JOIN (ms).
+    pub retry_ms: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            model: "tiny".into(),
+            inner_steps: 50,
+            rounds: 1000,
+            batch: 16,
+            seq: 128,
+            lr: 3e-3,
+            warmup: 40,
+            weight_decay: 0.1,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
+            quantize: "int8".into(),
+            seed: 0,
+            quorum: "majority".into(),
+            straggler_timeout_ms: 10_000,
+            agg_timeout_ms: 10_000,
+            attempt_timeout_ms: 30_000,
+            retry_ms: 1_000,
+        }
+    }
+}
+
+/// A validated run config with its derived settings.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// As given.
+    pub config: RunConfig,
+    /// Parsed model.
+    pub model: ModelConfig,
+    /// Inner optimizer.
+    pub inner: InnerConfig,
+    /// Outer optimizer.
+    pub outer: OuterConfig,
+    /// Codec.
+    pub quantize: Quantization,
+    /// Quorum.
+    pub quorum: Quorum,
+    /// Run id.
+    pub id: Hash,
+    /// blake3 of the data.
+    pub data_hash: String,
+}
+
+impl RunConfig {
+    /// Reads a JSON run config.
+    pub fn load(path: &Path) -> Result<Self, RunConfigError> {
+        let p = path.display().to_string();
+        let meta = std::fs::metadata(path).map_err(|source| RunConfigError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        if meta.len() > 1 << 20 {
+            return Err(RunConfigError::Parse {
+                path: p,
+                reason: "larger than 1 MiB".into(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| RunConfigError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| RunConfigError::Parse {
+            path: p,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks every value and derives the run (id included) for `corpus`.
+    pub fn validate(&self, corpus: &Corpus) -> Result<Run, RunConfigError> {
+        let bad = |m: String| Err(RunConfigError::Invalid(m));
+        let model = ModelConfig::parse(&self.model).map_err(|e| RunConfigError::Invalid(e.to_string()))?;
+        if self.inner_steps == 0 {
+            return bad("inner_steps (H) must be at least 1".into());
+        }
+        if self.rounds == 0 {
+            return bad("rounds must be at least 1".into());
+        }
+        if self.batch == 0 {
+            return bad("batch must be at least 1".into());
+        }
+        if self.seq == 0 || self.seq > model.context {
+            return bad(format!(
+                "seq {} must be between 1 and the model's context ({})",
+                self.seq, model.context
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr must be a positive number".into());
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay must be zero or positive".into());
+        }
+        if !(self.outer_lr.is_finite() && self.outer_lr > 0.0) {
+            return bad("outer_lr must be a positive number".into());
+        }
+        if !(0.0..1.0).contains(&self.outer_momentum) {
+            return bad("outer_momentum must be in [0, 1)".into());
+        }
+        let quantize: Quantization = self
+            .quantize
+            .parse()
+            .map_err(|e| RunConfigError::Invalid(format!("quantize: {e}")))?;
+        let quorum = match self.quorum.as_str() {
+            "majority" => Quorum::Majority,
+            "two-thirds" => Quorum::TwoThirds,
+            q => return bad(format!("quorum '{q}' is not one of: majority, two-thirds")),
+        };
+        for (name, v) in [
+            ("straggler_timeout_ms", self.straggler_timeout_ms),
+            ("agg_timeout_ms", self.agg_timeout_ms),
+            ("attempt_timeout_ms", self.attempt_timeout_ms),
+            ("retry_ms", self.retry_ms),
+        ] {
+            if !(10..=3_600_000).contains(&v) {
+                return bad(format!("{name} {v} must be between 10 and 3600000"));
+            }
+        }
+        let data_hash = corpus.hash.clone();
+        let canonical = serde_json::to_string(self)
+            .map_err(|e| RunConfigError::Invalid(e.to_string()))?;
+        let id = Hash::of_parts(&[b"diloco-run/1", canonical.as_bytes(), data_hash.as_bytes()]);
+        let total = self.rounds.saturating_mul(self.inner_steps);
+        Ok(Run {
+            config: self.clone(),
+            inner: InnerConfig::new(self.lr, self.warmup, total, self.weight_decay),
+            outer: OuterConfig {
+                lr: self.outer_lr,
+                momentum: self.outer_momentum,
+            },
+            model,
+            quantize,
+            quorum,
+            id,
+            data_hash,
+        })
+    }
+}
+
+impl Run {
+    /// The run id as the hex string peers show and compare.
+    pub fn id_hex(&self) -> String {
+        self.id.0.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The averaging protocol's configuration for this run.
+    pub fn protocol(&self, len: usize) -> ProtoConfig {
+        let c = &self.config;
+        let mut p = ProtoConfig::new(self.id, len);
+        p.codec = self.quantize;
+        p.outer = self.outer;
+        p.quorum = self.quorum;
+        // A peer's weight is capped at what one honest round can process.
+        p.token_cap = c.inner_steps * (c.batch * c.seq) as u64;
+        p.straggler_timeout = c.straggler_timeout_ms;
+        p.agg_timeout = c.agg_timeout_ms;
+        p.attempt_timeout = c.attempt_timeout_ms;
+        p.retry = c.retry_ms;
+        p
+    }
+
+    /// The settings stored in checkpoints and compared on restart.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "run_id": self.id_hex(),
+            "config": self.config,
+            "data": self.data_hash,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(text: &[u8]) -> Corpus {
+        Corpus {
+            train: text.to_vec(),
+            eval: text.to_vec(),
+            source: "test".into(),
+            hash: blake3::hash(text).to_hex().to_string(),
+        }
+    }
+
+    #[test]
+    fn run_id_depends_on_config_and_data() {
+        let c = corpus(&[b'a'; 1000]);
+        let a = RunConfig::default().validate(&c).unwrap();
+        let b = RunConfig::default().validate(&c).unwrap();
+        assert_eq!(a.id, b.id);
+        let other = RunConfig {
+            inner_steps: 20,
+            ..RunConfig::default()
+        };
+        assert_ne!(other.validate(&c).unwrap().id, a.id);
+        let d = corpus(&[b'b'; 1000]);
+        assert_ne!(RunConfig::default().validate(&d).unwrap().id, a.id);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c = corpus(&[b'a'; 1000]);
+        let e = |rc: RunConfig| rc.validate(&c).unwrap_err().to_string();
+        assert!(e(RunConfig { inner_steps: 0, ..Default::default() }).contains("inner_steps"));
+        assert!(e(RunConfig { model: "huge".into(), ..Default::default() }).contains("unknown model"));
+        assert!(e(RunConfig { quantize: "int3".into(), ..Default::default() }).contains("quantize"));
+        assert!(e(RunConfig { quorum: "all".into(), ..Default::default() }).contains("quorum"));
+        assert!(e(RunConfig { seq: 4096, ..Default::default() }).contains("context"));
+    }
+
+    #[test]
+    fn files_refuse_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.json");
+        std::fs::write(&p, r#"{"model":"tiny","inner_step":5}"#).unwrap();
+        let e = RunConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("inner_step"), "{e}");
+        std::fs::write(&p, r#"{"model":"tiny","inner_steps":5}"#).unwrap();
+        let rc = RunConfig::load(&p).unwrap();
+        assert_eq!(rc.inner_steps, 5);
+        assert_eq!(rc.batch, RunConfig::default().batch);
+    }
+}

@@ -1,0 +1,224 @@
+//! The node's HTTP status endpoint (axum): `GET /status` as JSON and `GET /metrics` in the
+//! Prometheus text format (prometheus-client).
+//!
+//! The training loop writes a [`Status`] snapshot after every change; the server only reads it,
+//! so a slow or hostile HTTP client can never stall training.
+
+use crate::net::NetStats;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use thiserror::Error;
+
+/// A snapshot of the node, served as `/status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Run id (hex).
+    pub run_id: String,
+    /// `discovering`, `syncing`, `training`, `averaging` or `stopped`.
+    pub phase: String,
+    /// Round in progress (all rounds below it are decided).
+    pub round: u64,
+    /// Global inner step at the start of the current round (`round × H`).
+    pub step: u64,
+    /// blake3 of the global parameters (f32 LE), as `simulate` and `train` report it.
+    pub global_hash: String,
+    /// blake3 of global parameters and outer momentum (what COMMITs carry).
+    pub state_hash: String,
+    /// Members of the current round.
+    pub group_size: usize,
+    /// Whether this node is a member of the current round.
+    pub member: bool,
+    /// Mean training loss of this node's last round.
+    pub last_loss: Option<f32>,
+    /// Eval loss of the global parameters after the last decided round.
+    pub eval_loss: Option<f32>,
+    /// Eval loss history: (round, loss).
+    pub eval_history: Vec<(u64, f32)>,
+    /// Application bytes sent.
+    pub bytes_sent: u64,
+    /// Application bytes received.
+    pub bytes_received: u64,
+    /// Peers connected.
+    pub connected_peers: u64,
+    /// Rounds decided since this process started.
+    pub rounds_decided: u64,
+    /// Seconds the last decided round took (from the previous decision).
+    pub last_round_s: Option<f64>,
+    /// Messages rejected (bad signature, wrong run, malformed, ...).
+    pub rejected: u64,
+    /// Peers banned on evidence.
+    pub banned: usize,
+    /// Seconds since start.
+    pub uptime_s: f64,
+}
+
+/// Prometheus metrics of a node.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    round: Gauge,
+    step: Gauge,
+    group_size: Gauge,
+    connected_peers: Gauge,
+    loss: Gauge<f64, AtomicU64>,
+    eval_loss: Gauge<f64, AtomicU64>,
+    round_seconds: Gauge<f64, AtomicU64>,
+    rounds_decided: Counter,
+    rejected: Counter,
+    bytes_sent: Gauge,
+    bytes_received: Gauge,
+}
+
+/// What the server reads.
+pub struct Shared {
+    /// Latest snapshot.
+    pub status: RwLock<Status>,
+    /// Network counters (read at request time).
+    pub net: Arc<NetStats>,
+    metrics: Metrics,
+    registry: Registry,
+    started: std::time::Instant,
+}
+
+impl Shared {
+    /// A fresh shared state.
+    pub fn new(status: Status, net: Arc<NetStats>) -> Arc<Self> {
+        let metrics = Metrics::default();
+        let mut registry = Registry::with_prefix("diloco");
+        let m = &metrics;
+        registry.register("round", "Round in progress", m.round.clone());
+        registry.register("step", "Global inner step at the start of the round", m.step.clone());
+        registry.register("group_size", "Members of the current round", m.group_size.clone());
+        registry.register("connected_peers", "Connected peers", m.connected_peers.clone());
+        registry.register("train_loss", "Mean training loss of the last round", m.loss.clone());
+        registry.register("eval_loss", "Eval loss of the global parameters", m.eval_loss.clone());
+        registry.register("round_seconds", "Duration of the last decided round", m.round_seconds.clone());
+        registry.register("rounds_decided", "Rounds decided since start", m.rounds_decided.clone());
+        registry.register("rejected_messages", "Messages rejected", m.rejected.clone());
+        registry.register("bytes_sent", "Application bytes sent", m.bytes_sent.clone());
+        registry.register("bytes_received", "Application bytes received", m.bytes_received.clone());
+        Arc::new(Self {
+            status: RwLock::new(status),
+            net,
+            metrics,
+            registry,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Applies `f` to the status and refreshes the metrics from it.
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = match self.status.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let decided_before = s.rounds_decided;
+        let rejected_before = s.rejected;
+        f(&mut s);
+        let m = &self.metrics;
+        m.round.set(s.round as i64);
+        m.step.set(s.step as i64);
+        m.group_size.set(s.group_size as i64);
+        if let Some(l) = s.last_loss {
+            m.loss.set(l as f64);
+        }
+        if let Some(l) = s.eval_loss {
+            m.eval_loss.set(l as f64);
+        }
+        if let Some(t) = s.last_round_s {
+            m.round_seconds.set(t);
+        }
+        m.rounds_decided
+            .inc_by(s.rounds_decided.saturating_sub(decided_before));
+        m.rejected.inc_by(s.rejected.saturating_sub(rejected_before));
+    }
+
+    /// The current snapshot with live network counters.
+    pub fn snapshot(&self) -> Status {
+        let mut s = match self.status.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        s.bytes_sent = self.net.bytes_sent.load(Ordering::Relaxed);
+        s.bytes_received = self.net.bytes_received.load(Ordering::Relaxed);
+        s.connected_peers = self.net.connected.load(Ordering::Relaxed);
+        s.uptime_s = self.started.elapsed().as_secs_f64();
+        s
+    }
+
+    fn render_metrics(&self) -> Result<String, std::fmt::Error> {
+        let s = self.snapshot();
+        let m = &self.metrics;
+        m.bytes_sent.set(s.bytes_sent as i64);
+        m.bytes_received.set(s.bytes_received as i64);
+        m.connected_peers.set(s.connected_peers as i64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// The status server could not start.
+#[derive(Debug, Error)]
+#[error("cannot serve status on {addr}: {source} (is the port in use? pick another with --status-addr)")]
+pub struct StatusError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
+    Json(shared.snapshot())
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    match shared.render_metrics() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The router (exposed for tests).
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+/// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, StatusError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StatusError { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StatusError { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(shared)).await {
+            tracing::error!(error = %e, "status server stopped");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,352 @@
+//! Multi-process tests over real sockets on loopback: a `diloco-bootstrap` process and several
+//! `diloco-node join` processes train one model together. One scenario (processes are costly
+//! on a small machine) walks through: agreement and falling loss, a node SIGKILLed mid-round,
+//! a late joiner, a restart from checkpoint, and a hostile peer sending garbage, forged,
+//! oversized and replayed messages on every protocol.
+//!
+//! Every wait has a deadline and prints every process's log when it fails.
+
+use diloco_node::net::{self, Command, NetConfig, NetEvent, Topic};
+use diloco_protocol::wire::{Direct, Envelope, Hash};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Proc, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn node_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_diloco-node"))
+}
+
+fn bootstrap_bin() -> PathBuf {
+    let p = node_bin().with_file_name("diloco-bootstrap");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so the bootstrap binary is built",
+        p.display()
+    );
+    p
+}
+
+struct Running {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn spawn(name: &str, mut cmd: Proc, dir: &Path) -> Running {
+        let log = dir.join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).unwrap();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .env("DILOCO_LOG", "info,libp2p=warn")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running {
+            name: name.into(),
+            child,
+            log,
+            lines: rx,
+        }
+    }
+
+    /// The first stdout line containing `needle`.
+    fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                if l.contains(needle) {
+                    return l;
+                }
+            }
+        }
+        panic!("{} printed no line with '{needle}'\n{}", self.name, self.tail());
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(60);
+        format!("---- {} ----\n{}", self.name, lines[start..].join("\n"))
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+fn status(addr: SocketAddr) -> Option<Value> {
+    serde_json::from_str(&http_get(addr, "/status")?).ok()
+}
+
+struct Net {
+    dir: tempfile::TempDir,
+    bootstrap: String,
+    procs: Vec<Running>,
+    nodes: Vec<(usize, SocketAddr)>,
+}
+
+impl Net {
+    fn logs(&self) -> String {
+        self.procs.iter().map(Running::tail).collect::<Vec<_>>().join("\n")
+    }
+
+    fn start_node(&mut self, name: &str) -> SocketAddr {
+        let dir = self.dir.path().join(name);
+        let mut cmd = Proc::new(node_bin());
+        cmd.args(["join", "--bootstrap", &self.bootstrap])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--status-addr", "127.0.0.1:0"])
+            .arg("--run-config")
+            .arg(self.dir.path().join("run.json"))
+            .args(["--backend", "cpu", "--genesis-wait", "2", "--eval-windows", "4"])
+            .args(["--checkpoint-every", "1"])
+            .arg("--checkpoint-dir")
+            .arg(&dir);
+        let p = Running::spawn(name, cmd, self.dir.path());
+        let line = p.wait_line("status on http://", Duration::from_secs(60));
+        let addr: SocketAddr = line
+            .trim_start_matches("status on http://")
+            .trim_end_matches("/status")
+            .parse()
+            .unwrap();
+        self.procs.push(p);
+        self.nodes.push((self.procs.len() - 1, addr));
+        addr
+    }
+
+    fn statuses(&self, which: &[SocketAddr]) -> Vec<Option<Value>> {
+        which.iter().map(|a| status(*a)).collect()
+    }
+
+    /// Waits until every node in `which` reports the same round ≥ `min_round` with one
+    /// global_hash; returns that round and hash.
+    fn wait_agree(&self, which: &[SocketAddr], min_round: u64, timeout: Duration) -> (u64, String) {
+        let end = Instant::now() + timeout;
+        let mut last = Vec::new();
+        while Instant::now() < end {
+            let st = self.statuses(which);
+            let rounds: Vec<Option<u64>> = st
+                .iter()
+                .map(|s| s.as_ref().and_then(|v| v["round"].as_u64()))
+                .collect();
+            let hashes: Vec<Option<String>> = st
+                .iter()
+                .map(|s| s.as_ref().and_then(|v| v["global_hash"].as_str().map(String::from)))
+                .collect();
+            if let (Some(Some(r)), Some(Some(h))) = (rounds.first(), hashes.first()) {
+                if *r >= min_round
+                    && !h.is_empty()
+                    && rounds.iter().all(|x| *x == Some(*r))
+                    && hashes.iter().all(|x| x.as_deref() == Some(h.as_str()))
+                {
+                    return (*r, h.clone());
+                }
+            }
+            last = rounds.into_iter().zip(hashes).collect();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        panic!(
+            "nodes did not agree on a round >= {min_round} within {timeout:?}; last seen {last:?}\n{}",
+            self.logs()
+        );
+    }
+}
+
+/// Captured protocol traffic, for the hostile peer to forge and replay.
+fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let id = diloco_bootstrap::keys::Identity::generate();
+        let (peer, addr) = diloco_bootstrap::addr::parse_bootstrap(bootstrap).unwrap();
+        let mut h = net::spawn(
+            &id.keypair,
+            NetConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+                bootstrap: vec![(peer, addr)],
+                run: run_id.to_string(),
+                max_direct: 1 << 20,
+                request_timeout: Duration::from_secs(10),
+            },
+        )
+        .unwrap();
+        let targets: Vec<libp2p::PeerId> = targets.iter().map(|t| t.parse().unwrap()).collect();
+        // Listen for a while: collect real envelopes to forge and replay.
+        let mut captured: Vec<Vec<u8>> = Vec::new();
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < end && captured.len() < 50 {
+            if let Ok(Some(NetEvent::Gossip { topic: Topic::Avg, data, .. })) =
+                tokio::time::timeout(Duration::from_millis(500), h.events.recv()).await
+            {
+                captured.push(data);
+            }
+        }
+        assert!(!captured.is_empty(), "the hostile peer heard no protocol traffic");
+        let mut sent = 0usize;
+        let publish = |data: Vec<u8>, topic: Topic| Command::Publish { topic, data };
+        let mut cmds: Vec<Command> = Vec::new();
+        // Garbage on both topics.
+        for i in 0..20u8 {
+            cmds.push(publish(vec![i; 100 + i as usize], Topic::Avg));
+            cmds.push(publish(vec![0xff, i, 3, 7], Topic::Hello));
+        }
+        // Forged: real envelopes with one body byte flipped, and re-signed by us for another run.
+        for data in captured.iter().take(20) {
+            let mut f = data.clone();
+            let k = f.len() / 2;
+            f[k] ^= 0x40;
+            cmds.push(publish(f, Topic::Avg));
+            if let Ok(env) = Envelope::from_bytes(data) {
+                let key = ed25519_dalek::SigningKey::from_bytes(&id.secret);
+                let other = Envelope::sign(&key, Hash([9; 32]), env.round, env.chain, env.body.clone());
+                cmds.push(publish(other.to_bytes().unwrap(), Topic::Avg));
+                let mine = Envelope::sign(&key, env.run, env.round, env.chain, env.body.clone());
+                cmds.push(publish(mine.to_bytes().unwrap(), Topic::Avg));
+            }
+        }
+        // Replays of every captured envelope (old rounds by now).
+        for data in &captured {
+            cmds.push(publish(data.clone(), Topic::Avg));
+        }
+        // Direct messages: garbage, lies, and oversized frames on both protocols.
+        for t in &targets {
+            for sync in [false, true] {
+                cmds.push(Command::Send { to: *t, data: vec![1, 2, 3], sync });
+                cmds.push(Command::Send { to: *t, data: vec![0xee; 1 << 20], sync });
+                let lie = Direct::Data { round: 0, hash: Hash([1; 32]), data: vec![5; 1000] };
+                cmds.push(Command::Send { to: *t, data: lie.to_bytes().unwrap(), sync });
+                let ask = Direct::SyncRequest { from: 0 };
+                cmds.push(Command::Send { to: *t, data: ask.to_bytes().unwrap(), sync });
+                cmds.push(Command::Send { to: *t, data: Direct::StateRequest.to_bytes().unwrap(), sync });
+                let huge_state = Direct::Fetch { round: u64::MAX, hash: Hash([0; 32]) };
+                cmds.push(Command::Send { to: *t, data: huge_state.to_bytes().unwrap(), sync });
+            }
+        }
+        let total = cmds.len();
+        for c in cmds {
+            if h.commands.send(c).await.is_ok() {
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = h.commands.send(Command::Shutdown).await;
+        (sent, total)
+    })
+}
+
+#[test]
+fn nodes_train_together_survive_faults_and_stay_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small and fast: a round is a few seconds of CPU per node on a 2-core machine.
+    std::fs::write(
+        dir.path().join("run.json"),
+        r#"{"model":"tiny","inner_steps":5,"batch":4,"seq":64,"warmup":5,"rounds":1000,
+            "quantize":"int8","straggler_timeout_ms":3000,"agg_timeout_ms":3000,
+            "attempt_timeout_ms":8000,"retry_ms":500}"#,
+    )
+    .unwrap();
+    let mut cmd = Proc::new(bootstrap_bin());
+    cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
+        .arg(dir.path().join("boot.key"));
+    let boot = Running::spawn("bootstrap", cmd, dir.path());
+    let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
+    let mut net = Net {
+        dir,
+        bootstrap,
+        procs: vec![boot],
+        nodes: Vec::new(),
+    };
+    let a = net.start_node("a");
+    let b = net.start_node("b");
+    let c = net.start_node("c");
+
+    // 1. Three nodes agree round after round, and the eval loss falls.
+    let (r1, _) = net.wait_agree(&[a, b, c], 4, Duration::from_secs(240));
+    let sa = status(a).unwrap();
+    assert_eq!(sa["group_size"].as_u64(), Some(3), "{sa}");
+    let hist = sa["eval_history"].as_array().unwrap();
+    let first = hist.first().unwrap()[1].as_f64().unwrap();
+    let last = hist.last().unwrap()[1].as_f64().unwrap();
+    assert!(last < first, "eval loss did not fall: {hist:?}");
+    let metrics = http_get(a, "/metrics").unwrap();
+    assert!(metrics.contains("diloco_round"), "{metrics}");
+    println!("agreed at round {r1}; eval loss {first:.3} -> {last:.3}");
+
+    // 2. SIGKILL node c mid-round: a and b finish the round and go on, identical.
+    let c_index = net.nodes[2].0;
+    net.procs[c_index].child.kill().unwrap();
+    let _ = net.procs[c_index].child.wait();
+    let (r2, _) = net.wait_agree(&[a, b], r1 + 3, Duration::from_secs(180));
+    println!("after the kill: a and b agree at round {r2}");
+
+    // 3. A late joiner syncs and is identical from then on.
+    let d = net.start_node("d");
+    let (r3, _) = net.wait_agree(&[a, b, d], r2 + 2, Duration::from_secs(180));
+    let sd = status(d).unwrap();
+    println!("joiner d agrees at round {r3}: {sd}");
+
+    // 4. c restarts from its checkpoint directory (same key) and matches again.
+    let c2 = net.start_node("c");
+    let (r4, _) = net.wait_agree(&[a, b, c2, d], r3 + 2, Duration::from_secs(240));
+    println!("restarted c agrees at round {r4}");
+
+    // 5. A hostile peer sends garbage, forged, oversized and replayed messages everywhere.
+    let run_id = sa["run_id"].as_str().unwrap().to_string();
+    let targets: Vec<String> = [a, b, c2, d]
+        .iter()
+        .map(|x| status(*x).unwrap()["peer_id"].as_str().unwrap().to_string())
+        .collect();
+    let (sent, total) = hostile_attack(&net.bootstrap, &run_id, &targets);
+    println!("hostile peer sent {sent}/{total} messages");
+    let (r5, _) = net.wait_agree(&[a, b, c2, d], r4 + 3, Duration::from_secs(240));
+    let rejected: u64 = [a, b, c2, d]
+        .iter()
+        .map(|x| status(*x).unwrap()["rejected"].as_u64().unwrap())
+        .sum();
+    assert!(rejected > 0, "no node reported rejecting the hostile messages");
+    let nodes = net.nodes.clone();
+    let mut dead = Vec::new();
+    for (i, _) in nodes.iter().filter(|(i, _)| *i != c_index) {
+        if !net.procs[*i].alive() {
+            dead.push(net.procs[*i].name.clone());
+        }
+    }
+    assert!(dead.is_empty(), "nodes died: {dead:?}\n{}", net.logs());
+    println!("after the attack: all agree at round {r5}; {rejected} messages rejected");
+}
