@@ -25,7 +25,7 @@ struct Cli {
     #[arg(long, env = "DILOCO_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: u32,
     /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "DILOCO_LOG", default_value = "info")]
+    #[arg(long, env = "DILOCO_LOG", default_value = "info,libp2p_kad=error")]
     log: String,
 }
 

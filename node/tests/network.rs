@@ -44,7 +44,7 @@ impl Running {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::from(err))
-            .env("DILOCO_LOG", "info,libp2p=warn")
+            .env("DILOCO_LOG", "info,libp2p_gossipsub=error,libp2p_kad=error")
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let out = child.stdout.take().unwrap();
@@ -150,9 +150,10 @@ impl Net {
         which.iter().map(|a| status(*a)).collect()
     }
 
-    /// Waits until every node in `which` reports the same round ≥ `min_round` with one
-    /// global_hash; returns that round and hash.
+    /// Waits until every node in `which` is a member of a group of `which.len()`, at the same
+    /// round ≥ `min_round` with one global_hash; returns that round and hash.
     fn wait_agree(&self, which: &[SocketAddr], min_round: u64, timeout: Duration) -> (u64, String) {
+        let n = which.len() as u64;
         let end = Instant::now() + timeout;
         let mut last = Vec::new();
         while Instant::now() < end {
@@ -169,12 +170,24 @@ impl Net {
                 if *r >= min_round
                     && !h.is_empty()
                     && rounds.iter().all(|x| *x == Some(*r))
+                    && st.iter().all(|s| {
+                        s.as_ref().is_some_and(|v| {
+                            v["member"].as_bool() == Some(true) && v["group_size"].as_u64() == Some(n)
+                        })
+                    })
                     && hashes.iter().all(|x| x.as_deref() == Some(h.as_str()))
                 {
                     return (*r, h.clone());
                 }
             }
-            last = rounds.into_iter().zip(hashes).collect();
+            last = st
+                .iter()
+                .map(|s| {
+                    s.as_ref().map(|v| {
+                        format!("round {} group {} member {} hash {:.12}", v["round"], v["group_size"], v["member"], v["global_hash"])
+                    })
+                })
+                .collect();
             std::thread::sleep(Duration::from_millis(150));
         }
         panic!(
