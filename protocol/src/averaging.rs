@@ -45,8 +45,8 @@ use thiserror::Error;
 use crate::codec::{self, CodecError, Quantization};
 use crate::outer::{self, OuterConfig};
 use crate::wire::{
-    self, Agg, Body, Close, Commit, Contributor, DecisionProof, Direct, Envelope, Evidence, Hash,
-    PeerId, Promise, Propose, Ready, Seal, SealedShard, Verifier, WireError,
+    self, Agg, Announce, Body, Close, Commit, Contributor, DecisionProof, Direct, Envelope,
+    Evidence, Hash, PeerId, Promise, Propose, Ready, Seal, SealedShard, Verifier, WireError,
 };
 
 /// Milliseconds on the caller's clock.
@@ -56,6 +56,8 @@ pub type Time = u64;
 pub const RETAIN_ROUNDS: u64 = 8;
 /// Most messages for the next round buffered while this round finishes.
 pub const MAX_BUFFERED: usize = 4096;
+/// Most announced envelopes being fetched at once.
+pub const MAX_ANNOUNCED_PENDING: usize = 1024;
 
 /// How many COMMITs decide a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +128,10 @@ pub struct Config {
     pub can_serve: bool,
     /// Members not heard from for this many rounds are dropped from the next member list.
     pub evict_after_rounds: u64,
+    /// Envelopes whose gossip encoding exceeds this many bytes (capped at
+    /// [`wire::MAX_GOSSIP_BYTES`]) are gossiped as an ANNOUNCE of their hash and fetched over a
+    /// direct stream. Default: the gossip cap; the simulator lowers it to exercise the path.
+    pub gossip_limit: usize,
 }
 
 impl Config {
@@ -146,6 +152,7 @@ impl Config {
             retry: 1_000,
             can_serve: true,
             evict_after_rounds: 3,
+            gossip_limit: wire::MAX_GOSSIP_BYTES,
         }
     }
 }
@@ -356,6 +363,10 @@ pub fn shard_owners(chain: &Hash, servers: &[PeerId], k: usize) -> Vec<Vec<PeerI
         .collect()
 }
 
+fn now_ge(now: Time, t: Time, retry: Time) -> bool {
+    now >= t.saturating_add(retry)
+}
+
 fn bitmap(bits: impl Iterator<Item = bool>, n: usize) -> Vec<u8> {
     let mut out = vec![0u8; n.div_ceil(8)];
     for (i, b) in bits.enumerate().take(n) {
@@ -512,6 +523,10 @@ pub struct State {
     out: Vec<OutEvent>,
     now: Time,
     vote_from: u64,
+    /// Full bytes of announced envelopes (mine and fetched ones), served on FetchEnvelope.
+    big: HashMap<Hash, (u64, Arc<Vec<u8>>)>,
+    /// Announcements whose envelope is being fetched: hash -> (announcement, last asked).
+    announced: HashMap<Hash, (Arc<Envelope>, Time)>,
 }
 
 impl State {
@@ -585,6 +600,8 @@ impl State {
             out: Vec::new(),
             now: 0,
             vote_from: 0,
+            big: HashMap::new(),
+            announced: HashMap::new(),
         }
     }
 
@@ -712,8 +729,70 @@ impl State {
             self.chain,
             body,
         ));
-        self.out.push(OutEvent::Gossip(env.clone()));
+        if env.fits_gossip(self.cfg.gossip_limit) {
+            self.out.push(OutEvent::Gossip(env.clone()));
+        } else {
+            // Too large for gossip: announce its hash, serve the bytes on request.
+            match wire::announce(&self.key, &env) {
+                Ok((ann, bytes)) => {
+                    if let Body::Announce(a) = &ann.body {
+                        self.big.insert(a.hash, (self.round, Arc::new(bytes)));
+                    }
+                    self.out.push(OutEvent::Gossip(Arc::new(ann)));
+                }
+                // Beyond MAX_ANNOUNCED_BYTES: cannot be sent at all; peers see a silent
+                // sender (a crash), which the protocol tolerates.
+                Err(_) => {}
+            }
+        }
         self.process(env);
+    }
+
+    fn on_announce(&mut self, env: Arc<Envelope>, a: Announce) {
+        if self.big.contains_key(&a.hash) || self.announced.contains_key(&a.hash) {
+            return;
+        }
+        if a.size > wire::MAX_ANNOUNCED_BYTES as u64 {
+            let got = a.size;
+            self.reject(
+                env.signer,
+                "ANNOUNCE",
+                WireError::TooLarge {
+                    got,
+                    max: wire::MAX_ANNOUNCED_BYTES,
+                },
+            );
+            return;
+        }
+        if self.announced.len() >= MAX_ANNOUNCED_PENDING {
+            return;
+        }
+        let to = env.signer;
+        self.announced.insert(a.hash, (env, self.now));
+        self.send(
+            to,
+            Direct::FetchEnvelope {
+                round: self.round,
+                hash: a.hash,
+            },
+        );
+    }
+
+    fn on_full_envelope(&mut self, from: PeerId, bytes: &[u8]) {
+        let hash = Hash::of(bytes);
+        let Some((ann, _)) = self.announced.get(&hash).cloned() else {
+            return;
+        };
+        match wire::open_announced(&ann, bytes) {
+            Ok(env) => {
+                self.announced.remove(&hash);
+                self.big
+                    .insert(hash, (ann.round, Arc::new(bytes.to_vec())));
+                // Admission again: the round may have moved on while we fetched.
+                self.on_gossip(Arc::new(env), true);
+            }
+            Err(e) => self.reject(from, "ENVELOPE", e),
+        }
     }
 
     fn k(&self) -> usize {
@@ -902,6 +981,8 @@ impl State {
                     self.last_heard.insert(signer, self.round);
                 }
             }
+            Body::Announce(a) => self.on_announce(env.clone(), *a),
+            Body::Audit(_) => {}
             Body::Evidence(e) => match wire::check_evidence(e) {
                 Some(p) => self.ban(p),
                 None => self.reject(
@@ -1293,6 +1374,27 @@ impl State {
         }
         if !self.is_member() {
             self.gossip(Body::Join);
+        }
+        // Re-ask for announced envelopes still missing: the signer first, then random members
+        // (everyone who fetched one serves it too).
+        let (t_now, t_retry) = (self.now, self.cfg.retry);
+        let mut stale: Vec<(Hash, PeerId, u64)> = self
+            .announced
+            .iter_mut()
+            .filter(|(_, (_, t))| now_ge(t_now, *t, t_retry))
+            .map(|(h, (a, t))| {
+                *t = t_now;
+                (*h, a.signer, a.round)
+            })
+            .collect();
+        stale.sort(); // HashMap order is not deterministic; the simulator's traces must be
+        for (hash, signer, round) in stale {
+            let to = if self.members.is_empty() || rng.next_u32() % 2 == 0 {
+                signer
+            } else {
+                self.members[rng.next_u32() as usize % self.members.len()]
+            };
+            self.send(to, Direct::FetchEnvelope { round, hash });
         }
         // Re-ask for payloads still missing, rotating through the known holders.
         let now = self.now;
@@ -1771,6 +1873,9 @@ impl State {
         self.r = RoundState::default();
         let keep_from = self.round.saturating_sub(RETAIN_ROUNDS);
         self.store.retain(|_, (r, _)| *r >= keep_from);
+        self.big.retain(|_, (r, _)| *r >= keep_from);
+        let round_now = self.round;
+        self.announced.retain(|_, (a, _)| a.round >= round_now);
         self.seen.retain(|(_, r, ..), _| *r >= self.round);
         self.out.push(OutEvent::Decided {
             round,
@@ -1913,6 +2018,17 @@ impl State {
                 momentum,
             } => self.on_state(from, *round, proof, theta, momentum),
             Direct::NotFound => {}
+            Direct::FetchEnvelope { hash, .. } => {
+                let reply = match self.big.get(hash) {
+                    Some((r, bytes)) => Direct::FullEnvelope {
+                        round: *r,
+                        bytes: (**bytes).clone(),
+                    },
+                    None => Direct::NotFound,
+                };
+                self.send(from, reply);
+            }
+            Direct::FullEnvelope { bytes, .. } => self.on_full_envelope(from, bytes),
         }
     }
 

@@ -184,6 +184,14 @@ pub struct Report {
     pub end_time: Time,
     /// theta of every live honest synced peer at its final round (index, round, theta).
     pub thetas: Vec<(usize, u64, Vec<f32>)>,
+    /// Largest gossip message sent, in bytes (every gossip is serialized and decoded again).
+    pub max_gossip_bytes: u64,
+    /// Gossip messages over [`wire::MAX_GOSSIP_BYTES`] (must stay 0).
+    pub oversized_gossip: u64,
+    /// Messages that failed to serialize or to decode again (must stay 0).
+    pub wire_errors: u64,
+    /// ANNOUNCE messages sent (bodies too large for gossip, fetched directly).
+    pub announces: u64,
 }
 
 impl Report {
@@ -431,7 +439,24 @@ impl Sim {
     }
 
     fn gossip_from(&mut self, from: usize, env: Arc<Envelope>) {
-        let size = env.to_bytes().map_or(0, |b| b.len() as u64);
+        // Every gossip goes through the wire format and the cap, as on a real network.
+        let (size, env) = match env.to_bytes() {
+            Ok(b) => match Envelope::from_bytes(&b) {
+                Ok(back) => (b.len() as u64, Arc::new(back)),
+                Err(_) => {
+                    self.report.wire_errors += 1;
+                    (b.len() as u64, env)
+                }
+            },
+            Err(_) => {
+                self.report.oversized_gossip += 1;
+                (env.to_full_bytes().map_or(0, |b| b.len() as u64), env)
+            }
+        };
+        if matches!(env.body, Body::Announce(_)) {
+            self.report.announces += 1;
+        }
+        self.report.max_gossip_bytes = self.report.max_gossip_bytes.max(size);
         self.count_bytes(from, Some(env.round), 0, size);
         // Verify once for all receivers (cached by content and signature); receivers of an
         // invalid signature check it themselves and reject it.
@@ -476,7 +501,16 @@ impl Sim {
             Direct::State {
                 theta, momentum, ..
             } => (0, (theta.len() + momentum.len()) as u64, None),
+            Direct::FullEnvelope { bytes, round } => (0, bytes.len() as u64, Some(*round)),
             _ => (0, 64, None),
+        };
+        // Through the wire format, as on a real stream.
+        let msg = match msg.to_bytes().and_then(|b| Direct::from_bytes(&b)) {
+            Ok(back) => Arc::new(back),
+            Err(_) => {
+                self.report.wire_errors += 1;
+                msg
+            }
         };
         self.count_bytes(from, round, data, control);
         let Some(&t) = self.index.get(&to) else {

@@ -36,6 +36,12 @@ pub const SYNC_PROTOCOL: &str = "/diloco/sync/1";
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 /// Largest direct message.
 pub const MAX_DIRECT_BYTES: usize = 256 * 1024 * 1024;
+/// Largest signed envelope that travels by announcement: a body whose envelope would exceed
+/// [`MAX_GOSSIP_BYTES`] (CLOSE and SEAL above ~500 contributors, PROMISE carrying such a SEAL,
+/// EVIDENCE over two of them) is gossiped as a small signed [`Announce`] naming the blake3 hash
+/// of the full envelope's bytes, which receivers fetch over a direct stream
+/// ([`Direct::FetchEnvelope`] / [`Direct::FullEnvelope`]).
+pub const MAX_ANNOUNCED_BYTES: usize = 16 * 1024 * 1024;
 /// Domain separator mixed into every signature.
 pub const SIGNING_DOMAIN: &[u8] = b"diloco/avg/1/sig";
 
@@ -44,6 +50,11 @@ const GOSSIP_CONFIG: bincode::config::Configuration<
     bincode::config::Varint,
     bincode::config::Limit<MAX_GOSSIP_BYTES>,
 > = bincode::config::standard().with_limit::<MAX_GOSSIP_BYTES>();
+const ANNOUNCED_CONFIG: bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_ANNOUNCED_BYTES>,
+> = bincode::config::standard().with_limit::<MAX_ANNOUNCED_BYTES>();
 const DIRECT_CONFIG: bincode::config::Configuration<
     bincode::config::LittleEndian,
     bincode::config::Varint,
@@ -99,6 +110,13 @@ pub enum WireError {
     /// The signature does not verify, or the key is not a valid ed25519 point.
     #[error("bad signature from {0}")]
     BadSignature(PeerId),
+    /// Bytes fetched for an announcement do not match its size or hash.
+    #[error("announced envelope does not match its hash or size")]
+    AnnounceMismatch,
+    /// An announced envelope differs from its announcement in signer, run, round or chain, or
+    /// is itself an announcement.
+    #[error("announced envelope does not belong to its announcement")]
+    AnnounceForeign,
 }
 
 /// A peer's identity: its ed25519 public key (the key inside its libp2p peer id).
@@ -289,9 +307,10 @@ pub struct Seal {
 }
 
 impl Seal {
-    /// Content hash of the SEAL (independent of the ballot that proposes it).
+    /// Content hash of the SEAL (independent of the ballot that proposes it). Hashes the full
+    /// encoding whatever its size (a SEAL above the gossip cap is announced, not truncated).
     pub fn hash(&self) -> Hash {
-        Hash::of(&encode_gossip(self).unwrap_or_default())
+        Hash::of(&bincode::encode_to_vec(self, ANNOUNCED_CONFIG).unwrap_or_default())
     }
 }
 
@@ -335,6 +354,19 @@ pub struct Evidence {
     pub b: Box<Envelope>,
 }
 
+/// ANNOUNCE: "I signed an envelope too large for gossip; fetch it from me (or anyone who has
+/// it) by this hash". Signed like every envelope, with the same run, round and chain as the
+/// envelope it names, so it passes the same admission rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Announce {
+    /// [`Body::tag`] of the announced body (for logs; the fetched envelope is authoritative).
+    pub kind: u8,
+    /// blake3 of the full envelope's bincode bytes ([`Envelope::to_full_bytes`]).
+    pub hash: Hash,
+    /// Length of those bytes; at most [`MAX_ANNOUNCED_BYTES`].
+    pub size: u64,
+}
+
 /// A gossip message body.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub enum Body {
@@ -356,6 +388,31 @@ pub enum Body {
     Join,
     /// Equivocation evidence.
     Evidence(Evidence),
+    /// A body too large for gossip, announced by the hash of its envelope.
+    Announce(Announce),
+    /// Random-projection audit of a contributor's shards against the owners' aggregates.
+    Audit(Audit),
+}
+
+/// One audited aggregate in an [`Audit`].
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct AuditEntry {
+    /// Shard index.
+    pub shard: u32,
+    /// blake3 of the aggregate (the AGG's `data`); the projection seed derives from it.
+    pub agg: Hash,
+    /// Projections of the contributor's decoded shard onto the seeded directions (f64 bits).
+    pub proj: Vec<u64>,
+}
+
+/// AUDIT: a contributor's projections of its own shards onto directions seeded by each AGG it
+/// is included in (fixed only once the owner committed to the aggregate's hash).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Audit {
+    /// Id of the CLOSE envelope.
+    pub close: Hash,
+    /// One entry per audited aggregate.
+    pub entries: Vec<AuditEntry>,
 }
 
 impl Body {
@@ -371,6 +428,25 @@ impl Body {
             Body::Commit(_) => "COMMIT",
             Body::Join => "JOIN",
             Body::Evidence(_) => "EVIDENCE",
+            Body::Announce(_) => "ANNOUNCE",
+            Body::Audit(_) => "AUDIT",
+        }
+    }
+
+    /// A small number per body kind (used in [`Announce::kind`]).
+    pub fn tag(&self) -> u8 {
+        match self {
+            Body::Ready(_) => 0,
+            Body::Close(_) => 1,
+            Body::Agg(_) => 2,
+            Body::Prepare(_) => 3,
+            Body::Promise(_) => 4,
+            Body::Seal(_) => 5,
+            Body::Commit(_) => 6,
+            Body::Join => 7,
+            Body::Evidence(_) => 8,
+            Body::Announce(_) => 9,
+            Body::Audit(_) => 10,
         }
     }
 }
@@ -477,6 +553,83 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// Encodes an envelope of any size up to [`MAX_ANNOUNCED_BYTES`] (for announcement and
+    /// direct transfer; [`Envelope::to_bytes`] is the gossip encoding and refuses what exceeds
+    /// [`MAX_GOSSIP_BYTES`]). The bytes are the same as the gossip encoding.
+    pub fn to_full_bytes(&self) -> Result<Vec<u8>, WireError> {
+        let bytes = bincode::encode_to_vec(self, ANNOUNCED_CONFIG)
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        if bytes.len() > MAX_ANNOUNCED_BYTES {
+            return Err(WireError::TooLarge {
+                got: bytes.len() as u64,
+                max: MAX_ANNOUNCED_BYTES,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes an envelope of at most [`MAX_ANNOUNCED_BYTES`]; does not check the signature.
+    pub fn from_full_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_ANNOUNCED_BYTES {
+            return Err(WireError::TooLarge {
+                got: bytes.len() as u64,
+                max: MAX_ANNOUNCED_BYTES,
+            });
+        }
+        let (env, used): (Envelope, usize) = bincode::decode_from_slice(bytes, ANNOUNCED_CONFIG)
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(WireError::Trailing(bytes.len() - used));
+        }
+        Ok(env)
+    }
+
+    /// Whether the gossip encoding of this envelope is at most `limit` (and [`MAX_GOSSIP_BYTES`]).
+    pub fn fits_gossip(&self, limit: usize) -> bool {
+        self.to_bytes()
+            .is_ok_and(|b| b.len() <= limit.min(MAX_GOSSIP_BYTES))
+    }
+}
+
+/// Makes the announcement for `full` (an envelope signed by `key`): returns the ANNOUNCE
+/// envelope, to gossip, and the full bytes, to serve on [`Direct::FetchEnvelope`].
+pub fn announce(key: &SigningKey, full: &Envelope) -> Result<(Envelope, Vec<u8>), WireError> {
+    let bytes = full.to_full_bytes()?;
+    let ann = Announce {
+        kind: full.body.tag(),
+        hash: Hash::of(&bytes),
+        size: bytes.len() as u64,
+    };
+    let env = Envelope::sign(key, full.run, full.round, full.chain, Body::Announce(ann));
+    Ok((env, bytes))
+}
+
+/// Opens fetched bytes against their (admitted) announcement: checks the size and hash before
+/// decoding, then that the envelope has the announcement's signer, run, round and chain, is not
+/// itself an announcement, and carries a valid signature.
+pub fn open_announced(ann: &Envelope, bytes: &[u8]) -> Result<Envelope, WireError> {
+    let Body::Announce(a) = &ann.body else {
+        return Err(WireError::AnnounceForeign);
+    };
+    if a.size != bytes.len() as u64 || Hash::of(bytes) != a.hash {
+        return Err(WireError::AnnounceMismatch);
+    }
+    let env = Envelope::from_full_bytes(bytes)?;
+    if env.signer != ann.signer
+        || env.run != ann.run
+        || env.round != ann.round
+        || env.chain != ann.chain
+        || matches!(env.body, Body::Announce(_))
+    {
+        return Err(WireError::AnnounceForeign);
+    }
+    if !env.verify_signature() {
+        return Err(WireError::BadSignature(env.signer));
+    }
+    Ok(env)
+}
+
 fn encode_gossip<T: Encode>(v: &T) -> Result<Vec<u8>, WireError> {
     let bytes = bincode::encode_to_vec(v, GOSSIP_CONFIG)
         .map_err(|e| WireError::Malformed(e.to_string()))?;
@@ -561,6 +714,21 @@ pub enum Direct {
     },
     /// The peer does not have what was asked.
     NotFound,
+    /// Ask for an announced envelope by the hash in its [`Announce`].
+    FetchEnvelope {
+        /// Round of the announcement.
+        round: u64,
+        /// [`Announce::hash`].
+        hash: Hash,
+    },
+    /// An announced envelope's bytes ([`Envelope::to_full_bytes`]), answering
+    /// [`Direct::FetchEnvelope`]; checked with [`open_announced`].
+    FullEnvelope {
+        /// Round of the announcement.
+        round: u64,
+        /// The envelope's bytes.
+        bytes: Vec<u8>,
+    },
 }
 
 impl Direct {
@@ -896,6 +1064,105 @@ mod tests {
             }),
             None
         );
+    }
+
+    fn big_close(n: usize) -> Close {
+        let mut contributors: Vec<Contributor> = (0..n as u32)
+            .map(|i| Contributor {
+                peer: PeerId(Hash::of(&i.to_le_bytes()).0),
+                ready: Hash::of(&[i.to_le_bytes(), [1; 4]].concat()),
+                info: Ready {
+                    tokens: 4096 + u64::from(i),
+                    shard_root: Hash::of(&[i.to_le_bytes(), [2; 4]].concat()),
+                    norm_bits: (0.5f32 + i as f32).to_bits(),
+                    can_serve: i % 3 != 0,
+                },
+            })
+            .collect();
+        contributors.sort_by(|a, b| a.peer.cmp(&b.peer));
+        Close {
+            ballot: 0,
+            contributors,
+        }
+    }
+
+    #[test]
+    fn close_and_seal_with_1000_contributors_travel_by_announcement() {
+        let run = Hash::of(b"run");
+        let k7 = key(7);
+        let close = big_close(1000);
+        let members: Vec<PeerId> = close.contributors.iter().map(|c| c.peer).collect();
+        let seal = Seal {
+            close: close.clone(),
+            close_id: Hash::of(b"close"),
+            shards: (0..256u32)
+                .map(|s| {
+                    Some(SealedShard {
+                        owner: members[s as usize],
+                        data: Hash::of(&s.to_le_bytes()),
+                        included: vec![0xff; 1000usize.div_ceil(8)],
+                        weight: 4_000_000,
+                    })
+                })
+                .collect(),
+            next_members: members,
+        };
+        for body in [
+            Body::Close(close),
+            Body::Seal(Propose { ballot: 3, seal }),
+        ] {
+            let full = Envelope::sign(&k7, run, 9, Hash::of(b"chain"), body);
+            // Too large for gossip, as it was before announcements.
+            assert!(matches!(full.to_bytes(), Err(WireError::TooLarge { .. })));
+            assert!(!full.fits_gossip(MAX_GOSSIP_BYTES));
+            let (ann, bytes) = announce(&k7, &full).unwrap();
+            assert!(bytes.len() > MAX_GOSSIP_BYTES && bytes.len() <= MAX_ANNOUNCED_BYTES);
+            // The announcement is small and admissible like any envelope.
+            let ann_bytes = ann.to_bytes().unwrap();
+            assert!(ann_bytes.len() < 512, "{}", ann_bytes.len());
+            let ann = Envelope::from_bytes(&ann_bytes).unwrap();
+            assert!(ann.verify_signature());
+            // The full envelope rides a direct stream.
+            let reply = Direct::FullEnvelope { round: 9, bytes }.to_bytes().unwrap();
+            assert!(reply.len() <= MAX_DIRECT_BYTES);
+            let Direct::FullEnvelope { bytes, .. } = Direct::from_bytes(&reply).unwrap() else {
+                panic!("variant")
+            };
+            assert_eq!(open_announced(&ann, &bytes).unwrap(), full);
+            // Tampering with the bytes, the size or the signer is caught.
+            let mut bad = bytes.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert_eq!(open_announced(&ann, &bad), Err(WireError::AnnounceMismatch));
+            assert_eq!(
+                open_announced(&ann, &bytes[..bytes.len() - 1]),
+                Err(WireError::AnnounceMismatch)
+            );
+            let (other_ann, _) = announce(&key(8), &Envelope::sign(&key(8), run, 9, Hash::of(b"chain"), full.body.clone())).unwrap();
+            assert!(open_announced(&other_ann, &bytes).is_err());
+            // A forged signature inside correctly hashed bytes is caught too.
+            let mut forged = full.clone();
+            forged.sig.0[0] ^= 1;
+            let (ann2, bytes2) = announce(&k7, &forged).unwrap();
+            assert_eq!(
+                open_announced(&ann2, &bytes2),
+                Err(WireError::BadSignature(PeerId::of(&k7)))
+            );
+        }
+    }
+
+    #[test]
+    fn seal_hash_covers_large_seals() {
+        let a = Seal {
+            close: big_close(1000),
+            close_id: Hash::of(b"c"),
+            shards: vec![None],
+            next_members: vec![],
+        };
+        let mut b = a.clone();
+        b.close_id = Hash::of(b"d");
+        assert_ne!(a.hash(), b.hash());
+        assert_ne!(a.hash(), Hash::of(&[]));
     }
 
     #[test]

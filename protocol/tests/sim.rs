@@ -70,6 +70,7 @@ fn no_faults_every_round_decides_and_matches_central_mean() {
                 "seed {seed}: {a} vs {b}"
             );
         }
+        assert_eq!((r.oversized_gossip, r.wire_errors), (0, 0), "seed {seed}");
         // Bandwidth: data bytes per peer per round within 1.1 x 2S(n-1)/n.
         let bound = 1.1 * 2.0 * r.vector_bytes as f64 * (n as f64 - 1.0) / n as f64;
         assert!(
@@ -359,4 +360,41 @@ fn lossy_gossip_still_converges() {
             r.min_round()
         );
     }
+}
+
+/// With a small gossip limit, CLOSE, SEAL and PROMISE go out as ANNOUNCE + direct fetch (as
+/// they do above ~500 contributors under the real 64 KiB cap): under loss, duplication and
+/// crashes of the announcer every round still decides, and every gossip fits its cap.
+#[test]
+fn announced_envelopes_under_loss_and_crashes() {
+    let mut announced = 0;
+    for seed in sim::seeds(200) {
+        let n = 5 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 3;
+        c.max_time = 120_000;
+        c.proto.gossip_limit = 700;
+        c.loss = 0.03;
+        c.dup = 0.03;
+        if seed % 2 == 0 {
+            let kind = ["CLOSE", "SEAL", "ANNOUNCE"][(seed / 2 % 3) as usize];
+            c.faults.push(Fault::CrashWhen {
+                round: 1,
+                kind,
+                count: 1,
+            });
+        }
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {}",
+            r.min_round()
+        );
+        assert_eq!((r.oversized_gossip, r.wire_errors), (0, 0), "seed {seed}");
+        assert!(r.max_gossip_bytes <= 700, "seed {seed}: {}", r.max_gossip_bytes);
+        announced += r.announces;
+    }
+    assert!(announced > 0, "nothing was announced");
 }
