@@ -56,6 +56,12 @@ pub type Time = u64;
 pub const RETAIN_ROUNDS: u64 = 8;
 /// Most messages for the next round buffered while this round finishes.
 pub const MAX_BUFFERED: usize = 4096;
+/// Most State candidates a joiner keeps while cross-checking donors (each holds theta and
+/// momentum).
+pub const MAX_STATE_CANDIDATES: usize = 3;
+/// A joiner accepts a State that only one donor sent after this many retry periods in which
+/// nobody contradicted it.
+pub const LONE_STATE_RETRIES: u64 = 4;
 /// Most announced envelopes being fetched at once.
 pub const MAX_ANNOUNCED_PENDING: usize = 1024;
 
@@ -450,6 +456,22 @@ struct CloseInfo {
     owners: Vec<Vec<PeerId>>,
 }
 
+/// A validated State offered by a donor, waiting for a second donor's word.
+#[derive(Debug, Clone)]
+struct StateCandidate {
+    round: u64,
+    state: Hash,
+    seal: Hash,
+    next_chain: Hash,
+    members: Vec<PeerId>,
+    signers: BTreeSet<PeerId>,
+    proof: DecisionProof,
+    theta: Vec<f32>,
+    momentum: Vec<f32>,
+    donors: BTreeSet<PeerId>,
+    since: Time,
+}
+
 #[derive(Debug, Default)]
 struct OwnerState {
     inputs: BTreeMap<usize, Vec<f32>>,
@@ -527,6 +549,8 @@ pub struct State {
     big: HashMap<Hash, (u64, Arc<Vec<u8>>)>,
     /// Announcements whose envelope is being fetched: hash -> (announcement, last asked).
     announced: HashMap<Hash, (Arc<Envelope>, Time)>,
+    /// A joiner's validated State offers, until two donors agree.
+    candidates: Vec<StateCandidate>,
 }
 
 impl State {
@@ -602,6 +626,7 @@ impl State {
             vote_from: 0,
             big: HashMap::new(),
             announced: HashMap::new(),
+            candidates: Vec::new(),
         }
     }
 
@@ -1369,7 +1394,10 @@ impl State {
 
     fn retry(&mut self, rng: &mut dyn RngCore) {
         if !self.synced {
-            self.request_state();
+            self.lone_state_timeout();
+            if !self.synced {
+                self.request_state();
+            }
             return;
         }
         if !self.is_member() {
@@ -1914,12 +1942,12 @@ impl State {
             return;
         }
         self.last_sync = Some(self.now);
-        // Ask two contacts, chosen by time so retries rotate.
+        // Ask two contacts, chosen by time so that successive retries ask disjoint pairs.
         let contacts: Vec<PeerId> = self.contacts.iter().copied().collect();
         if contacts.is_empty() {
             return;
         }
-        let i = (self.now / self.cfg.retry.max(1)) as usize;
+        let i = 2 * (self.now / self.cfg.retry.max(1)) as usize;
         for j in 0..2.min(contacts.len()) {
             self.send(contacts[(i + j) % contacts.len()], Direct::StateRequest);
         }
@@ -2128,38 +2156,61 @@ impl State {
         if self.synced && round <= self.round + 1 {
             return; // proofs are enough when at most one round behind
         }
+        let c = match self.check_state(round, proof, theta, momentum) {
+            Ok(c) => c,
+            Err(reason) => return self.reject(from, "STATE", reason),
+        };
+        if self.synced || self.contacts.len() <= 1 {
+            // A peer that is merely behind (it holds agreed state and was answered by a member
+            // of a later round), or a joiner that knows a single contact: nobody to compare with.
+            self.adopt_state(c);
+            return;
+        }
+        self.cross_check(from, c);
+    }
+
+    /// Validates a State: payload lengths, and a quorum (of the SEAL's next member list) of
+    /// validly signed COMMITs for the SEAL whose state hash matches the bytes received.
+    fn check_state(
+        &self,
+        round: u64,
+        proof: &DecisionProof,
+        theta: &[u8],
+        momentum: &[u8],
+    ) -> Result<StateCandidate, Reject> {
+        if round == 0 {
+            return Err(Reject::BadDecision("state for round 0"));
+        }
         let (Ok(t), Ok(m)) = (
             codec::decode(theta, self.cfg.len),
             codec::decode(momentum, self.cfg.len),
         ) else {
-            return self.reject(from, "STATE", Reject::BadDecision("state payload"));
+            return Err(Reject::BadDecision("state payload"));
         };
         if t.len() != self.cfg.len || m.len() != self.cfg.len {
-            return self.reject(
-                from,
-                "STATE",
-                Reject::WrongLength {
-                    got: t.len(),
-                    expected: self.cfg.len,
-                },
-            );
+            return Err(Reject::WrongLength {
+                got: t.len(),
+                expected: self.cfg.len,
+            });
         }
         let Body::Seal(p) = &proof.seal.body else {
-            return self.reject(from, "STATE", Reject::BadDecision("not a SEAL"));
+            return Err(Reject::BadDecision("not a SEAL"));
         };
-        // Trust anchor for a joiner: a quorum (of the next member list) of validly signed
-        // COMMITs for this SEAL whose state hash matches the bytes received.
         let seal_hash = p.seal.hash();
         let sh = state_hash(&t, &m);
         let members = &p.seal.next_members;
+        if members.is_empty() || !members.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Reject::BadDecision("member list"));
+        }
         let mut signers = BTreeSet::new();
         let mut next_chain = None;
         for c in &proof.commits {
             let Body::Commit(cm) = &c.body else { continue };
             if cm.seal == seal_hash
                 && cm.state == sh
-                && c.round + 1 == round
+                && c.round.checked_add(1) == Some(round)
                 && c.run == self.cfg.run
+                && next_chain.is_none_or(|n| n == cm.next_chain)
                 && members.binary_search(&c.signer).is_ok()
                 && c.verify_signature()
             {
@@ -2168,7 +2219,7 @@ impl State {
             }
         }
         let Some(next_chain) = next_chain else {
-            return self.reject(from, "STATE", Reject::BadDecision("no matching COMMIT"));
+            return Err(Reject::BadDecision("no matching COMMIT"));
         };
         if signers.len()
             < self
@@ -2178,23 +2229,114 @@ impl State {
                 .min(proof.commits.len())
                 .max(1)
         {
-            return self.reject(from, "STATE", Reject::BadDecision("no quorum"));
+            return Err(Reject::BadDecision("no quorum"));
         }
-        self.theta = t;
-        self.momentum = m;
+        Ok(StateCandidate {
+            round,
+            state: sh,
+            seal: seal_hash,
+            next_chain,
+            members: members.clone(),
+            signers,
+            proof: proof.clone(),
+            theta: t,
+            momentum: m,
+            donors: BTreeSet::new(),
+            since: self.now,
+        })
+    }
+
+    /// A joiner's cross-check: it accepts a State once two donors vouch for the same (round,
+    /// state hash); when they disagree it prefers the later round if that round's COMMIT
+    /// signers include more than a third of the earlier state's members (so a donor that
+    /// fabricates a history signed by keys of its own cannot win), and reports the other.
+    /// A lone state is accepted after `LONE_STATE_RETRIES * retry` if no other donor answered
+    /// by then (two more contacts are asked every `retry`).
+    fn cross_check(&mut self, from: PeerId, mut c: StateCandidate) {
+        let key = (c.round, c.state);
+        if let Some(i) = self
+            .candidates
+            .iter()
+            .position(|x| (x.round, x.state) == key)
+        {
+            self.candidates[i].donors.insert(from);
+            if self.candidates[i].donors.len() >= 2 {
+                let c = self.candidates.swap_remove(i);
+                self.adopt_state(c);
+            }
+            return;
+        }
+        c.donors.insert(from);
+        let mut adopt: Option<(StateCandidate, Vec<PeerId>)> = None;
+        let mut conflicts: Vec<PeerId> = Vec::new();
+        for o in &self.candidates {
+            let (hi, lo) = if c.round >= o.round { (&c, o) } else { (o, &c) };
+            if hi.round > lo.round && linked(hi, lo) {
+                let losers: Vec<PeerId> = lo.donors.iter().copied().collect();
+                adopt = Some((hi.clone(), losers));
+                break;
+            }
+            conflicts.extend(o.donors.iter().copied());
+        }
+        if let Some((hi, losers)) = adopt {
+            for p in losers {
+                self.reject(
+                    p,
+                    "STATE",
+                    Reject::BadDecision("state superseded by a later proven round"),
+                );
+            }
+            self.adopt_state(hi);
+            return;
+        }
+        if !conflicts.is_empty() {
+            conflicts.push(from);
+            conflicts.sort();
+            conflicts.dedup();
+            for p in conflicts {
+                self.reject(p, "STATE", Reject::BadDecision("donors disagree on the state"));
+            }
+            // Ask someone else now rather than at the next retry.
+            self.last_sync = None;
+            self.request_state();
+        }
+        if self.candidates.len() >= MAX_STATE_CANDIDATES {
+            // Keep the memory bounded: drop the oldest candidate.
+            self.candidates.remove(0);
+        }
+        self.candidates.push(c);
+    }
+
+    /// Accepts a lone State that nobody contradicted within `LONE_STATE_RETRIES * retry`.
+    fn lone_state_timeout(&mut self) {
+        if self.synced || self.candidates.len() != 1 {
+            return;
+        }
+        if self.now >= self.candidates[0].since.saturating_add(LONE_STATE_RETRIES * self.cfg.retry) {
+            if let Some(c) = self.candidates.pop() {
+                self.adopt_state(c);
+            }
+        }
+    }
+
+    fn adopt_state(&mut self, c: StateCandidate) {
+        let round = c.round;
+        self.theta = c.theta;
+        self.momentum = c.momentum;
         self.round = round;
-        self.chain = next_chain;
-        self.members = members.clone();
+        self.chain = c.next_chain;
+        self.members = c.members;
         self.synced = true;
         self.carry = None;
+        self.candidates.clear();
         self.r = RoundState::default();
         self.future.clear();
         self.history.clear();
-        self.history.push_back((round - 1, proof.clone()));
+        self.history.push_back((round - 1, c.proof));
         self.out.push(OutEvent::Decided {
             round: round - 1,
-            seal: seal_hash,
-            state: sh,
+            seal: c.seal,
+            state: c.state,
         });
         if self.is_member() {
             self.out.push(OutEvent::Train { round });
@@ -2202,4 +2344,16 @@ impl State {
             self.gossip(Body::Join);
         }
     }
+}
+
+/// Whether the later state `hi` extends the history of `lo` as far as a joiner can tell: more
+/// than a third of `lo`'s members signed `hi`'s decision (membership changes slowly; a donor
+/// controlling fewer than a third of the members cannot forge this).
+fn linked(hi: &StateCandidate, lo: &StateCandidate) -> bool {
+    let overlap = hi
+        .signers
+        .iter()
+        .filter(|p| lo.members.binary_search(p).is_ok())
+        .count();
+    overlap * 3 > lo.members.len()
 }

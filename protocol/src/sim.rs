@@ -43,6 +43,9 @@ pub enum Attack {
     NormLie(f32),
     /// Signs two different READYs in every round.
     Equivocate,
+    /// Answers every state request with a fabricated State three rounds ahead: random theta,
+    /// a SEAL naming only itself as next member, and its own COMMIT as the "quorum".
+    FakeState,
 }
 
 /// A scheduled fault.
@@ -761,6 +764,67 @@ impl Sim {
         }
     }
 
+    /// A fabricated State, validly signed by peer `i` alone.
+    fn fake_state(&mut self, i: usize) -> Option<Direct> {
+        let st = self.peers[i].state.as_ref()?;
+        let key = &self.peers[i].key;
+        let me = self.peers[i].id;
+        let round = st.round() + 2;
+        let chain = Hash::of(&round.to_le_bytes());
+        let k = averaging::shard_count(st.config(), 1);
+        let theta = det_vec(self.cfg.seed, 77, self.cfg.len, 5.0);
+        let momentum = vec![0f32; self.cfg.len];
+        let ready = Ready {
+            tokens: 1,
+            shard_root: Hash::default(),
+            norm_bits: 0,
+            can_serve: true,
+        };
+        let seal = wire::Seal {
+            close: wire::Close {
+                ballot: 0,
+                contributors: vec![wire::Contributor {
+                    peer: me,
+                    ready: Hash::default(),
+                    info: ready,
+                }],
+            },
+            close_id: Hash::default(),
+            shards: vec![None; k],
+            next_members: vec![me],
+        };
+        let seal_hash = seal.hash();
+        let run = self.cfg.proto.run;
+        let seal_env = Envelope::sign(
+            key,
+            run,
+            round,
+            chain,
+            Body::Seal(wire::Propose { ballot: 0, seal }),
+        );
+        let commit = Envelope::sign(
+            key,
+            run,
+            round,
+            chain,
+            Body::Commit(wire::Commit {
+                ballot: 0,
+                seal: seal_hash,
+                next_chain: Hash::of_parts(&[&chain.0, &seal_hash.0]),
+                state: averaging::state_hash(&theta, &momentum),
+            }),
+        );
+        Some(Direct::State {
+            round: round + 1,
+            proof: Box::new(wire::DecisionProof {
+                seal: seal_env,
+                commits: vec![commit],
+            }),
+            theta: codec::encode(codec::Quantization::F32, &theta),
+            momentum: codec::encode(codec::Quantization::F32, &momentum),
+        })
+    }
+
     fn restart(&mut self, i: usize, stale: Option<u64>) {
         if self.alive(i) {
             return;
@@ -853,6 +917,15 @@ impl Sim {
     }
 
     fn feed(&mut self, i: usize, ev: InEvent) {
+        if let (Some(Attack::FakeState), InEvent::Direct { from, msg }) = (self.peers[i].attack, &ev)
+        {
+            if matches!(**msg, Direct::StateRequest) {
+                if let Some(fake) = self.fake_state(i) {
+                    self.direct_from(i, *from, Arc::new(fake));
+                }
+                return;
+            }
+        }
         let now = self.now;
         let Some(st) = self.peers[i].state.as_mut() else {
             return;

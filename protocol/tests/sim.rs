@@ -267,7 +267,7 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             // attacker is excluded (late) nothing of it arrives: only agreement is checked.
             Attack::NormLie(_) => true,
             Attack::Equivocate => r.bans.iter().any(|(_, whom)| *whom == n - 1),
-            Attack::Scaled(_) => true,
+            Attack::Scaled(_) | Attack::FakeState => true,
         };
         // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
         // all seeds every attack must have been caught with its reason.
@@ -397,4 +397,43 @@ fn announced_envelopes_under_loss_and_crashes() {
         announced += r.announces;
     }
     assert!(announced > 0, "nothing was announced");
+}
+
+/// A joiner asks two donors and compares: a donor that fabricates a later "decided" state
+/// signed only by itself is reported and never adopted; joiners end on the honest history.
+#[test]
+fn joiner_cross_checks_donors_against_a_fake_state() {
+    let mut caught = 0;
+    for seed in sim::seeds(200) {
+        let n = 6 + (seed % 2) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 7;
+        c.max_time = 60_000;
+        c.malicious.push((n - 1, Attack::FakeState));
+        c.faults.push(Fault::Join { at: 300 + (seed % 5) * 150 });
+        c.faults.push(Fault::Join { at: 1_000 });
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert_eq!(
+            r.final_state.len(),
+            n + 2,
+            "seed {seed}: joiners missing; end {} {:?}",
+            r.end_time,
+            r.final_state
+        );
+        for j in [n, n + 1] {
+            assert!(
+                matches!(r.final_state[j], Some((round, _)) if round >= 2),
+                "seed {seed}: joiner {j} not synced: {:?}",
+                r.final_state[j]
+            );
+        }
+        caught += r
+            .rejections
+            .iter()
+            .filter(|(to, from, kind, _)| *to >= n && *from == n - 1 && *kind == "STATE")
+            .count();
+    }
+    assert!(caught > 0, "the fake state was never reported");
 }
