@@ -25,7 +25,9 @@ pub enum KeyError {
         source: std::io::Error,
     },
     /// The file exists but does not hold a key.
-    #[error("key file {path} is not a diloco key ({reason}); move it away to create a new identity")]
+    #[error(
+        "key file {path} is not a diloco key ({reason}); move it away to create a new identity"
+    )]
     Malformed {
         /// The file.
         path: PathBuf,
@@ -79,7 +81,10 @@ impl Identity {
 pub fn parse(text: &str) -> Result<[u8; 32], String> {
     let t = text.trim();
     if t.len() != 64 {
-        return Err(format!("expected 64 hex digits, found {} characters", t.len()));
+        return Err(format!(
+            "expected 64 hex digits, found {} characters",
+            t.len()
+        ));
     }
     let mut out = [0u8; 32];
     for (i, chunk) in t.as_bytes().chunks(2).enumerate() {

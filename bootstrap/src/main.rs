@@ -13,7 +13,12 @@ use std::path::PathBuf;
 struct Cli {
     /// Address to listen on (repeat for several), e.g. /ip4/0.0.0.0/tcp/4001 or
     /// /ip4/0.0.0.0/udp/4001/quic-v1.
-    #[arg(long, env = "DILOCO_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/4001")]
+    #[arg(
+        long,
+        env = "DILOCO_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/4001"
+    )]
     listen: Vec<String>,
     /// Identity key file; created with a new key if absent. Keep it to keep the peer id.
     #[arg(long, env = "DILOCO_KEY", default_value = "bootstrap.key")]
@@ -52,7 +57,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let external = cli
         .external_addr
         .iter()
-        .map(|s| s.parse().with_context(|| format!("--external-addr '{s}' is not a multiaddr")))
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("--external-addr '{s}' is not a multiaddr"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (id, created) = keys::load_or_create(&cli.key)?;
     if created {
@@ -72,13 +80,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let swarm = server::build(&id, &cfg)?;
         tracing::info!(peer_id = %id.peer_id(), "bootstrap peer started");
         let shutdown = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

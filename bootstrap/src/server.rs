@@ -73,7 +73,8 @@ pub fn build(id: &Identity, cfg: &Config) -> Result<Swarm<Behaviour>, ServerErro
             let me = key.public().to_peer_id();
             let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
             kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-            let mut kad = kad::Behaviour::with_config(me, kad::store::MemoryStore::new(me), kad_cfg);
+            let mut kad =
+                kad::Behaviour::with_config(me, kad::store::MemoryStore::new(me), kad_cfg);
             kad.set_mode(Some(kad::Mode::Server));
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(cfg.max_connections))
@@ -83,7 +84,10 @@ pub fn build(id: &Identity, cfg: &Config) -> Result<Swarm<Behaviour>, ServerErro
                 limits: connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                        .with_agent_version(format!("diloco-bootstrap/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!(
+                            "diloco-bootstrap/{}",
+                            env!("CARGO_PKG_VERSION")
+                        )),
                 ),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,

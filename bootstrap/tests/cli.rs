@@ -24,7 +24,9 @@ fn first_addr(key: &std::path::Path) -> String {
         let _ = BufReader::new(out).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx.recv_timeout(Duration::from_secs(30)).expect("no address printed");
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no address printed");
     let _ = child.kill();
     let _ = child.wait();
     line.trim().to_string()

@@ -92,6 +92,9 @@ pub struct NetCheckpoint {
     pub chain: String,
     /// Members of the saved round (ed25519 public keys, hex), sorted.
     pub members: Vec<String>,
+    /// The peer that founded this history of the run (hex), to tell forks apart.
+    #[serde(default)]
+    pub founder: String,
 }
 
 /// A checkpoint read back from disk.

@@ -52,6 +52,20 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Join (or found) a run on the network and train with its peers.
     Join(JoinArgs),
+    /// Ask a running node for its /status (exit 0 when it answers): a healthcheck that needs
+    /// no curl in the image.
+    Health(HealthArgs),
+}
+
+/// `health` flags.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The node's --status-addr.
+    #[arg(long, env = "DILOCO_HEALTH_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
 }
 
 /// `join` flags. Run settings left unset come from --run-config, else the defaults; all peers
@@ -62,7 +76,12 @@ pub struct JoinArgs {
     #[arg(long, env = "DILOCO_BOOTSTRAP", value_delimiter = ',', num_args = 1..)]
     pub bootstrap: Vec<String>,
     /// Address to listen on (repeat for several): /ip4/0.0.0.0/tcp/0 picks a free port.
-    #[arg(long, env = "DILOCO_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/0")]
+    #[arg(
+        long,
+        env = "DILOCO_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/0"
+    )]
     pub listen: Vec<String>,
     /// Run settings as JSON (fields of the run config; flags below override it).
     #[arg(long, env = "DILOCO_RUN_CONFIG")]

@@ -47,6 +47,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// Optimizer tensors in a node checkpoint.
 pub const OPT_SUFFIXES: [&str; 3] = ["exp_avg", "exp_avg_sq", "outer_momentum"];
@@ -101,6 +102,8 @@ pub struct JoinConfig {
     pub genesis_wait: Duration,
     /// Eval windows evaluated after each decided round (0: no eval).
     pub eval_windows: usize,
+    /// Status shared with the caller (tests, embedders); a fresh one when `None`.
+    pub observer: Option<Arc<Shared>>,
 }
 
 /// Final report of a node.
@@ -173,6 +176,8 @@ struct Hello {
     synced: bool,
     round: u64,
     members: u32,
+    /// Founder of the sender's history (zeros while it has none).
+    founder: [u8; 32],
 }
 
 const HELLO_VERSION: u32 = 1;
@@ -214,6 +219,24 @@ impl VoteLog {
             None => None,
         };
         Ok(Self { path, highest })
+    }
+
+    /// Forgets every vote (after abandoning a history for another).
+    fn reset(&mut self) -> Result<(), JoinError> {
+        if let Some(p) = &self.path {
+            match std::fs::remove_file(p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(JoinError::Vote {
+                        path: p.clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        self.highest = None;
+        Ok(())
     }
 
     /// Records a vote in `round` before it is sent.
@@ -349,7 +372,9 @@ impl Trainer {
         while let Ok(job) = jobs.recv() {
             let out = match job {
                 Job::Quit => return,
-                Job::Train { round, theta } => self.train(round, theta).unwrap_or_else(Done::Failed),
+                Job::Train { round, theta } => {
+                    self.train(round, theta).unwrap_or_else(Done::Failed)
+                }
                 Job::Eval { round, theta } => match self.evaluator.loss(&theta, &self.eval) {
                     Ok(loss) => Done::Evaluated { round, loss },
                     Err(e) => Done::Failed(e.to_string()),
@@ -371,7 +396,8 @@ impl Trainer {
 
 enum Phase {
     Discovering {
-        since: Instant,
+        /// When discovery started (connected to a bootstrap peer); `None` until then.
+        since: Option<Instant>,
         /// Peers heard, with when and whether they hold run state.
         heard: HashMap<ProtoPeer, (Instant, bool)>,
         waiting_logged: bool,
@@ -403,6 +429,8 @@ struct Node {
     rejected: u64,
     global_hash: String,
     last_checkpoint: Option<PathBuf>,
+    /// Founder of the history this node follows.
+    founder: Option<ProtoPeer>,
 }
 
 impl Node {
@@ -522,7 +550,11 @@ impl Node {
         let Some(st) = self.state() else { return };
         let theta = st.theta().to_vec();
         self.training = Some(round);
-        tracing::info!(round, "training {} inner steps", self.cfg.run.config.inner_steps);
+        tracing::info!(
+            round,
+            "training {} inner steps",
+            self.cfg.run.config.inner_steps
+        );
         let _ = self.jobs.send(Job::Train { round, theta });
     }
 
@@ -584,6 +616,7 @@ impl Node {
             net: NetCheckpoint {
                 chain: hex(&st.chain().0),
                 members: st.members().iter().map(|p| hex(&p.0)).collect(),
+                founder: self.founder.map(|f| hex(&f.0)).unwrap_or_default(),
             },
             run: self.cfg.run.json(),
         };
@@ -601,7 +634,13 @@ impl Node {
                 } else {
                     "averaging"
                 };
-                (phase, st.round(), st.members().len(), st.is_member(), st.banned().len())
+                (
+                    phase,
+                    st.round(),
+                    st.members().len(),
+                    st.is_member(),
+                    st.banned().len(),
+                )
             }
         };
         let h = self.cfg.run.config.inner_steps;
@@ -674,6 +713,17 @@ impl Node {
                 }
             }
             NetEvent::PeerLeft(p) => tracing::info!(peer = %p, "peer disconnected"),
+            NetEvent::Bootstrapped => {
+                if let Phase::Discovering { since, .. } = &mut self.phase {
+                    if since.is_none() {
+                        *since = Some(Instant::now());
+                        tracing::info!(
+                            wait_s = self.cfg.genesis_wait.as_secs_f64(),
+                            "looking for a run under way"
+                        );
+                    }
+                }
+            }
             NetEvent::SendFailed { to, error } => {
                 tracing::debug!(peer = %to, %error, "direct message not delivered (the protocol retries)")
             }
@@ -695,6 +745,7 @@ impl Node {
         }
         let mut join_with: Option<Vec<ProtoPeer>> = None;
         let mut contact = false;
+        let mut fork = false;
         match &mut self.phase {
             Phase::Discovering { heard, .. } => {
                 if heard.len() < 4096 || heard.contains_key(&sender) {
@@ -710,9 +761,39 @@ impl Node {
                     );
                 }
             }
-            Phase::Running(st) => contact = hello.synced && !st.is_synced(),
+            Phase::Running(st) => {
+                contact = hello.synced && !st.is_synced();
+                // Two histories of one run (peers that founded without hearing each other):
+                // the one with more members, then more rounds, then the lower founder id, wins;
+                // every peer of the other abandons its history and joins it.
+                if let (true, true, Some(mine)) = (hello.synced, st.is_synced(), self.founder) {
+                    if hello.founder != mine.0 {
+                        let theirs = (
+                            hello.members as usize,
+                            hello.round,
+                            std::cmp::Reverse(hello.founder),
+                        );
+                        let ours = (st.members().len(), st.round(), std::cmp::Reverse(mine.0));
+                        fork = theirs > ours;
+                    }
+                }
+            }
+        }
+        if fork {
+            tracing::warn!(
+                peer = %from, their_round = hello.round, their_members = hello.members,
+                founder = %hex(&hello.founder[..8]),
+                "another history of this run is ahead of ours: abandoning ours and joining it"
+            );
+            // Votes cast in the abandoned history say nothing about the new one.
+            self.votes.reset()?;
+            self.shared.update(|s| s.forks_abandoned += 1);
+            self.timers.clear();
+            self.pending_train = None;
+            join_with = Some(vec![sender]);
         }
         if let Some(contacts) = join_with {
+            self.founder = Some(ProtoPeer(hello.founder));
             tracing::info!(
                 peer = %from, round = hello.round, members = hello.members,
                 "found the run under way: joining (fetching its state from peers)"
@@ -732,6 +813,7 @@ impl Node {
 
     fn on_hello_tick(&mut self) -> Result<(), JoinError> {
         self.hello_seq += 1;
+        let founder = self.founder.map(|f| f.0).unwrap_or([0; 32]);
         let (synced, round, members) = match self.state() {
             Some(st) => (st.is_synced(), st.round(), st.members().len() as u32),
             None => (false, 0, 0),
@@ -743,6 +825,7 @@ impl Node {
             synced,
             round,
             members,
+            founder,
         };
         self.send(Command::Publish {
             topic: Topic::Hello,
@@ -757,6 +840,9 @@ impl Node {
             waiting_logged,
         } = &mut self.phase
         {
+            let Some(since) = since else {
+                return Ok(());
+            };
             if since.elapsed() < wait {
                 return Ok(());
             }
@@ -786,6 +872,7 @@ impl Node {
             );
             let proto = self.cfg.run.protocol(theta0.len());
             let st = State::genesis(proto, self.key.clone(), theta0, vec![me]);
+            self.founder = Some(me);
             self.start_state(st)?;
         }
         Ok(())
@@ -802,7 +889,12 @@ impl Node {
             } => {
                 self.training = None;
                 let tok_s = tokens as f64 / secs.max(1e-9);
-                tracing::info!(round, loss, tokens_per_s = tok_s as u64, "local training done");
+                tracing::info!(
+                    round,
+                    loss,
+                    tokens_per_s = tok_s as u64,
+                    "local training done"
+                );
                 self.shared.update(|s| s.last_loss = Some(loss));
                 self.feed(InEvent::Trained {
                     round,
@@ -829,7 +921,9 @@ impl Node {
                     tracing::info!(round, path = %path.display(), "checkpoint written");
                     self.last_checkpoint = Some(path);
                 }
-                Err(e) => tracing::error!(round, error = %e, "checkpoint failed; training continues"),
+                Err(e) => {
+                    tracing::error!(round, error = %e, "checkpoint failed; training continues")
+                }
             },
             Done::Failed(e) => return Err(JoinError::Trainer(e)),
         }
@@ -917,7 +1011,20 @@ pub async fn run(
     let me = ProtoPeer::of(&key);
     let peer_id = cfg.identity.peer_id();
     let span = tracing::info_span!("node", peer = %peer_id, run = %cfg.run.id_hex());
-    let _enter = span.enter();
+    run_node(cfg, corpus, device, stop, key, me, peer_id)
+        .instrument(span)
+        .await
+}
+
+async fn run_node(
+    cfg: JoinConfig,
+    corpus: Arc<Corpus>,
+    device: Device,
+    stop: Arc<AtomicBool>,
+    key: SigningKey,
+    me: ProtoPeer,
+    peer_id: PeerId,
+) -> Result<JoinReport, JoinError> {
     let layout = flat::layout(&cfg.run.model.init(&device));
     let n_params: usize = layout.iter().map(ParamInfo::len).sum();
     tracing::info!(params = n_params, model = %cfg.run.model.describe(), "node starting");
@@ -933,7 +1040,10 @@ pub async fn run(
     };
     let mut replica = Replica::new(&cfg.run.model, &device, &init)?;
     if let Some((_, l)) = &restored {
-        if let (Some(m), Some(v)) = (l.optimizer.get(OPT_SUFFIXES[0]), l.optimizer.get(OPT_SUFFIXES[1])) {
+        if let (Some(m), Some(v)) = (
+            l.optimizer.get(OPT_SUFFIXES[0]),
+            l.optimizer.get(OPT_SUFFIXES[1]),
+        ) {
             replica.adam = AdamState::from_flat(l.state.adam_t, m, v, &layout, replica.device());
         }
     }
@@ -966,6 +1076,15 @@ pub async fn run(
         n_params,
     ) + (1 << 20))
         .min(diloco_protocol::wire::MAX_DIRECT_BYTES);
+    let shared = cfg
+        .observer
+        .clone()
+        .unwrap_or_else(|| Shared::new(Status::default(), Arc::new(net::NetStats::default())));
+    shared.update(|s| {
+        s.peer_id = peer_id.to_string();
+        s.run_id = cfg.run.id_hex();
+        s.phase = "discovering".into();
+    });
     let net = net::spawn(
         &cfg.identity.keypair,
         NetConfig {
@@ -975,16 +1094,8 @@ pub async fn run(
             max_direct,
             request_timeout: Duration::from_secs(120),
         },
+        shared.net.clone(),
     )?;
-    let shared = Shared::new(
-        Status {
-            peer_id: peer_id.to_string(),
-            run_id: cfg.run.id_hex(),
-            phase: "discovering".into(),
-            ..Status::default()
-        },
-        net.stats.clone(),
-    );
     if let Some(addr) = cfg.status_addr {
         let bound = crate::status::serve(addr, shared.clone()).await?;
         println!("status on http://{bound}/status");
@@ -995,11 +1106,13 @@ pub async fn run(
     seed.copy_from_slice(
         blake3::Hasher::new()
             .update(&cfg.identity.secret)
-            .update(&std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-                .to_le_bytes())
+            .update(
+                &std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+                    .to_le_bytes(),
+            )
             .finalize()
             .as_bytes(),
     );
@@ -1009,7 +1122,7 @@ pub async fn run(
         key: key.clone(),
         layout,
         phase: Phase::Discovering {
-            since: Instant::now(),
+            since: cfg.bootstrap.is_empty().then(Instant::now),
             heard: HashMap::new(),
             waiting_logged: false,
         },
@@ -1031,8 +1144,15 @@ pub async fn run(
         rejected: 0,
         global_hash: String::new(),
         last_checkpoint: None,
+        founder: None,
     };
     if let Some((mut st, loaded)) = restored {
+        node.founder = loaded
+            .state
+            .net
+            .as_ref()
+            .and_then(|n| unhex32(&n.founder))
+            .map(ProtoPeer);
         if let Some(v) = vote_from {
             st.set_vote_from(v);
         }
@@ -1134,10 +1254,9 @@ mod tests {
         assert_eq!(libp2p_peer(&p), Some(id.peer_id()));
         assert_eq!(proto_peer(&id.peer_id()), Some(p));
         // A hashed (non-inline) peer id has no ed25519 key to recover.
-        let rsa_like = PeerId::from_multihash(
-            libp2p::multihash::Multihash::wrap(0x12, &[7u8; 32]).unwrap(),
-        )
-        .unwrap();
+        let rsa_like =
+            PeerId::from_multihash(libp2p::multihash::Multihash::wrap(0x12, &[7u8; 32]).unwrap())
+                .unwrap();
         assert_eq!(proto_peer(&rsa_like), None);
     }
 
@@ -1150,6 +1269,7 @@ mod tests {
             synced: true,
             round: 4,
             members: 3,
+            founder: [1; 32],
         };
         let b = encode_hello(&h);
         assert_eq!(decode_hello(&b), Some(h.clone()));

@@ -71,6 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             emit(args.common.json, &report)
         }
         Command::Join(args) => join(args),
+        Command::Health(args) => health(args),
         Command::Simulate(args) => {
             let cfg = args.to_config()?;
             let (corpus, dev) = prepare(&args.common, cfg.seq, cfg.replicas)?;
@@ -101,7 +102,9 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         .map(|s| addr::parse_listen(s))
         .collect::<Result<Vec<_>, _>>()?;
     if bootstrap.is_empty() {
-        tracing::warn!("no --bootstrap given: this node can only be found by peers that bootstrap from it");
+        tracing::warn!(
+            "no --bootstrap given: this node can only be found by peers that bootstrap from it"
+        );
     }
     let corpus = data::Corpus::load(&args.data_spec())?;
     let run = rc.validate(&corpus)?;
@@ -136,6 +139,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         status_addr: args.status_addr,
         genesis_wait: std::time::Duration::from_secs_f64(args.genesis_wait),
         eval_windows: args.eval_windows,
+        observer: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,4 +153,29 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         stop,
     ))?;
     emit(args.json, &report)
+}
+
+fn health(args: diloco_node::cli::HealthArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let t = std::time::Duration::from_secs_f64(args.timeout.clamp(0.1, 600.0));
+    let mut s = std::net::TcpStream::connect_timeout(&args.addr, t)
+        .with_context(|| format!("no node answers on {}", args.addr))?;
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))?;
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        args.addr
+    )?;
+    let mut buf = Vec::new();
+    s.take(1 << 20).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("node answered: {}", head.lines().next().unwrap_or(""));
+    }
+    println!("{body}");
+    Ok(())
 }

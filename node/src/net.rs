@@ -110,6 +110,8 @@ pub enum NetEvent {
         /// Payload (`Direct::from_bytes` decodes it).
         data: Vec<u8>,
     },
+    /// Connected to a bootstrap peer for the first time (discovery has started).
+    Bootstrapped,
     /// A peer of this run was identified.
     PeerJoined(PeerId),
     /// A peer has no connection left.
@@ -186,7 +188,10 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
     let mut buf = Vec::with_capacity(len.min(1 << 20));
     io.take(len as u64).read_to_end(&mut buf).await?;
     if buf.len() != len {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated message"));
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "truncated message",
+        ));
     }
     Ok(buf)
 }
@@ -277,10 +282,7 @@ fn agent_run(agent: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("run="))
 }
 
-fn build(
-    key: &libp2p::identity::Keypair,
-    cfg: &NetConfig,
-) -> Result<Swarm<Behaviour>, NetError> {
+fn build(key: &libp2p::identity::Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
     let max_direct = cfg.max_direct;
     let timeout = cfg.request_timeout;
@@ -375,12 +377,16 @@ fn build(
 }
 
 /// Starts the swarm task on the current tokio runtime.
-pub fn spawn(key: &libp2p::identity::Keypair, cfg: NetConfig) -> Result<NetHandle, NetError> {
+/// `stats` receives the traffic counters (shared with the status page).
+pub fn spawn(
+    key: &libp2p::identity::Keypair,
+    cfg: NetConfig,
+    stats: Arc<NetStats>,
+) -> Result<NetHandle, NetError> {
     let swarm = build(key, &cfg)?;
     let peer_id = *swarm.local_peer_id();
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let stats = Arc::new(NetStats::default());
     let task = Task {
         swarm,
         cfg,
@@ -390,8 +396,12 @@ pub fn spawn(key: &libp2p::identity::Keypair, cfg: NetConfig) -> Result<NetHandl
         refused: BTreeSet::new(),
         relayed: false,
         dial_backoff: HashMap::new(),
+        bootstrapped: false,
     };
-    tokio::spawn(task.run(cmd_rx));
+    tokio::spawn(tracing::Instrument::instrument(
+        task.run(cmd_rx),
+        tracing::Span::current(),
+    ));
     Ok(NetHandle {
         commands: cmd_tx,
         events: ev_rx,
@@ -413,6 +423,8 @@ struct Task {
     relayed: bool,
     /// Next time a peer may be dialed again (discovery retries).
     dial_backoff: HashMap<PeerId, tokio::time::Instant>,
+    /// A bootstrap peer has answered.
+    bootstrapped: bool,
 }
 
 impl Task {
@@ -517,7 +529,8 @@ impl Task {
         if self.dial_backoff.len() > 4096 {
             self.dial_backoff.retain(|_, t| *t > now);
         }
-        self.dial_backoff.insert(peer, now + Duration::from_secs(10));
+        self.dial_backoff
+            .insert(peer, now + Duration::from_secs(10));
         if let Err(e) = self.swarm.dial(peer) {
             tracing::debug!(%peer, error = %e, "dial failed");
         }
@@ -533,8 +546,7 @@ impl Task {
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
             SwarmEvent::ConnectionEstablished {
-                num_established,
-                ..
+                num_established, ..
             } => {
                 if num_established.get() == 1 {
                     self.stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -551,7 +563,8 @@ impl Task {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                let bootstrap = peer_id.is_some_and(|p| self.cfg.bootstrap.iter().any(|(b, _)| *b == p));
+                let bootstrap =
+                    peer_id.is_some_and(|p| self.cfg.bootstrap.iter().any(|(b, _)| *b == p));
                 if bootstrap {
                     tracing::warn!(%error, "bootstrap peer unreachable");
                 } else {
@@ -588,6 +601,15 @@ impl Task {
                 if info.protocols.contains(&kad_proto) {
                     for addr in info.listen_addrs.into_iter().take(16) {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                if self.cfg.bootstrap.iter().any(|(b, _)| *b == peer_id) {
+                    // Look ourselves up right away: the answer lists the peers already there.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    if !self.bootstrapped {
+                        self.bootstrapped = true;
+                        tracing::info!(bootstrap = %peer_id, "connected to a bootstrap peer");
+                        self.emit(NetEvent::Bootstrapped);
                     }
                 }
                 if agent_run(&info.agent_version).is_some() && self.run_peers.insert(peer_id) {
@@ -638,8 +660,12 @@ impl Task {
                     for (peer, addr) in self.cfg.bootstrap.clone() {
                         let circuit = addr.with(Protocol::P2pCircuit);
                         match self.swarm.listen_on(circuit.clone()) {
-                            Ok(_) => tracing::info!(relay = %peer, "not reachable directly; listening through the bootstrap relay"),
-                            Err(e) => tracing::warn!(relay = %peer, error = %e, "cannot listen through relay"),
+                            Ok(_) => {
+                                tracing::info!(relay = %peer, "not reachable directly; listening through the bootstrap relay")
+                            }
+                            Err(e) => {
+                                tracing::warn!(relay = %peer, error = %e, "cannot listen through relay")
+                            }
                         }
                     }
                 }
@@ -747,19 +773,27 @@ mod tests {
             write_frame(&mut futures::io::Cursor::new(&mut buf), b"hello")
                 .await
                 .unwrap();
-            let got = read_frame(&mut futures::io::Cursor::new(&buf), 16).await.unwrap();
+            let got = read_frame(&mut futures::io::Cursor::new(&buf), 16)
+                .await
+                .unwrap();
             assert_eq!(got, b"hello");
             // Over the cap: refused from the prefix alone.
-            let err = read_frame(&mut futures::io::Cursor::new(&buf), 4).await.unwrap_err();
+            let err = read_frame(&mut futures::io::Cursor::new(&buf), 4)
+                .await
+                .unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
             // A huge announced length with no body: error, no 4 GiB allocation.
             let lie = u32::MAX.to_le_bytes().to_vec();
-            let err = read_frame(&mut futures::io::Cursor::new(&lie), usize::MAX).await.unwrap_err();
+            let err = read_frame(&mut futures::io::Cursor::new(&lie), usize::MAX)
+                .await
+                .unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
             // Truncated body.
             let mut t = buf.clone();
             t.truncate(6);
-            assert!(read_frame(&mut futures::io::Cursor::new(&t), 16).await.is_err());
+            assert!(read_frame(&mut futures::io::Cursor::new(&t), 16)
+                .await
+                .is_err());
         });
     }
 }

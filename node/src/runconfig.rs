@@ -157,7 +157,8 @@ impl RunConfig {
     /// Checks every value and derives the run (id included) for `corpus`.
     pub fn validate(&self, corpus: &Corpus) -> Result<Run, RunConfigError> {
         let bad = |m: String| Err(RunConfigError::Invalid(m));
-        let model = ModelConfig::parse(&self.model).map_err(|e| RunConfigError::Invalid(e.to_string()))?;
+        let model =
+            ModelConfig::parse(&self.model).map_err(|e| RunConfigError::Invalid(e.to_string()))?;
         if self.inner_steps == 0 {
             return bad("inner_steps (H) must be at least 1".into());
         }
@@ -205,8 +206,8 @@ impl RunConfig {
             }
         }
         let data_hash = corpus.hash.clone();
-        let canonical = serde_json::to_string(self)
-            .map_err(|e| RunConfigError::Invalid(e.to_string()))?;
+        let canonical =
+            serde_json::to_string(self).map_err(|e| RunConfigError::Invalid(e.to_string()))?;
         let id = Hash::of_parts(&[b"diloco-run/1", canonical.as_bytes(), data_hash.as_bytes()]);
         let total = self.rounds.saturating_mul(self.inner_steps);
         Ok(Run {
@@ -228,7 +229,12 @@ impl RunConfig {
 impl Run {
     /// The run id as the hex string peers show and compare.
     pub fn id_hex(&self) -> String {
-        self.id.0.iter().take(16).map(|b| format!("{b:02x}")).collect()
+        self.id
+            .0
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The averaging protocol's configuration for this run.
@@ -289,11 +295,31 @@ mod tests {
     fn bad_values_are_named() {
         let c = corpus(&[b'a'; 1000]);
         let e = |rc: RunConfig| rc.validate(&c).unwrap_err().to_string();
-        assert!(e(RunConfig { inner_steps: 0, ..Default::default() }).contains("inner_steps"));
-        assert!(e(RunConfig { model: "huge".into(), ..Default::default() }).contains("unknown model"));
-        assert!(e(RunConfig { quantize: "int3".into(), ..Default::default() }).contains("quantize"));
-        assert!(e(RunConfig { quorum: "all".into(), ..Default::default() }).contains("quorum"));
-        assert!(e(RunConfig { seq: 4096, ..Default::default() }).contains("context"));
+        assert!(e(RunConfig {
+            inner_steps: 0,
+            ..Default::default()
+        })
+        .contains("inner_steps"));
+        assert!(e(RunConfig {
+            model: "huge".into(),
+            ..Default::default()
+        })
+        .contains("unknown model"));
+        assert!(e(RunConfig {
+            quantize: "int3".into(),
+            ..Default::default()
+        })
+        .contains("quantize"));
+        assert!(e(RunConfig {
+            quorum: "all".into(),
+            ..Default::default()
+        })
+        .contains("quorum"));
+        assert!(e(RunConfig {
+            seq: 4096,
+            ..Default::default()
+        })
+        .contains("context"));
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct Status {
     pub rejected: u64,
     /// Peers banned on evidence.
     pub banned: usize,
+    /// Times this node abandoned its history for a better one of the same run.
+    pub forks_abandoned: u64,
     /// Seconds since start.
     pub uptime_s: f64,
 }
@@ -92,6 +94,14 @@ pub struct Shared {
     started: std::time::Instant,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("net", &self.net)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Shared {
     /// A fresh shared state.
     pub fn new(status: Status, net: Arc<NetStats>) -> Arc<Self> {
@@ -99,16 +109,48 @@ impl Shared {
         let mut registry = Registry::with_prefix("diloco");
         let m = &metrics;
         registry.register("round", "Round in progress", m.round.clone());
-        registry.register("step", "Global inner step at the start of the round", m.step.clone());
-        registry.register("group_size", "Members of the current round", m.group_size.clone());
-        registry.register("connected_peers", "Connected peers", m.connected_peers.clone());
-        registry.register("train_loss", "Mean training loss of the last round", m.loss.clone());
-        registry.register("eval_loss", "Eval loss of the global parameters", m.eval_loss.clone());
-        registry.register("round_seconds", "Duration of the last decided round", m.round_seconds.clone());
-        registry.register("rounds_decided", "Rounds decided since start", m.rounds_decided.clone());
+        registry.register(
+            "step",
+            "Global inner step at the start of the round",
+            m.step.clone(),
+        );
+        registry.register(
+            "group_size",
+            "Members of the current round",
+            m.group_size.clone(),
+        );
+        registry.register(
+            "connected_peers",
+            "Connected peers",
+            m.connected_peers.clone(),
+        );
+        registry.register(
+            "train_loss",
+            "Mean training loss of the last round",
+            m.loss.clone(),
+        );
+        registry.register(
+            "eval_loss",
+            "Eval loss of the global parameters",
+            m.eval_loss.clone(),
+        );
+        registry.register(
+            "round_seconds",
+            "Duration of the last decided round",
+            m.round_seconds.clone(),
+        );
+        registry.register(
+            "rounds_decided",
+            "Rounds decided since start",
+            m.rounds_decided.clone(),
+        );
         registry.register("rejected_messages", "Messages rejected", m.rejected.clone());
         registry.register("bytes_sent", "Application bytes sent", m.bytes_sent.clone());
-        registry.register("bytes_received", "Application bytes received", m.bytes_received.clone());
+        registry.register(
+            "bytes_received",
+            "Application bytes received",
+            m.bytes_received.clone(),
+        );
         Arc::new(Self {
             status: RwLock::new(status),
             net,
@@ -142,7 +184,8 @@ impl Shared {
         }
         m.rounds_decided
             .inc_by(s.rounds_decided.saturating_sub(decided_before));
-        m.rejected.inc_by(s.rejected.saturating_sub(rejected_before));
+        m.rejected
+            .inc_by(s.rejected.saturating_sub(rejected_before));
     }
 
     /// The current snapshot with live network counters.
@@ -172,7 +215,9 @@ impl Shared {
 
 /// The status server could not start.
 #[derive(Debug, Error)]
-#[error("cannot serve status on {addr}: {source} (is the port in use? pick another with --status-addr)")]
+#[error(
+    "cannot serve status on {addr}: {source} (is the port in use? pick another with --status-addr)"
+)]
 pub struct StatusError {
     /// The address.
     pub addr: SocketAddr,

@@ -74,7 +74,11 @@ impl Running {
                 }
             }
         }
-        panic!("{} printed no line with '{needle}'\n{}", self.name, self.tail());
+        panic!(
+            "{} printed no line with '{needle}'\n{}",
+            self.name,
+            self.tail()
+        );
     }
 
     fn tail(&self) -> String {
@@ -99,7 +103,11 @@ impl Drop for Running {
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let (head, body) = buf.split_once("\r\n\r\n")?;
@@ -119,7 +127,11 @@ struct Net {
 
 impl Net {
     fn logs(&self) -> String {
-        self.procs.iter().map(Running::tail).collect::<Vec<_>>().join("\n")
+        self.procs
+            .iter()
+            .map(Running::tail)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn start_node(&mut self, name: &str) -> SocketAddr {
@@ -130,7 +142,14 @@ impl Net {
             .args(["--status-addr", "127.0.0.1:0"])
             .arg("--run-config")
             .arg(self.dir.path().join("run.json"))
-            .args(["--backend", "cpu", "--genesis-wait", "2", "--eval-windows", "4"])
+            .args([
+                "--backend",
+                "cpu",
+                "--genesis-wait",
+                "2",
+                "--eval-windows",
+                "4",
+            ])
             .args(["--checkpoint-every", "1"])
             .arg("--checkpoint-dir")
             .arg(&dir);
@@ -164,7 +183,10 @@ impl Net {
                 .collect();
             let hashes: Vec<Option<String>> = st
                 .iter()
-                .map(|s| s.as_ref().and_then(|v| v["global_hash"].as_str().map(String::from)))
+                .map(|s| {
+                    s.as_ref()
+                        .and_then(|v| v["global_hash"].as_str().map(String::from))
+                })
                 .collect();
             if let (Some(Some(r)), Some(Some(h))) = (rounds.first(), hashes.first()) {
                 if *r >= min_round
@@ -172,7 +194,8 @@ impl Net {
                     && rounds.iter().all(|x| *x == Some(*r))
                     && st.iter().all(|s| {
                         s.as_ref().is_some_and(|v| {
-                            v["member"].as_bool() == Some(true) && v["group_size"].as_u64() == Some(n)
+                            v["member"].as_bool() == Some(true)
+                                && v["group_size"].as_u64() == Some(n)
                         })
                     })
                     && hashes.iter().all(|x| x.as_deref() == Some(h.as_str()))
@@ -184,7 +207,10 @@ impl Net {
                 .iter()
                 .map(|s| {
                     s.as_ref().map(|v| {
-                        format!("round {} group {} member {} hash {:.12}", v["round"], v["group_size"], v["member"], v["global_hash"])
+                        format!(
+                            "round {} group {} member {} hash {:.12}",
+                            v["round"], v["group_size"], v["member"], v["global_hash"]
+                        )
                     })
                 })
                 .collect();
@@ -216,6 +242,7 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
                 max_direct: 1 << 20,
                 request_timeout: Duration::from_secs(10),
             },
+            std::sync::Arc::new(net::NetStats::default()),
         )
         .unwrap();
         let targets: Vec<libp2p::PeerId> = targets.iter().map(|t| t.parse().unwrap()).collect();
@@ -223,13 +250,19 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
         let mut captured: Vec<Vec<u8>> = Vec::new();
         let end = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::time::Instant::now() < end && captured.len() < 50 {
-            if let Ok(Some(NetEvent::Gossip { topic: Topic::Avg, data, .. })) =
-                tokio::time::timeout(Duration::from_millis(500), h.events.recv()).await
+            if let Ok(Some(NetEvent::Gossip {
+                topic: Topic::Avg,
+                data,
+                ..
+            })) = tokio::time::timeout(Duration::from_millis(500), h.events.recv()).await
             {
                 captured.push(data);
             }
         }
-        assert!(!captured.is_empty(), "the hostile peer heard no protocol traffic");
+        assert!(
+            !captured.is_empty(),
+            "the hostile peer heard no protocol traffic"
+        );
         let mut sent = 0usize;
         let publish = |data: Vec<u8>, topic: Topic| Command::Publish { topic, data };
         let mut cmds: Vec<Command> = Vec::new();
@@ -246,7 +279,8 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
             cmds.push(publish(f, Topic::Avg));
             if let Ok(env) = Envelope::from_bytes(data) {
                 let key = ed25519_dalek::SigningKey::from_bytes(&id.secret);
-                let other = Envelope::sign(&key, Hash([9; 32]), env.round, env.chain, env.body.clone());
+                let other =
+                    Envelope::sign(&key, Hash([9; 32]), env.round, env.chain, env.body.clone());
                 cmds.push(publish(other.to_bytes().unwrap(), Topic::Avg));
                 let mine = Envelope::sign(&key, env.run, env.round, env.chain, env.body.clone());
                 cmds.push(publish(mine.to_bytes().unwrap(), Topic::Avg));
@@ -259,15 +293,46 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
         // Direct messages: garbage, lies, and oversized frames on both protocols.
         for t in &targets {
             for sync in [false, true] {
-                cmds.push(Command::Send { to: *t, data: vec![1, 2, 3], sync });
-                cmds.push(Command::Send { to: *t, data: vec![0xee; 1 << 20], sync });
-                let lie = Direct::Data { round: 0, hash: Hash([1; 32]), data: vec![5; 1000] };
-                cmds.push(Command::Send { to: *t, data: lie.to_bytes().unwrap(), sync });
+                cmds.push(Command::Send {
+                    to: *t,
+                    data: vec![1, 2, 3],
+                    sync,
+                });
+                cmds.push(Command::Send {
+                    to: *t,
+                    data: vec![0xee; 1 << 20],
+                    sync,
+                });
+                let lie = Direct::Data {
+                    round: 0,
+                    hash: Hash([1; 32]),
+                    data: vec![5; 1000],
+                };
+                cmds.push(Command::Send {
+                    to: *t,
+                    data: lie.to_bytes().unwrap(),
+                    sync,
+                });
                 let ask = Direct::SyncRequest { from: 0 };
-                cmds.push(Command::Send { to: *t, data: ask.to_bytes().unwrap(), sync });
-                cmds.push(Command::Send { to: *t, data: Direct::StateRequest.to_bytes().unwrap(), sync });
-                let huge_state = Direct::Fetch { round: u64::MAX, hash: Hash([0; 32]) };
-                cmds.push(Command::Send { to: *t, data: huge_state.to_bytes().unwrap(), sync });
+                cmds.push(Command::Send {
+                    to: *t,
+                    data: ask.to_bytes().unwrap(),
+                    sync,
+                });
+                cmds.push(Command::Send {
+                    to: *t,
+                    data: Direct::StateRequest.to_bytes().unwrap(),
+                    sync,
+                });
+                let huge_state = Direct::Fetch {
+                    round: u64::MAX,
+                    hash: Hash([0; 32]),
+                };
+                cmds.push(Command::Send {
+                    to: *t,
+                    data: huge_state.to_bytes().unwrap(),
+                    sync,
+                });
             }
         }
         let total = cmds.len();
@@ -352,7 +417,10 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
         .iter()
         .map(|x| status(*x).unwrap()["rejected"].as_u64().unwrap())
         .sum();
-    assert!(rejected > 0, "no node reported rejecting the hostile messages");
+    assert!(
+        rejected > 0,
+        "no node reported rejecting the hostile messages"
+    );
     let nodes = net.nodes.clone();
     let mut dead = Vec::new();
     for (i, _) in nodes.iter().filter(|(i, _)| *i != c_index) {
