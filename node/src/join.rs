@@ -305,10 +305,17 @@ enum Done {
     Failed(String),
 }
 
-struct Trainer {
-    run: Run,
+/// The model half of a trainer (absent in synthetic runs).
+struct ModelWork {
     replica: Replica,
     evaluator: Evaluator,
+}
+
+struct Trainer {
+    run: Run,
+    /// `None`: synthetic outer gradients (`synthetic_params`), for network benchmarks.
+    work: Option<ModelWork>,
+    rng: ChaCha8Rng,
     eval: Vec<crate::data::Batch>,
     stream: Stream,
     corpus: Arc<Corpus>,
@@ -319,8 +326,25 @@ struct Trainer {
 impl Trainer {
     fn train(&mut self, round: u64, theta: Vec<f32>) -> Result<Done, String> {
         let t0 = Instant::now();
-        self.replica.set_params(&theta).map_err(|e| e.to_string())?;
         let h = self.run.config.inner_steps;
+        let Some(work) = &mut self.work else {
+            // Synthetic: a small random outer gradient, so averaging is all that is measured.
+            use rand_chacha::rand_core::RngCore;
+            let delta = (0..theta.len())
+                .map(|_| (self.rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 1e-3)
+                .collect();
+            let c = &self.run.config;
+            let rest = Duration::from_millis(c.synthetic_train_ms).saturating_sub(t0.elapsed());
+            std::thread::sleep(rest);
+            return Ok(Done::Trained {
+                round,
+                delta,
+                tokens: h * (c.batch * c.seq) as u64,
+                loss: 0.0,
+                secs: t0.elapsed().as_secs_f64(),
+            });
+        };
+        work.replica.set_params(&theta).map_err(|e| e.to_string())?;
         let mut loss = 0.0f64;
         for k in 0..h {
             if self.stop.load(Ordering::Relaxed) {
@@ -329,26 +353,32 @@ impl Trainer {
             let step = round * h + k;
             let lr = self.run.inner.lr_at(step);
             let batch = self.stream.batch(&self.corpus, step);
-            loss += self.replica.step(&batch, lr, &self.run.inner).loss as f64;
+            loss += work.replica.step(&batch, lr, &self.run.inner).loss as f64;
         }
-        let local = self.replica.params();
+        let local = work.replica.params();
         let delta = outer_gradient(&theta, &local).map_err(|e| e.to_string())?;
         Ok(Done::Trained {
             round,
             delta,
-            tokens: self.replica.take_tokens(),
+            tokens: work.replica.take_tokens(),
             loss: (loss / h as f64) as f32,
             secs: t0.elapsed().as_secs_f64(),
         })
     }
 
     fn save(&self, job: &SaveJob) -> Result<PathBuf, String> {
-        let (m, v) = self.replica.adam.to_flat(&self.layout);
+        let (m, v, t) = match &self.work {
+            Some(w) => {
+                let (m, v) = w.replica.adam.to_flat(&self.layout);
+                (m, v, w.replica.adam.t)
+            }
+            None => (vec![0.0; job.theta.len()], vec![0.0; job.theta.len()], 0),
+        };
         let state = checkpoint::State {
             version: checkpoint::FORMAT_VERSION,
             step: job.round * self.run.config.inner_steps,
             round: job.round,
-            adam_t: self.replica.adam.t,
+            adam_t: t,
             run: job.run.clone(),
             global_hash: hash_f32(&job.theta),
             files: BTreeMap::new(),
@@ -375,9 +405,15 @@ impl Trainer {
                 Job::Train { round, theta } => {
                     self.train(round, theta).unwrap_or_else(Done::Failed)
                 }
-                Job::Eval { round, theta } => match self.evaluator.loss(&theta, &self.eval) {
-                    Ok(loss) => Done::Evaluated { round, loss },
-                    Err(e) => Done::Failed(e.to_string()),
+                Job::Eval { round, theta } => match &mut self.work {
+                    Some(w) => match w.evaluator.loss(&theta, &self.eval) {
+                        Ok(loss) => Done::Evaluated { round, loss },
+                        Err(e) => Done::Failed(e.to_string()),
+                    },
+                    None => Done::Evaluated {
+                        round,
+                        loss: f32::NAN,
+                    },
                 },
                 Job::Save(job) => Done::Saved {
                     round: job.round,
@@ -431,6 +467,8 @@ struct Node {
     last_checkpoint: Option<PathBuf>,
     /// Founder of the history this node follows.
     founder: Option<ProtoPeer>,
+    /// When this node last finished training, and for which round.
+    trained_at: Option<(u64, Instant)>,
 }
 
 impl Node {
@@ -586,8 +624,18 @@ impl Node {
             round_s = elapsed.unwrap_or(0.0),
             "round decided"
         );
-        self.shared.update(|s| s.last_round_s = elapsed);
-        if self.cfg.eval_windows > 0 && !self.eval_busy {
+        let averaging = self
+            .trained_at
+            .filter(|(r, _)| *r == round)
+            .map(|(_, t)| t.elapsed().as_secs_f64());
+        self.shared.update(|s| {
+            s.last_round_s = elapsed;
+            if averaging.is_some() {
+                s.last_averaging_s = averaging;
+            }
+        });
+        if self.cfg.eval_windows > 0 && self.cfg.run.config.synthetic_params == 0 && !self.eval_busy
+        {
             if let Some(st) = self.state() {
                 let theta = st.theta().to_vec();
                 self.eval_busy = true;
@@ -888,6 +936,7 @@ impl Node {
                 secs,
             } => {
                 self.training = None;
+                self.trained_at = Some((round, Instant::now()));
                 let tok_s = tokens as f64 / secs.max(1e-9);
                 tracing::info!(
                     round,
@@ -1025,7 +1074,15 @@ async fn run_node(
     me: ProtoPeer,
     peer_id: PeerId,
 ) -> Result<JoinReport, JoinError> {
-    let layout = flat::layout(&cfg.run.model.init(&device));
+    let synthetic = cfg.run.config.synthetic_params as usize;
+    let layout = if synthetic > 0 {
+        vec![ParamInfo {
+            name: "synthetic".into(),
+            shape: vec![synthetic],
+        }]
+    } else {
+        flat::layout(&cfg.run.model.init(&device))
+    };
     let n_params: usize = layout.iter().map(ParamInfo::len).sum();
     tracing::info!(params = n_params, model = %cfg.run.model.describe(), "node starting");
 
@@ -1038,22 +1095,31 @@ async fn run_node(
         Some((_, l)) => l.params.clone(),
         None => flat::init_values(&layout, cfg.run.model.n_layers, cfg.run.config.seed),
     };
-    let mut replica = Replica::new(&cfg.run.model, &device, &init)?;
-    if let Some((_, l)) = &restored {
-        if let (Some(m), Some(v)) = (
-            l.optimizer.get(OPT_SUFFIXES[0]),
-            l.optimizer.get(OPT_SUFFIXES[1]),
-        ) {
-            replica.adam = AdamState::from_flat(l.state.adam_t, m, v, &layout, replica.device());
+    let work = if synthetic > 0 {
+        None
+    } else {
+        let mut replica = Replica::new(&cfg.run.model, &device, &init)?;
+        if let Some((_, l)) = &restored {
+            if let (Some(m), Some(v)) = (
+                l.optimizer.get(OPT_SUFFIXES[0]),
+                l.optimizer.get(OPT_SUFFIXES[1]),
+            ) {
+                replica.adam =
+                    AdamState::from_flat(l.state.adam_t, m, v, &layout, replica.device());
+            }
         }
-    }
+        Some(ModelWork {
+            replica,
+            evaluator: Evaluator::new(&cfg.run.model, &device),
+        })
+    };
     let shard_key = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
     let rc = &cfg.run.config;
     let trainer = Trainer {
         run: cfg.run.clone(),
-        replica,
-        evaluator: Evaluator::new(&cfg.run.model, &device),
-        eval: if cfg.eval_windows > 0 {
+        work,
+        rng: ChaCha8Rng::seed_from_u64(shard_key),
+        eval: if cfg.eval_windows > 0 && synthetic == 0 {
             eval_batches(&corpus, rc.seq, rc.batch, cfg.eval_windows)
         } else {
             Vec::new()
@@ -1145,6 +1211,7 @@ async fn run_node(
         global_hash: String::new(),
         last_checkpoint: None,
         founder: None,
+        trained_at: None,
     };
     if let Some((mut st, loaded)) = restored {
         node.founder = loaded

@@ -83,6 +83,12 @@ pub struct RunConfig {
     pub attempt_timeout_ms: u64,
     /// Retry period for fetches, sync and JOIN (ms).
     pub retry_ms: u64,
+    /// Benchmarks only: when > 0, no model is trained; every round each peer contributes a
+    /// random outer gradient of this many values, so a run measures averaging alone.
+    pub synthetic_params: u64,
+    /// Benchmarks only: how long a synthetic "training" phase lasts (ms), standing in for the
+    /// H inner steps so joiners can follow the group.
+    pub synthetic_train_ms: u64,
 }
 
 impl Default for RunConfig {
@@ -105,6 +111,8 @@ impl Default for RunConfig {
             agg_timeout_ms: 10_000,
             attempt_timeout_ms: 30_000,
             retry_ms: 1_000,
+            synthetic_params: 0,
+            synthetic_train_ms: 0,
         }
     }
 }
@@ -204,6 +212,9 @@ impl RunConfig {
             if !(10..=3_600_000).contains(&v) {
                 return bad(format!("{name} {v} must be between 10 and 3600000"));
             }
+        }
+        if self.synthetic_params > (1 << 30) {
+            return bad("synthetic_params must be at most 2^30".into());
         }
         let data_hash = corpus.hash.clone();
         let canonical =

@@ -57,6 +57,9 @@ pub struct Status {
     pub rounds_decided: u64,
     /// Seconds the last decided round took (from the previous decision).
     pub last_round_s: Option<f64>,
+    /// Seconds from this node's READY (training done) to the decision, last round it
+    /// contributed to: the averaging protocol's share of a round.
+    pub last_averaging_s: Option<f64>,
     /// Messages rejected (bad signature, wrong run, malformed, ...).
     pub rejected: u64,
     /// Peers banned on evidence.

@@ -189,7 +189,7 @@ fn two_histories_of_one_run_merge() {
         let corpus = corpus();
         let device = backend::select(BackendChoice::Cpu).unwrap().device;
         let stop = Arc::new(AtomicBool::new(false));
-        let rc = run_config(5);
+        let rc = run_config(20);
         let mut observers = Vec::new();
         let mut tasks = Vec::new();
         for _ in 0..2 {
