@@ -45,9 +45,11 @@ use thiserror::Error;
 use crate::codec::{self, CodecError, Quantization};
 use crate::outer::{self, OuterConfig};
 use crate::wire::{
-    self, Agg, Announce, Body, Close, Commit, Contributor, DecisionProof, Direct, Envelope,
-    Evidence, Hash, PeerId, Promise, Propose, Ready, Seal, SealedShard, Verifier, WireError,
+    self, Agg, Announce, Audit, AuditEntry, Body, Close, Commit, Contributor, DecisionProof,
+    Direct, Envelope, Evidence, Hash, PeerId, Promise, Propose, Ready, Seal, SealedShard,
+    Verifier, WireError,
 };
+use crate::audit;
 
 /// Milliseconds on the caller's clock.
 pub type Time = u64;
@@ -178,6 +180,8 @@ pub enum Timer {
     SealDeadline(u64, u32),
     /// Periodic retries (fetch, sync, join).
     Retry(u64),
+    /// A contributor gossips the audit projections it has not sent yet.
+    AuditFlush(u64),
 }
 
 /// Inputs.
@@ -257,6 +261,14 @@ pub enum Reject {
     /// A decision proof or state did not verify.
     #[error("bad proof: {0}")]
     BadDecision(&'static str),
+    /// An aggregate's random projections disagree with its contributors' AUDITs.
+    #[error("aggregate fails its audit: projection off by {deviation:e} (tolerance {tolerance:e})")]
+    AuditFailed {
+        /// Largest deviation over the projections.
+        deviation: f64,
+        /// Allowed deviation.
+        tolerance: f64,
+    },
 }
 
 /// Outputs.
@@ -325,14 +337,46 @@ pub fn shard_count(cfg: &Config, members: usize) -> usize {
         .max(1)
 }
 
+thread_local! {
+    // Owner and leader rankings are pure functions of (chain, peers, k); every peer of a round
+    // computes the same ones, which in the simulator means n times per round in one process.
+    // One memoized result per thread (keyed by a hash of all inputs) makes that one.
+    static LEADERS: std::cell::RefCell<Option<(Hash, Arc<Vec<PeerId>>)>> =
+        const { std::cell::RefCell::new(None) };
+    static OWNERS: std::cell::RefCell<Option<(Hash, Arc<Vec<Vec<PeerId>>>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn inputs_key(tag: &[u8], chain: &Hash, peers: &[PeerId], k: usize) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(tag);
+    h.update(&chain.0);
+    h.update(&(k as u64).to_le_bytes());
+    for p in peers {
+        h.update(&p.0);
+    }
+    Hash(*h.finalize().as_bytes())
+}
+
 /// Leader order of a round: members ranked by `blake3(chain, "close", peer)`.
 pub fn leader_order(chain: &Hash, members: &[PeerId]) -> Vec<PeerId> {
+    let key = inputs_key(b"leaders", chain, members, 0);
+    if let Some(hit) = LEADERS.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }) {
+        return (*hit).clone();
+    }
     let mut m: Vec<(Hash, PeerId)> = members
         .iter()
         .map(|p| (Hash::of_parts(&[&chain.0, b"close", &p.0]), *p))
         .collect();
     m.sort();
-    m.into_iter().map(|(_, p)| p).collect()
+    let order: Vec<PeerId> = m.into_iter().map(|(_, p)| p).collect();
+    LEADERS.with(|c| *c.borrow_mut() = Some((key, Arc::new(order.clone()))));
+    order
 }
 
 /// Owner then backups for each of `k` shards, among `servers` (sorted), rendezvous-ranked by
@@ -341,32 +385,49 @@ pub fn shard_owners(chain: &Hash, servers: &[PeerId], k: usize) -> Vec<Vec<PeerI
     if servers.is_empty() {
         return vec![Vec::new(); k];
     }
+    let key = inputs_key(b"owners", chain, servers, k);
+    if let Some(hit) = OWNERS.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    }) {
+        return (*hit).clone();
+    }
     let cap = k.div_ceil(servers.len());
-    let mut load: HashMap<PeerId, usize> = HashMap::new();
-    (0..k)
+    let mut load: Vec<usize> = vec![0; servers.len()];
+    let mut ranks: Vec<(Hash, usize)> = Vec::with_capacity(servers.len());
+    let owners: Vec<Vec<PeerId>> = (0..k)
         .map(|s| {
-            let mut ranked: Vec<(Hash, PeerId)> = servers
-                .iter()
-                .map(|p| {
-                    (
-                        Hash::of_parts(&[&chain.0, &(s as u64).to_le_bytes(), &p.0]),
-                        *p,
-                    )
-                })
-                .collect();
-            ranked.sort();
-            let ranked: Vec<PeerId> = ranked.into_iter().map(|(_, p)| p).collect();
-            let owner_pos = ranked
-                .iter()
-                .position(|p| load.get(p).copied().unwrap_or(0) < cap)
+            ranks.clear();
+            ranks.extend(servers.iter().enumerate().map(|(i, p)| {
+                (
+                    Hash::of_parts(&[&chain.0, &(s as u64).to_le_bytes(), &p.0]),
+                    i,
+                )
+            }));
+            // The owner is the best-ranked server below its cap (the best-ranked one if all
+            // are full), the backup the best-ranked other one: two linear scans instead of a
+            // sort (ranks are distinct hashes, so this is the order a sort would give).
+            let best = |skip: Option<usize>, load: Option<&[usize]>| {
+                ranks
+                    .iter()
+                    .filter(|(_, i)| Some(*i) != skip && load.is_none_or(|l| l[*i] < cap))
+                    .min()
+                    .map(|(_, i)| *i)
+            };
+            let owner = best(None, Some(&load))
+                .or_else(|| best(None, None))
                 .unwrap_or(0);
-            let owner = ranked[owner_pos];
-            *load.entry(owner).or_default() += 1;
-            let mut out = vec![owner];
-            out.extend(ranked.iter().copied().filter(|p| *p != owner).take(1));
+            let backup = best(Some(owner), None);
+            load[owner] += 1;
+            let mut out = vec![servers[owner]];
+            out.extend(backup.map(|i| servers[i]));
             out
         })
-        .collect()
+        .collect();
+    OWNERS.with(|c| *c.borrow_mut() = Some((key, Arc::new(owners.clone()))));
+    owners
 }
 
 fn now_ge(now: Time, t: Time, retry: Time) -> bool {
@@ -519,6 +580,11 @@ struct RoundState {
     decide_target: Option<(u32, Hash, Hash)>,
     fetch_pending: BTreeMap<Hash, (Vec<PeerId>, Time)>,
     early_pushes: Vec<(PeerId, Arc<Direct>)>,
+    /// Audit projections received: (close, shard, aggregate) -> contributor index -> values.
+    audits: HashMap<(Hash, u32, Hash), BTreeMap<usize, Vec<f64>>>,
+    /// My audit entries not gossiped yet, per CLOSE, and every (close, shard, agg) I audited.
+    audit_out: BTreeMap<Hash, Vec<AuditEntry>>,
+    audited: BTreeSet<(Hash, u32, Hash)>,
 }
 
 /// One peer's protocol state.
@@ -678,6 +744,10 @@ impl State {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// A payload (shard aggregate) this peer holds, by its blake3 hash.
+    pub fn payload(&self, hash: &Hash) -> Option<&[u8]> {
+        self.store.get(hash).map(|(_, d)| d.as_slice())
+    }
 
     /// Paxos acceptors must not forget their votes: a peer that restarts must not PROMISE or
     /// COMMIT in any round it may have voted in before. The node keeps the highest round it
@@ -789,7 +859,14 @@ impl State {
             );
             return;
         }
-        if self.announced.len() >= MAX_ANNOUNCED_PENDING {
+        // Bounded memory: a member has a handful of large messages per round at most (CLOSE,
+        // SEAL, PROMISE, EVIDENCE), so at most 4 pending fetches per signer.
+        let per_signer = self
+            .announced
+            .values()
+            .filter(|(x, _)| x.signer == env.signer)
+            .count();
+        if self.announced.len() >= MAX_ANNOUNCED_PENDING || per_signer >= 4 {
             return;
         }
         let to = env.signer;
@@ -811,8 +888,7 @@ impl State {
         match wire::open_announced(&ann, bytes) {
             Ok(env) => {
                 self.announced.remove(&hash);
-                self.big
-                    .insert(hash, (ann.round, Arc::new(bytes.to_vec())));
+                self.big.insert(hash, (ann.round, Arc::new(bytes.to_vec())));
                 // Admission again: the round may have moved on while we fetched.
                 self.on_gossip(Arc::new(env), true);
             }
@@ -1007,7 +1083,7 @@ impl State {
                 }
             }
             Body::Announce(a) => self.on_announce(env.clone(), *a),
-            Body::Audit(_) => {}
+            Body::Audit(a) => self.on_audit(signer, a),
             Body::Evidence(e) => match wire::check_evidence(e) {
                 Some(p) => self.ban(p),
                 None => self.reject(
@@ -1027,10 +1103,13 @@ impl State {
         }
         self.r.readies.insert(env.signer, (env.id(), r));
         self.note_reference();
-        let all_ready = self
-            .members
-            .iter()
-            .all(|m| self.r.readies.contains_key(m) || self.banned().contains(m));
+        // READYs are only admitted from members, so fewer READYs than unbanned members means
+        // someone is missing (checked first: the full scan is O(members)).
+        let all_ready = self.r.readies.len() + self.verifier.banned.len() >= self.members.len()
+            && self
+                .members
+                .iter()
+                .all(|m| self.r.readies.contains_key(m) || self.banned().contains(m));
         if all_ready && self.leader(0) == Some(self.me) && self.r.leading.is_none() {
             self.do_close(0);
         }
@@ -1190,6 +1269,13 @@ impl State {
                 Timer::OwnerDeadline(round),
             );
         }
+        if self.audited_rule() && self.r.contrib.is_some() {
+            self.set_timer(self.now + self.cfg.agg_timeout / 2, Timer::AuditFlush(round));
+            self.set_timer(
+                self.now + self.cfg.agg_timeout * 9 / 10,
+                Timer::AuditFlush(round),
+            );
+        }
         if mine_backup {
             self.set_timer(
                 self.now + self.cfg.agg_timeout * 3 / 5,
@@ -1345,9 +1431,165 @@ impl State {
         }
         let list = self.r.aggs.entry((a.close, a.shard)).or_default();
         if list.len() < 8 {
-            list.push((signer, a));
+            list.push((signer, a.clone()));
+            self.audit_agg(&a);
         }
         self.leader_progress();
+    }
+
+    fn audited_rule(&self) -> bool {
+        matches!(self.cfg.rule, Rule::Mean | Rule::NormScreen { .. })
+    }
+
+    /// A contributor included in an AGG projects its own shard for it (see [`crate::audit`]).
+    fn audit_agg(&mut self, a: &Agg) {
+        if !self.audited_rule() || !self.r.audited.insert((a.close, a.shard, a.data)) {
+            return;
+        }
+        let Some(info) = self.r.closes.get(&a.close) else {
+            return;
+        };
+        let Some(c) = self.r.contrib.as_ref() else {
+            return;
+        };
+        let me = self.me;
+        let Some(idx) = info
+            .close
+            .contributors
+            .iter()
+            .position(|x| x.peer == me && x.ready == c.ready_id)
+        else {
+            return;
+        };
+        if !bit(&a.included, idx) {
+            return;
+        }
+        let range = self.shard_range(a.shard as usize);
+        let Some(Ok(v)) = c.shards.get(a.shard as usize).map(|d| codec::decode(d, range.len()))
+        else {
+            return;
+        };
+        let seed = audit::seed(&a.close, a.shard, &a.data);
+        let proj = audit::project(&seed, &v, audit::AUDIT_PROJECTIONS);
+        let entries = self.r.audit_out.entry(a.close).or_default();
+        entries.push(AuditEntry {
+            shard: a.shard,
+            agg: a.data,
+            proj: proj.into_iter().map(f64::to_bits).collect(),
+        });
+        let shards: BTreeSet<u32> = self
+            .r
+            .audited
+            .iter()
+            .filter(|(c, ..)| *c == a.close)
+            .map(|(_, s, _)| *s)
+            .collect();
+        if shards.len() >= self.k() {
+            self.flush_audits();
+        }
+    }
+
+    fn flush_audits(&mut self) {
+        let pending = std::mem::take(&mut self.r.audit_out);
+        for (close, entries) in pending {
+            if !entries.is_empty() {
+                self.gossip(Body::Audit(Audit { close, entries }));
+            }
+        }
+    }
+
+    fn on_audit(&mut self, signer: PeerId, a: &Audit) {
+        // Only the leader collecting for this CLOSE checks aggregates; everyone else drops the
+        // AUDITs (storing n x K projections on every peer costs gigabytes at n = 1000).
+        if !matches!(self.r.leading, Some(Leading::Collecting { close_id, .. }) if close_id == a.close)
+        {
+            return;
+        }
+        let Some(info) = self.r.closes.get(&a.close) else {
+            return;
+        };
+        let Some(idx) = info.close.contributors.iter().position(|c| c.peer == signer) else {
+            self.reject(signer, "AUDIT", Reject::NotAllowed("AUDIT"));
+            return;
+        };
+        let k = self.k();
+        if a.entries.len() > 2 * k {
+            self.reject(signer, "AUDIT", Reject::Malformed("AUDIT entries"));
+            return;
+        }
+        for e in &a.entries {
+            let proj: Vec<f64> = e.proj.iter().map(|b| f64::from_bits(*b)).collect();
+            if e.shard as usize >= k
+                || proj.len() != audit::AUDIT_PROJECTIONS
+                || proj.iter().any(|x| !x.is_finite())
+            {
+                self.reject(signer, "AUDIT", Reject::Malformed("AUDIT entry"));
+                return;
+            }
+            let slot = self.r.audits.entry((a.close, e.shard, e.agg)).or_default();
+            slot.entry(idx).or_insert(proj);
+        }
+        self.leader_progress();
+    }
+
+    /// Whether every included contributor of every AGG for `close_id` has sent its AUDIT.
+    fn audits_complete(&self, close_id: Hash) -> bool {
+        if !self.audited_rule() {
+            return true;
+        }
+        let Some(info) = self.r.closes.get(&close_id) else {
+            return true;
+        };
+        let n = info.close.contributors.len();
+        (0..self.k() as u32).all(|s| {
+            self.r.aggs.get(&(close_id, s)).into_iter().flatten().all(|(_, a)| {
+                let got = self.r.audits.get(&(close_id, s, a.data));
+                (0..n).all(|i| !bit(&a.included, i) || got.is_some_and(|g| g.contains_key(&i)))
+            })
+        })
+    }
+
+    /// Checks an aggregate against its contributors' projections. `None`: not auditable (rule,
+    /// or some included contributor sent no AUDIT); `Some(Err(..))`: it fails. An owner that
+    /// includes itself must audit its own aggregate (an honest one always does): one that
+    /// withholds its AUDIT to make its aggregate unauditable fails.
+    fn audit_check(
+        &self,
+        info: &CloseInfo,
+        close_id: Hash,
+        shard: u32,
+        owner: PeerId,
+        a: &Agg,
+        values: &[f32],
+    ) -> Option<Result<(), Reject>> {
+        if !self.audited_rule() {
+            return None;
+        }
+        let got = self.r.audits.get(&(close_id, shard, a.data));
+        let owner_idx = info.close.contributors.iter().position(|c| c.peer == owner);
+        if let Some(i) = owner_idx.filter(|i| bit(&a.included, *i)) {
+            if !got.is_some_and(|g| g.contains_key(&i)) {
+                return Some(Err(Reject::Malformed("AGG not audited by its own owner")));
+            }
+        }
+        let got = got?;
+        let mut inputs: Vec<(&[f64], u64)> = Vec::new();
+        let mut max_norm = 0f32;
+        for (i, c) in info.close.contributors.iter().enumerate() {
+            if !bit(&a.included, i) {
+                continue;
+            }
+            inputs.push((got.get(&i)?.as_slice(), self.weight(c.info.tokens)));
+            max_norm = max_norm.max(f32::from_bits(c.info.norm_bits));
+        }
+        let want = audit::expected(&inputs)?;
+        let seed = audit::seed(&close_id, shard, &a.data);
+        let actual = audit::project(&seed, values, audit::AUDIT_PROJECTIONS);
+        let tolerance = audit::tolerance(self.cfg.codec, values, inputs.len(), max_norm);
+        Some(
+            audit::check(&actual, &want, tolerance)
+                .map_err(|deviation| Reject::AuditFailed { deviation, tolerance }),
+        )
     }
 
     fn on_timer(&mut self, t: Timer, rng: &mut dyn RngCore) {
@@ -1368,6 +1610,7 @@ impl State {
                 }
             }
             Timer::BackupCheck(r) if r == self.round => self.backup_check(),
+            Timer::AuditFlush(r) if r == self.round => self.flush_audits(),
             Timer::SealDeadline(r, b) if r == self.round => self.seal_deadline(b),
             Timer::Attempt(r, b) if r == self.round => {
                 let n = self.members.len().max(1) as u32;
@@ -1516,7 +1759,7 @@ impl State {
                 },
             );
         }
-        if complete && self.r.fetch_pending.is_empty() {
+        if complete && self.r.fetch_pending.is_empty() && self.audits_complete(close_id) {
             if let Some(Leading::Collecting { ballot, .. }) = self.r.leading {
                 self.seal_deadline(ballot);
             }
@@ -1590,6 +1833,10 @@ impl State {
                             bound: max_in,
                         },
                     );
+                    continue;
+                }
+                if let Some(Err(why)) = self.audit_check(&info, close_id, s as u32, p, &a, &v) {
+                    self.reject(p, "AGG", why);
                     continue;
                 }
                 pick = Some(SealedShard {
@@ -2294,7 +2541,11 @@ impl State {
             conflicts.sort();
             conflicts.dedup();
             for p in conflicts {
-                self.reject(p, "STATE", Reject::BadDecision("donors disagree on the state"));
+                self.reject(
+                    p,
+                    "STATE",
+                    Reject::BadDecision("donors disagree on the state"),
+                );
             }
             // Ask someone else now rather than at the next retry.
             self.last_sync = None;
@@ -2312,7 +2563,11 @@ impl State {
         if self.synced || self.candidates.len() != 1 {
             return;
         }
-        if self.now >= self.candidates[0].since.saturating_add(LONE_STATE_RETRIES * self.cfg.retry) {
+        if self.now
+            >= self.candidates[0]
+                .since
+                .saturating_add(LONE_STATE_RETRIES * self.cfg.retry)
+        {
             if let Some(c) = self.candidates.pop() {
                 self.adopt_state(c);
             }
@@ -2356,4 +2611,52 @@ fn linked(hi: &StateCandidate, lo: &StateCandidate) -> bool {
         .filter(|p| lo.members.binary_search(p).is_ok())
         .count();
     overlap * 3 > lo.members.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The owner ranking as first written (full sort per shard), to check the linear-scan
+    /// version and its memo against.
+    fn owners_by_sorting(chain: &Hash, servers: &[PeerId], k: usize) -> Vec<Vec<PeerId>> {
+        let cap = k.div_ceil(servers.len());
+        let mut load: HashMap<PeerId, usize> = HashMap::new();
+        (0..k)
+            .map(|s| {
+                let mut ranked: Vec<(Hash, PeerId)> = servers
+                    .iter()
+                    .map(|p| (Hash::of_parts(&[&chain.0, &(s as u64).to_le_bytes(), &p.0]), *p))
+                    .collect();
+                ranked.sort();
+                let ranked: Vec<PeerId> = ranked.into_iter().map(|(_, p)| p).collect();
+                let pos = ranked
+                    .iter()
+                    .position(|p| load.get(p).copied().unwrap_or(0) < cap)
+                    .unwrap_or(0);
+                let owner = ranked[pos];
+                *load.entry(owner).or_default() += 1;
+                let mut out = vec![owner];
+                out.extend(ranked.iter().copied().filter(|p| *p != owner).take(1));
+                out
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shard_owners_match_the_sorted_ranking() {
+        for n in [1usize, 2, 3, 7, 64, 300] {
+            for k in [1usize, 5, 64, 256] {
+                let mut servers: Vec<PeerId> = (0..n as u32)
+                    .map(|i| PeerId(Hash::of(&(i + 1000 * n as u32).to_le_bytes()).0))
+                    .collect();
+                servers.sort();
+                let chain = Hash::of(&[n as u8, k as u8]);
+                let want = owners_by_sorting(&chain, &servers, k);
+                assert_eq!(shard_owners(&chain, &servers, k), want, "n={n} k={k}");
+                // Memoized second call.
+                assert_eq!(shard_owners(&chain, &servers, k), want, "n={n} k={k}");
+            }
+        }
+    }
 }

@@ -5,9 +5,11 @@
 //! * [`wire`]: versioned protocol ids, signed bincode-2 envelopes, direct messages, frames.
 //! * [`averaging`]: the sealed-round state machine (events in, actions out).
 //! * [`outer`]: the Nesterov outer step, shared by every peer bit for bit.
+//! * [`audit`]: random-projection audits of the owners' aggregates.
 //! * [`sim`]: a seeded discrete-event simulator that runs many peers of [`averaging::State`].
 //!
 //! docs/PROTOCOL.md describes the protocol in prose.
+pub mod audit;
 pub mod averaging;
 pub mod codec;
 pub mod outer;

@@ -46,6 +46,9 @@ pub enum Attack {
     /// Answers every state request with a fabricated State three rounds ahead: random theta,
     /// a SEAL naming only itself as next member, and its own COMMIT as the "quorum".
     FakeState,
+    /// As a shard owner, gossips AGGs for a tampered aggregate (every sign flipped: same norm)
+    /// and serves the tampered bytes; the audits must keep it out of every SEAL.
+    LyingOwner,
 }
 
 /// A scheduled fault.
@@ -195,6 +198,10 @@ pub struct Report {
     pub wire_errors: u64,
     /// ANNOUNCE messages sent (bodies too large for gossip, fetched directly).
     pub announces: u64,
+    /// Tampered aggregates a lying owner gossiped.
+    pub lies_told: u64,
+    /// Sealed shards, in the decisions honest peers hold at the end, whose aggregate is a lie.
+    pub lies_sealed: u64,
 }
 
 impl Report {
@@ -250,6 +257,8 @@ struct Peer {
     target: Vec<f32>,
     sent_envs: Vec<Arc<Envelope>>,
     bad_shards: Option<(u64, Vec<Vec<u8>>, Vec<Hash>)>,
+    fake_payloads: HashMap<Hash, Vec<u8>>,
+    lie_map: HashMap<Hash, Hash>,
     churned: bool,
     voted: Option<u64>,
 }
@@ -396,6 +405,8 @@ impl Sim {
             target,
             sent_envs: Vec::new(),
             bad_shards: None,
+            fake_payloads: HashMap::new(),
+            lie_map: HashMap::new(),
             churned: false,
             voted: None,
         });
@@ -639,6 +650,8 @@ impl Sim {
                 ),
                 Body::Ready(r),
             ) => self.bad_ready(i, &env, r.clone()),
+            (Some(Attack::LyingOwner), Body::Agg(a)) => self.lying_agg(i, &env, a.clone()),
+            (Some(Attack::LyingOwner), Body::Audit(a)) => self.lying_audit(i, &env, a.clone()),
             _ => env,
         };
         self.gossip_from(i, env.clone());
@@ -733,6 +746,67 @@ impl Sim {
             env.round,
             env.chain,
             Body::Ready(ready),
+        ))
+    }
+
+    /// Replaces an owner's AGG with one for the sign-flipped aggregate.
+    fn lying_agg(&mut self, i: usize, env: &Arc<Envelope>, mut a: wire::Agg) -> Arc<Envelope> {
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return env.clone();
+        };
+        let k = averaging::shard_count(st.config(), st.members().len());
+        let Some(range) = codec::shards(self.cfg.len, k).get(a.shard as usize).cloned() else {
+            return env.clone();
+        };
+        let Some(Ok(v)) = st.payload(&a.data).map(|d| codec::decode(d, range.len())) else {
+            return env.clone();
+        };
+        let lie: Vec<f32> = v.iter().map(|x| -x).collect();
+        let bytes = codec::encode(st.config().codec, &lie);
+        let honest = a.data;
+        a.data = Hash::of(&bytes);
+        self.peers[i].lie_map.insert(honest, a.data);
+        self.peers[i].fake_payloads.insert(a.data, bytes);
+        self.report.lies_told += 1;
+        Arc::new(Envelope::sign(
+            &self.peers[i].key,
+            env.run,
+            env.round,
+            env.chain,
+            Body::Agg(a),
+        ))
+    }
+
+    /// A lying owner also audits its own tampered aggregate (honestly projecting its own shard
+    /// for the tampered aggregate's seed), so only the projections can give it away.
+    fn lying_audit(&mut self, i: usize, env: &Arc<Envelope>, mut a: wire::Audit) -> Arc<Envelope> {
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return env.clone();
+        };
+        let k = averaging::shard_count(st.config(), st.members().len());
+        let ranges = codec::shards(self.cfg.len, k);
+        let delta = codec::quantize_roundtrip(
+            st.config().codec,
+            &model_delta(st.theta(), &self.peers[i].target),
+        );
+        for e in &mut a.entries {
+            let (Some(fake), Some(r)) = (
+                self.peers[i].lie_map.get(&e.agg).copied(),
+                ranges.get(e.shard as usize),
+            ) else {
+                continue;
+            };
+            let seed = crate::audit::seed(&a.close, e.shard, &fake);
+            let proj = crate::audit::project(&seed, &delta[r.clone()], crate::audit::AUDIT_PROJECTIONS);
+            e.agg = fake;
+            e.proj = proj.into_iter().map(f64::to_bits).collect();
+        }
+        Arc::new(Envelope::sign(
+            &self.peers[i].key,
+            env.run,
+            env.round,
+            env.chain,
+            Body::Audit(a),
         ))
     }
 
@@ -917,13 +991,27 @@ impl Sim {
     }
 
     fn feed(&mut self, i: usize, ev: InEvent) {
-        if let (Some(Attack::FakeState), InEvent::Direct { from, msg }) = (self.peers[i].attack, &ev)
+        if let (Some(Attack::FakeState), InEvent::Direct { from, msg }) =
+            (self.peers[i].attack, &ev)
         {
             if matches!(**msg, Direct::StateRequest) {
                 if let Some(fake) = self.fake_state(i) {
                     self.direct_from(i, *from, Arc::new(fake));
                 }
                 return;
+            }
+        }
+        if let InEvent::Direct { from, msg } = &ev {
+            if let Direct::Fetch { round, hash } = &**msg {
+                if let Some(data) = self.peers[i].fake_payloads.get(hash).cloned() {
+                    let reply = Direct::Data {
+                        round: *round,
+                        hash: *hash,
+                        data,
+                    };
+                    self.direct_from(i, *from, Arc::new(reply));
+                    return;
+                }
             }
         }
         let now = self.now;
@@ -991,6 +1079,11 @@ impl Sim {
                     .map(|s| (s.round(), s.state_hash()))
             })
             .collect();
+        let lies: std::collections::HashSet<Hash> = self
+            .peers
+            .iter()
+            .flat_map(|p| p.fake_payloads.keys().copied())
+            .collect();
         for (i, p) in self.peers.iter().enumerate() {
             if let Some(s) = p
                 .state
@@ -998,6 +1091,17 @@ impl Sim {
                 .filter(|s| s.is_synced() && p.attack.is_none())
             {
                 r.thetas.push((i, s.round(), s.theta().to_vec()));
+                for d in s.decisions() {
+                    if let Body::Seal(prop) = &d.seal.body {
+                        r.lies_sealed += prop
+                            .seal
+                            .shards
+                            .iter()
+                            .flatten()
+                            .filter(|x| lies.contains(&x.data))
+                            .count() as u64;
+                    }
+                }
             }
         }
         for ((_, _), (d, c)) in &self.bytes {

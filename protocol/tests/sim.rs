@@ -267,7 +267,7 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             // attacker is excluded (late) nothing of it arrives: only agreement is checked.
             Attack::NormLie(_) => true,
             Attack::Equivocate => r.bans.iter().any(|(_, whom)| *whom == n - 1),
-            Attack::Scaled(_) | Attack::FakeState => true,
+            Attack::Scaled(_) | Attack::FakeState | Attack::LyingOwner => true,
         };
         // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
         // all seeds every attack must have been caught with its reason.
@@ -393,7 +393,11 @@ fn announced_envelopes_under_loss_and_crashes() {
             r.min_round()
         );
         assert_eq!((r.oversized_gossip, r.wire_errors), (0, 0), "seed {seed}");
-        assert!(r.max_gossip_bytes <= 700, "seed {seed}: {}", r.max_gossip_bytes);
+        assert!(
+            r.max_gossip_bytes <= 700,
+            "seed {seed}: {}",
+            r.max_gossip_bytes
+        );
         announced += r.announces;
     }
     assert!(announced > 0, "nothing was announced");
@@ -410,7 +414,9 @@ fn joiner_cross_checks_donors_against_a_fake_state() {
         c.rounds = 7;
         c.max_time = 60_000;
         c.malicious.push((n - 1, Attack::FakeState));
-        c.faults.push(Fault::Join { at: 300 + (seed % 5) * 150 });
+        c.faults.push(Fault::Join {
+            at: 300 + (seed % 5) * 150,
+        });
         c.faults.push(Fault::Join { at: 1_000 });
         let r = sim::run(c.clone());
         check_safety(seed, &r);
@@ -436,4 +442,58 @@ fn joiner_cross_checks_donors_against_a_fake_state() {
             .count();
     }
     assert!(caught > 0, "the fake state was never reported");
+}
+
+/// An owner that gossips AGGs for a sign-flipped aggregate (same norm, so the norm check
+/// passes) is caught by the random-projection audits: its aggregate is never sealed, it is
+/// rejected with `AuditFailed`, and honest peers agree.
+#[test]
+fn audits_keep_a_lying_owner_out_of_every_seal() {
+    let (mut told, mut caught, mut by_projection) = (0, 0, 0);
+    for seed in sim::seeds(200) {
+        let n = 5 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 3;
+        c.max_time = 60_000;
+        c.malicious.push((n - 1, Attack::LyingOwner));
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {}",
+            r.min_round()
+        );
+        assert_eq!(r.lies_sealed, 0, "seed {seed}: a lie was sealed");
+        told += r.lies_told;
+        caught += r
+            .rejections
+            .iter()
+            .filter(|(_, f, _, w)| {
+                *f == n - 1
+                    && matches!(
+                        w,
+                        Reject::AuditFailed { .. }
+                            | Reject::Malformed("AGG not audited by its own owner")
+                    )
+            })
+            .count();
+        by_projection += r
+            .rejections
+            .iter()
+            .filter(|(_, f, _, w)| *f == n - 1 && matches!(w, Reject::AuditFailed { .. }))
+            .count();
+        // No honest owner fails an audit.
+        assert!(
+            r.rejections
+                .iter()
+                .all(|(_, f, _, w)| *f == n - 1 || !matches!(w, Reject::AuditFailed { .. })),
+            "seed {seed}: honest aggregate failed its audit"
+        );
+    }
+    println!("lies told {told}, rejected {caught}, of which by projection {by_projection}");
+    assert!(told > 0 && caught > 0, "told {told}, caught {caught}");
+    if sim::seeds(200).len() >= 20 {
+        assert!(by_projection > 0, "no lie was caught by its projections");
+    }
 }
