@@ -432,12 +432,41 @@ pub fn quantize_roundtrip(q: Quantization, values: &[f32]) -> Vec<f32> {
 // ---------------------------------------------------------------------------------------------
 // Container.
 
+thread_local! {
+    // zstd contexts are costly to create (a large share of the simulator's time at n = 256 was
+    // spent in ZSTD_createCCtx/DCtx); one per thread is reused. Same bytes as the one-shot API.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn compress(raw: &[u8]) -> Vec<u8> {
+    let reused = COMPRESSOR.with(|c| {
+        let mut c = c.try_borrow_mut().ok()?;
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut()?.compress(raw).ok()
+    });
     // Compressing an in-memory buffer only fails on allocation failure inside zstd; keep the
     // payload uncompressed-in-a-frame semantics impossible to get wrong by retrying at level 0.
-    zstd::bulk::compress(raw, ZSTD_LEVEL)
+    reused
+        .map(Ok)
+        .unwrap_or_else(|| zstd::bulk::compress(raw, ZSTD_LEVEL))
         .or_else(|_| zstd::bulk::compress(raw, 0))
         .unwrap_or_default()
+}
+
+fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    let reused = DECOMPRESSOR.with(|d| {
+        let mut d = d.try_borrow_mut().ok()?;
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        Some(d.as_mut()?.decompress(frame, capacity))
+    });
+    reused.unwrap_or_else(|| zstd::bulk::decompress(frame, capacity))
 }
 
 /// Quantizes `values` with `q` and compresses them: header + one zstd frame.
@@ -524,7 +553,7 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 fn decompress_exact(frame: &[u8], expected: usize) -> Result<Vec<u8>, CodecError> {
     // `expected` is already bounded by the caller's max_len; zstd writes at most `expected`
     // bytes and fails if the frame holds more.
-    let raw = zstd::bulk::decompress(frame, expected)
+    let raw = decompress(frame, expected)
         .map_err(|e| CodecError::Payload(format!("zstd: {e}")))?;
     if raw.len() != expected {
         return Err(CodecError::Payload(format!(
