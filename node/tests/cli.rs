@@ -229,3 +229,61 @@ fn bad_input_gets_a_clear_error() {
     args.push("--resume");
     fails_with(&args, "corrupt or truncated");
 }
+
+#[test]
+fn join_bad_input_gets_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    fails_with(&["join", "--bootstrap", "127.0.0.1:4001"], "is not a multiaddr");
+    fails_with(
+        &["join", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"],
+        "has no /p2p/<peer id>",
+    );
+    fails_with(&["join", "--listen", "/dns4/x/tcp/1"], "listen address");
+    let bad = tmp.path().join("run.json");
+    std::fs::write(&bad, r#"{"model":"tiny","inner_step":5}"#).unwrap();
+    fails_with(
+        &["join", "--run-config", bad.to_str().unwrap()],
+        "unknown field `inner_step`",
+    );
+    fails_with(&["join", "--inner-steps", "0"], "inner_steps (H) must be at least 1");
+    fails_with(&["join", "--quantize", "int3"], "quantize");
+    let key = tmp.path().join("bad.key");
+    std::fs::write(&key, "not a key").unwrap();
+    fails_with(
+        &["join", "--key", key.to_str().unwrap(), "--backend", "cpu"],
+        "is not a diloco key",
+    );
+    // Ports in use: the swarm's listen address and the status address.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    fails_with(
+        &[
+            "join",
+            "--backend",
+            "cpu",
+            "--listen",
+            &format!("/ip4/127.0.0.1/tcp/{port}"),
+        ],
+        "cannot listen",
+    );
+    fails_with(
+        &[
+            "join",
+            "--backend",
+            "cpu",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--status-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        "cannot serve status",
+    );
+    // A checkpoint directory written by `train` is not a node checkpoint.
+    let dir = tmp.path().join("ck");
+    let d = dir.to_str().unwrap();
+    json(&run(&train_args(d, "2")));
+    fails_with(
+        &["join", "--backend", "cpu", "--checkpoint-dir", d],
+        "different run",
+    );
+}
