@@ -43,8 +43,7 @@ pub fn project(seed: &Hash, values: &[f32], count: usize) -> Vec<f64> {
     let scale = 1.0 / (values.len().max(1) as f64).sqrt();
     (0..count as u32)
         .map(|j| {
-            let mut rng =
-                ChaCha8Rng::from_seed(Hash::of_parts(&[&seed.0, &j.to_le_bytes()]).0);
+            let mut rng = ChaCha8Rng::from_seed(Hash::of_parts(&[&seed.0, &j.to_le_bytes()]).0);
             let mut acc = 0f64;
             for chunk in values.chunks(64) {
                 let bits = rng.next_u64();
@@ -68,12 +67,7 @@ pub fn expected(inputs: &[(&[f64], u64)]) -> Option<Vec<f64>> {
     }
     Some(
         (0..count)
-            .map(|j| {
-                inputs
-                    .iter()
-                    .map(|(p, w)| p[j] * (*w as f64 / total))
-                    .sum()
-            })
+            .map(|j| inputs.iter().map(|(p, w)| p[j] * (*w as f64 / total)).sum())
             .collect(),
     )
 }
@@ -127,12 +121,12 @@ pub fn check(actual: &[f64], expected: &[f64], tol: f64) -> Result<(), f64> {
 mod tests {
     use super::{check, expected, project, seed, tolerance, AUDIT_PROJECTIONS};
     use crate::averaging::{aggregate, Rule};
+    use crate::codec;
     use crate::codec::Quantization;
     use crate::wire::Hash;
+    use proptest::prelude::*;
     use rand_chacha::rand_core::{RngCore, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-    use crate::codec;
-    use proptest::prelude::*;
 
     fn vecs(seed: u64, n: usize, len: usize) -> Vec<Vec<f32>> {
         let mut r = ChaCha8Rng::seed_from_u64(seed);

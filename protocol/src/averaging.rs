@@ -42,14 +42,14 @@ use ed25519_dalek::SigningKey;
 use rand_chacha::rand_core::RngCore;
 use thiserror::Error;
 
+use crate::audit;
 use crate::codec::{self, CodecError, Quantization};
 use crate::outer::{self, OuterConfig};
 use crate::wire::{
     self, Agg, Announce, Audit, AuditEntry, Body, Close, Commit, Contributor, DecisionProof,
-    Direct, Envelope, Evidence, Hash, PeerId, Promise, Propose, Ready, Seal, SealedShard,
-    Verifier, WireError,
+    Direct, Envelope, Evidence, Hash, PeerId, Promise, Propose, Ready, Seal, SealedShard, Verifier,
+    WireError,
 };
-use crate::audit;
 
 /// Milliseconds on the caller's clock.
 pub type Time = u64;
@@ -262,7 +262,9 @@ pub enum Reject {
     #[error("bad proof: {0}")]
     BadDecision(&'static str),
     /// An aggregate's random projections disagree with its contributors' AUDITs.
-    #[error("aggregate fails its audit: projection off by {deviation:e} (tolerance {tolerance:e})")]
+    #[error(
+        "aggregate fails its audit: projection off by {deviation:e} (tolerance {tolerance:e})"
+    )]
     AuditFailed {
         /// Largest deviation over the projections.
         deviation: f64,
@@ -337,13 +339,16 @@ pub fn shard_count(cfg: &Config, members: usize) -> usize {
         .max(1)
 }
 
+/// Owner then backup per shard, shared by the memo below.
+type OwnerTable = Arc<Vec<Vec<PeerId>>>;
+
 thread_local! {
     // Owner and leader rankings are pure functions of (chain, peers, k); every peer of a round
     // computes the same ones, which in the simulator means n times per round in one process.
     // One memoized result per thread (keyed by a hash of all inputs) makes that one.
     static LEADERS: std::cell::RefCell<Option<(Hash, Arc<Vec<PeerId>>)>> =
         const { std::cell::RefCell::new(None) };
-    static OWNERS: std::cell::RefCell<Option<(Hash, Arc<Vec<Vec<PeerId>>>)>> =
+    static OWNERS: std::cell::RefCell<Option<(Hash, OwnerTable)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -828,16 +833,13 @@ impl State {
             self.out.push(OutEvent::Gossip(env.clone()));
         } else {
             // Too large for gossip: announce its hash, serve the bytes on request.
-            match wire::announce(&self.key, &env) {
-                Ok((ann, bytes)) => {
-                    if let Body::Announce(a) = &ann.body {
-                        self.big.insert(a.hash, (self.round, Arc::new(bytes)));
-                    }
-                    self.out.push(OutEvent::Gossip(Arc::new(ann)));
+            // Beyond MAX_ANNOUNCED_BYTES it cannot be sent at all: peers see a silent sender
+            // (a crash), which the protocol tolerates.
+            if let Ok((ann, bytes)) = wire::announce(&self.key, &env) {
+                if let Body::Announce(a) = &ann.body {
+                    self.big.insert(a.hash, (self.round, Arc::new(bytes)));
                 }
-                // Beyond MAX_ANNOUNCED_BYTES: cannot be sent at all; peers see a silent
-                // sender (a crash), which the protocol tolerates.
-                Err(_) => {}
+                self.out.push(OutEvent::Gossip(Arc::new(ann)));
             }
         }
         self.process(env);
@@ -1270,7 +1272,10 @@ impl State {
             );
         }
         if self.audited_rule() && self.r.contrib.is_some() {
-            self.set_timer(self.now + self.cfg.agg_timeout / 2, Timer::AuditFlush(round));
+            self.set_timer(
+                self.now + self.cfg.agg_timeout / 2,
+                Timer::AuditFlush(round),
+            );
             self.set_timer(
                 self.now + self.cfg.agg_timeout * 9 / 10,
                 Timer::AuditFlush(round),
@@ -1465,7 +1470,10 @@ impl State {
             return;
         }
         let range = self.shard_range(a.shard as usize);
-        let Some(Ok(v)) = c.shards.get(a.shard as usize).map(|d| codec::decode(d, range.len()))
+        let Some(Ok(v)) = c
+            .shards
+            .get(a.shard as usize)
+            .map(|d| codec::decode(d, range.len()))
         else {
             return;
         };
@@ -1508,7 +1516,12 @@ impl State {
         let Some(info) = self.r.closes.get(&a.close) else {
             return;
         };
-        let Some(idx) = info.close.contributors.iter().position(|c| c.peer == signer) else {
+        let Some(idx) = info
+            .close
+            .contributors
+            .iter()
+            .position(|c| c.peer == signer)
+        else {
             self.reject(signer, "AUDIT", Reject::NotAllowed("AUDIT"));
             return;
         };
@@ -1542,10 +1555,15 @@ impl State {
         };
         let n = info.close.contributors.len();
         (0..self.k() as u32).all(|s| {
-            self.r.aggs.get(&(close_id, s)).into_iter().flatten().all(|(_, a)| {
-                let got = self.r.audits.get(&(close_id, s, a.data));
-                (0..n).all(|i| !bit(&a.included, i) || got.is_some_and(|g| g.contains_key(&i)))
-            })
+            self.r
+                .aggs
+                .get(&(close_id, s))
+                .into_iter()
+                .flatten()
+                .all(|(_, a)| {
+                    let got = self.r.audits.get(&(close_id, s, a.data));
+                    (0..n).all(|i| !bit(&a.included, i) || got.is_some_and(|g| g.contains_key(&i)))
+                })
         })
     }
 
@@ -1587,8 +1605,10 @@ impl State {
         let actual = audit::project(&seed, values, audit::AUDIT_PROJECTIONS);
         let tolerance = audit::tolerance(self.cfg.codec, values, inputs.len(), max_norm);
         Some(
-            audit::check(&actual, &want, tolerance)
-                .map_err(|deviation| Reject::AuditFailed { deviation, tolerance }),
+            audit::check(&actual, &want, tolerance).map_err(|deviation| Reject::AuditFailed {
+                deviation,
+                tolerance,
+            }),
         )
     }
 
@@ -1660,7 +1680,7 @@ impl State {
             .collect();
         stale.sort(); // HashMap order is not deterministic; the simulator's traces must be
         for (hash, signer, round) in stale {
-            let to = if self.members.is_empty() || rng.next_u32() % 2 == 0 {
+            let to = if self.members.is_empty() || rng.next_u32().is_multiple_of(2) {
                 signer
             } else {
                 self.members[rng.next_u32() as usize % self.members.len()]
@@ -2626,7 +2646,12 @@ mod tests {
             .map(|s| {
                 let mut ranked: Vec<(Hash, PeerId)> = servers
                     .iter()
-                    .map(|p| (Hash::of_parts(&[&chain.0, &(s as u64).to_le_bytes(), &p.0]), *p))
+                    .map(|p| {
+                        (
+                            Hash::of_parts(&[&chain.0, &(s as u64).to_le_bytes(), &p.0]),
+                            *p,
+                        )
+                    })
                     .collect();
                 ranked.sort();
                 let ranked: Vec<PeerId> = ranked.into_iter().map(|(_, p)| p).collect();

@@ -553,8 +553,7 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 fn decompress_exact(frame: &[u8], expected: usize) -> Result<Vec<u8>, CodecError> {
     // `expected` is already bounded by the caller's max_len; zstd writes at most `expected`
     // bytes and fails if the frame holds more.
-    let raw = decompress(frame, expected)
-        .map_err(|e| CodecError::Payload(format!("zstd: {e}")))?;
+    let raw = decompress(frame, expected).map_err(|e| CodecError::Payload(format!("zstd: {e}")))?;
     if raw.len() != expected {
         return Err(CodecError::Payload(format!(
             "decompressed {} bytes, expected {expected}",

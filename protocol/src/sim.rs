@@ -755,7 +755,10 @@ impl Sim {
             return env.clone();
         };
         let k = averaging::shard_count(st.config(), st.members().len());
-        let Some(range) = codec::shards(self.cfg.len, k).get(a.shard as usize).cloned() else {
+        let Some(range) = codec::shards(self.cfg.len, k)
+            .get(a.shard as usize)
+            .cloned()
+        else {
             return env.clone();
         };
         let Some(Ok(v)) = st.payload(&a.data).map(|d| codec::decode(d, range.len())) else {
@@ -797,7 +800,8 @@ impl Sim {
                 continue;
             };
             let seed = crate::audit::seed(&a.close, e.shard, &fake);
-            let proj = crate::audit::project(&seed, &delta[r.clone()], crate::audit::AUDIT_PROJECTIONS);
+            let proj =
+                crate::audit::project(&seed, &delta[r.clone()], crate::audit::AUDIT_PROJECTIONS);
             e.agg = fake;
             e.proj = proj.into_iter().map(f64::to_bits).collect();
         }

@@ -1079,7 +1079,7 @@ mod tests {
                 },
             })
             .collect();
-        contributors.sort_by(|a, b| a.peer.cmp(&b.peer));
+        contributors.sort_by_key(|c| c.peer);
         Close {
             ballot: 0,
             contributors,
@@ -1107,10 +1107,7 @@ mod tests {
                 .collect(),
             next_members: members,
         };
-        for body in [
-            Body::Close(close),
-            Body::Seal(Propose { ballot: 3, seal }),
-        ] {
+        for body in [Body::Close(close), Body::Seal(Propose { ballot: 3, seal })] {
             let full = Envelope::sign(&k7, run, 9, Hash::of(b"chain"), body);
             // Too large for gossip, as it was before announcements.
             assert!(matches!(full.to_bytes(), Err(WireError::TooLarge { .. })));
@@ -1138,7 +1135,11 @@ mod tests {
                 open_announced(&ann, &bytes[..bytes.len() - 1]),
                 Err(WireError::AnnounceMismatch)
             );
-            let (other_ann, _) = announce(&key(8), &Envelope::sign(&key(8), run, 9, Hash::of(b"chain"), full.body.clone())).unwrap();
+            let (other_ann, _) = announce(
+                &key(8),
+                &Envelope::sign(&key(8), run, 9, Hash::of(b"chain"), full.body.clone()),
+            )
+            .unwrap();
             assert!(open_announced(&other_ann, &bytes).is_err());
             // A forged signature inside correctly hashed bytes is caught too.
             let mut forged = full.clone();
