@@ -549,7 +549,7 @@ impl Sim {
             match out {
                 OutEvent::Gossip(env) => {
                     let kind = env.body.kind();
-                    if matches!(env.body, Body::Commit(_) | Body::Promise(_)) {
+                    if env.body.is_vote() {
                         // The durable vote record a real node writes before sending.
                         let v = &mut self.peers[i].voted;
                         *v = Some(v.map_or(env.round, |x| x.max(env.round)));

@@ -433,6 +433,17 @@ impl Body {
         }
     }
 
+    /// Whether sending this body casts a Paxos vote that must be made durable first (see
+    /// `State::set_vote_from`): PROMISE and COMMIT, and an ANNOUNCE of either (a PROMISE
+    /// carrying a SEAL over the gossip cap goes out as an ANNOUNCE).
+    pub fn is_vote(&self) -> bool {
+        match self {
+            Body::Promise(_) | Body::Commit(_) => true,
+            Body::Announce(a) => a.kind == 4 || a.kind == 6,
+            _ => false,
+        }
+    }
+
     /// A small number per body kind (used in [`Announce::kind`]).
     pub fn tag(&self) -> u8 {
         match self {
