@@ -566,7 +566,7 @@ impl Node {
     }
 
     fn publish(&mut self, env: &Envelope) -> Result<(), JoinError> {
-        if matches!(env.body, Body::Commit(_) | Body::Promise(_)) {
+        if env.body.is_vote() {
             self.votes.record(env.round)?;
         }
         match env.to_bytes() {

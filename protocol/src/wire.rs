@@ -34,8 +34,11 @@ pub const SHARD_PROTOCOL: &str = "/diloco/shard/1";
 pub const SYNC_PROTOCOL: &str = "/diloco/sync/1";
 /// Largest gossip message (gossipsub's default cap).
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+/// How many rounds old a JOIN may be and still be accepted.
+pub const JOIN_WINDOW: u64 = 8;
+
 /// Largest direct message.
-pub const MAX_DIRECT_BYTES: usize = 256 * 1024 * 1024;
+pub const MAX_DIRECT_BYTES: usize = 1024 * 1024 * 1024;
 /// Largest signed envelope that travels by announcement: a body whose envelope would exceed
 /// [`MAX_GOSSIP_BYTES`] (CLOSE and SEAL above ~500 contributors, PROMISE carrying such a SEAL,
 /// EVIDENCE over two of them) is gossiped as a small signed [`Announce`] naming the blake3 hash
@@ -847,7 +850,12 @@ impl Verifier {
         if env.run != self.run {
             return Err(WireError::WrongRun);
         }
-        if env.round < current {
+        // A JOIN only asks to be listed in a coming SEAL, so one from the last few rounds is
+        // still good: a joiner that follows the group a round or two behind (its state
+        // transfer and catch-up take time while the group moves on) still gets in.
+        let recent_join =
+            matches!(env.body, Body::Join) && env.round.saturating_add(JOIN_WINDOW) >= current;
+        if env.round < current && !recent_join {
             return Err(WireError::OldRound {
                 got: env.round,
                 current,
