@@ -33,7 +33,7 @@ use burn::prelude::Device;
 use diloco_bootstrap::keys::Identity;
 use diloco_protocol::averaging::{InEvent, OutEvent, State, Timer};
 use diloco_protocol::outer::{hash_f32, outer_gradient};
-use diloco_protocol::wire::{Body, Direct, Envelope, Hash, PeerId as ProtoPeer, MAX_GOSSIP_BYTES};
+use diloco_protocol::wire::{Direct, Envelope, Hash, PeerId as ProtoPeer, MAX_GOSSIP_BYTES};
 use ed25519_dalek::SigningKey;
 use libp2p::{Multiaddr, PeerId};
 use rand_chacha::rand_core::SeedableRng;

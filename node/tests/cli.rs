@@ -233,7 +233,10 @@ fn bad_input_gets_a_clear_error() {
 #[test]
 fn join_bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    fails_with(&["join", "--bootstrap", "127.0.0.1:4001"], "is not a multiaddr");
+    fails_with(
+        &["join", "--bootstrap", "127.0.0.1:4001"],
+        "is not a multiaddr",
+    );
     fails_with(
         &["join", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"],
         "has no /p2p/<peer id>",
@@ -245,7 +248,10 @@ fn join_bad_input_gets_a_clear_error() {
         &["join", "--run-config", bad.to_str().unwrap()],
         "unknown field `inner_step`",
     );
-    fails_with(&["join", "--inner-steps", "0"], "inner_steps (H) must be at least 1");
+    fails_with(
+        &["join", "--inner-steps", "0"],
+        "inner_steps (H) must be at least 1",
+    );
     fails_with(&["join", "--quantize", "int3"], "quantize");
     let key = tmp.path().join("bad.key");
     std::fs::write(&key, "not a key").unwrap();
@@ -286,4 +292,44 @@ fn join_bad_input_gets_a_clear_error() {
         &["join", "--backend", "cpu", "--checkpoint-dir", d],
         "different run",
     );
+}
+
+/// Ctrl+C (SIGINT) stops `train` at the next step, writes a checkpoint there and reports it;
+/// `--resume` then continues from that step.
+#[test]
+fn ctrl_c_stops_train_at_a_safe_point_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let d = dir.to_str().unwrap();
+    let args = train_args(d, "100000");
+    let child = Command::new(BIN)
+        .args(&args)
+        .env("DILOCO_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it train a little (any moment is a valid one to interrupt).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let report = json(&out);
+    assert_eq!(report["interrupted"], true, "{report}");
+    let steps = report["steps"].as_u64().unwrap();
+    assert!(steps > 0 && steps < 100_000, "{report}");
+    assert_eq!(
+        latest_step(&dir),
+        steps,
+        "the checkpoint is at the interrupted step"
+    );
+    let more = (steps + 2).to_string();
+    let mut resume_args = train_args(d, &more);
+    resume_args.push("--resume");
+    let resumed = json(&run(&resume_args));
+    assert_eq!(resumed["resumed_from"].as_u64(), Some(steps), "{resumed}");
+    assert_eq!(resumed["steps"].as_u64(), Some(steps + 2), "{resumed}");
 }
