@@ -3,7 +3,8 @@
 
 Starts a diloco-bootstrap process and n `diloco-node join` processes whose run config sets
 `synthetic_params`: no model is trained, every round each peer contributes a random outer
-gradient of that many f32 values (codec `none`, so S = 4 bytes x params) after a fixed 2 s
+gradient of that many f32 values (all n peers found the run together with --founders n, so no
+state transfer is measured) (codec `none`, so S = 4 bytes x params) after a fixed 2 s
 "training" pause, and the time from a peer's READY to the round's decision is the averaging
 protocol's share of the round. For each (n, payload) it reports the averaging round time and the
 application bytes each peer sent and received per round, against the bandwidth-optimal
@@ -83,7 +84,8 @@ def run_case(bindir, n, mb, rounds, workdir):
                 [str(bindir / "diloco-node"), "join", "--bootstrap", addr,
                  "--listen", "/ip4/127.0.0.1/tcp/0", "--status-addr", f"127.0.0.1:{port}",
                  "--run-config", str(case / "run.json"), "--backend", "cpu",
-                 "--eval-windows", "0", "--genesis-wait", "3", "--checkpoint-every", "0"],
+                 "--eval-windows", "0", "--genesis-wait", "3", "--checkpoint-every", "0",
+                 "--founders", str(n)],
                 stdout=subprocess.DEVNULL, stderr=open(case / f"node{i}.log", "w"),
             )
             procs.append(p)

@@ -153,6 +153,12 @@ pub struct JoinArgs {
     /// Seconds a fresh node listens for a run under way before founding one.
     #[arg(long, env = "DILOCO_GENESIS_WAIT", default_value_t = 5.0)]
     pub genesis_wait: f64,
+    /// Peers that found a new run together: the node waits until it hears this many (itself
+    /// included) and the lowest ids start at round 0 as members, with no state transfer.
+    /// Use it for a planned cohort of exactly N peers; with 1 the lowest id founds alone and
+    /// the others join it.
+    #[arg(long, env = "DILOCO_FOUNDERS", default_value_t = 1)]
+    pub founders: usize,
     /// Print the final report as one JSON line.
     #[arg(long, env = "DILOCO_JSON")]
     pub json: bool,
@@ -223,6 +229,9 @@ impl JoinArgs {
         }
         if self.listen.is_empty() {
             return usage("--listen needs at least one address");
+        }
+        if !(1..=1024).contains(&self.founders) {
+            return usage("--founders must be between 1 and 1024");
         }
         Ok(())
     }

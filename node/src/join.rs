@@ -18,9 +18,10 @@
 //! is transferred) and the others join it; founding alone means peers never need to agree on
 //! a founding list.
 //!
-//! Acceptor votes are durable: before a COMMIT or PROMISE leaves the node, the round is written
-//! to `VOTED` in the checkpoint directory, and a restarted node does not vote again up to that
-//! round (`State::set_vote_from`).
+//! Signed statements are durable: before any protocol message but JOIN leaves the node, its
+//! round is written to `VOTED` in the checkpoint directory. A restarted node does not vote again
+//! up to that round (`State::set_vote_from`) and sends nothing but JOIN in those rounds, so
+//! redoing a round's work after a restart can never look like equivocation.
 
 use crate::checkpoint::{self, CheckpointError, NetCheckpoint};
 use crate::data::{eval_batches, Corpus, Stream};
@@ -33,7 +34,7 @@ use burn::prelude::Device;
 use diloco_bootstrap::keys::Identity;
 use diloco_protocol::averaging::{InEvent, OutEvent, State, Timer};
 use diloco_protocol::outer::{hash_f32, outer_gradient};
-use diloco_protocol::wire::{Direct, Envelope, Hash, PeerId as ProtoPeer, MAX_GOSSIP_BYTES};
+use diloco_protocol::wire::{Body, Direct, Envelope, Hash, PeerId as ProtoPeer, MAX_GOSSIP_BYTES};
 use ed25519_dalek::SigningKey;
 use libp2p::{Multiaddr, PeerId};
 use rand_chacha::rand_core::SeedableRng;
@@ -104,6 +105,9 @@ pub struct JoinConfig {
     pub eval_windows: usize,
     /// Status shared with the caller (tests, embedders); a fresh one when `None`.
     pub observer: Option<Arc<Shared>>,
+    /// How many peers found a new run together (the lowest ids heard during the genesis
+    /// wait); 1 = the lowest founds alone and the others join it.
+    pub founders: usize,
 }
 
 /// Final report of a node.
@@ -469,6 +473,8 @@ struct Node {
     founder: Option<ProtoPeer>,
     /// When this node last finished training, and for which round.
     trained_at: Option<(u64, Instant)>,
+    /// Highest round this node signed protocol messages in before it restarted.
+    silent_until: Option<u64>,
 }
 
 impl Node {
@@ -566,7 +572,20 @@ impl Node {
     }
 
     fn publish(&mut self, env: &Envelope) -> Result<(), JoinError> {
-        if env.body.is_vote() {
+        let join = matches!(env.body, Body::Join);
+        // A node restarted from disk may redo work of a round it already signed messages in
+        // (a READY after retraining, a CLOSE, an AGG...); a second, different message for the
+        // same round would be equivocation. Stay silent (except JOIN) up to the last round it
+        // signed in before the restart, and record every round it signs in from now on.
+        if !join && self.silent_until.is_some_and(|r| env.round <= r) {
+            tracing::debug!(
+                kind = env.body.kind(),
+                round = env.round,
+                "not signing again in a round signed before the restart"
+            );
+            return Ok(());
+        }
+        if !join {
             self.votes.record(env.round)?;
         }
         match env.to_bytes() {
@@ -881,7 +900,7 @@ impl Node {
         });
         let me = self.me;
         let wait = self.cfg.genesis_wait;
-        let mut found = false;
+        let mut found: Option<Vec<ProtoPeer>> = None;
         if let Phase::Discovering {
             since,
             heard,
@@ -895,32 +914,49 @@ impl Node {
                 return Ok(());
             }
             let recent = Duration::from_secs(3).max(wait / 2);
-            let lowest = heard
+            let mut candidates: Vec<ProtoPeer> = heard
                 .iter()
                 .filter(|(_, (t, synced))| !synced && t.elapsed() < recent)
                 .map(|(p, _)| *p)
                 .chain(std::iter::once(me))
-                .min();
-            if lowest == Some(me) {
-                found = true;
+                .collect();
+            candidates.sort();
+            candidates.dedup();
+            let need = self.cfg.founders.max(1);
+            if candidates.len() >= need {
+                // The `need` lowest ids found the run together; everyone else joins it.
+                candidates.truncate(need);
+                if candidates.contains(&me) {
+                    found = Some(candidates);
+                } else if !*waiting_logged {
+                    *waiting_logged = true;
+                    tracing::info!(
+                        founder = %hex(&candidates[0].0[..8]),
+                        "waiting for the peers with the lowest ids to found the run"
+                    );
+                }
             } else if !*waiting_logged {
                 *waiting_logged = true;
                 tracing::info!(
-                    founder = %lowest.map(|p| hex(&p.0[..8])).unwrap_or_default(),
-                    "waiting for the peer with the lowest id to found the run"
+                    heard = candidates.len(),
+                    founders = need,
+                    "waiting for enough peers to found the run together (--founders)"
                 );
             }
         }
-        if found {
-            tracing::info!("no run found: founding it at round 0 (others join as they come)");
+        if let Some(members) = found {
+            tracing::info!(
+                founders = members.len(),
+                "no run found: founding it at round 0 (others join as they come)"
+            );
             let theta0 = flat::init_values(
                 &self.layout,
                 self.cfg.run.model.n_layers,
                 self.cfg.run.config.seed,
             );
             let proto = self.cfg.run.protocol(theta0.len());
-            let st = State::genesis(proto, self.key.clone(), theta0, vec![me]);
-            self.founder = Some(me);
+            self.founder = Some(members[0]);
+            let st = State::genesis(proto, self.key.clone(), theta0, members);
             self.start_state(st)?;
         }
         Ok(())
@@ -1212,6 +1248,7 @@ async fn run_node(
         last_checkpoint: None,
         founder: None,
         trained_at: None,
+        silent_until: vote_from.map(|v| v - 1),
     };
     if let Some((mut st, loaded)) = restored {
         node.founder = loaded

@@ -140,6 +140,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         genesis_wait: std::time::Duration::from_secs_f64(args.genesis_wait),
         eval_windows: args.eval_windows,
         observer: None,
+        founders: args.founders,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

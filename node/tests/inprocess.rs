@@ -72,6 +72,7 @@ fn node(
         genesis_wait,
         eval_windows: 2,
         observer: Some(shared.clone()),
+        founders: 1,
     };
     (cfg, shared)
 }
