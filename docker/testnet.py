@@ -231,14 +231,20 @@ class Testnet:
         return r, h
 
     def wait_members(self, cids, timeout):
-        """Waits until every node in cids is a member of a group of len(cids) (steady state)."""
+        """Waits until every node in cids is a member of a group of len(cids) and caught up
+        (same round and global_hash as the others): the steady state. A restarted node reports
+        member=True as soon as it restores its checkpoint, while it is still replaying rounds;
+        until it has caught up it cannot vote, so it still counts as failed, and a 3-node
+        network tolerates one failure at a time."""
         def members():
             sts = [self.status(c) for c in cids]
-            return all(st and st["member"] and st["group_size"] == len(cids) for st in sts)
+            if not all(st and st["member"] and st["group_size"] == len(cids) for st in sts):
+                return False
+            return len({(st["round"], st["global_hash"]) for st in sts}) == 1
 
         self.wait(f"{[self.name(c) for c in cids]} to be members of one group of {len(cids)}",
                   members, timeout, every=0.5)
-        log(f"members: all {len(cids)} nodes are members of the group")
+        log(f"members: all {len(cids)} nodes are caught-up members of the group")
 
     def wait_rounds(self, cids, n, timeout):
         """Waits until the nodes in cids have all advanced n rounds past the current top round."""
