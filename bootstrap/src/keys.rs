@@ -94,7 +94,8 @@ pub fn parse(text: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

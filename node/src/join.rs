@@ -154,19 +154,11 @@ pub fn libp2p_peer(p: &ProtoPeer) -> Option<PeerId> {
     Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use diloco_bootstrap::keys::hex;
 
+/// 64 hex digits to 32 bytes (the key-file parser, which has the same format).
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, c) in s.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
-    }
-    Some(out)
+    diloco_bootstrap::keys::parse(s).ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,6 +460,8 @@ struct Node {
     rounds_decided: u64,
     rejected: u64,
     global_hash: String,
+    /// Hex of the state hash (theta and momentum), cached like `global_hash`.
+    state_hash: String,
     last_checkpoint: Option<PathBuf>,
     /// Founder of the history this node follows.
     founder: Option<ProtoPeer>,
@@ -615,13 +609,17 @@ impl Node {
         let _ = self.jobs.send(Job::Train { round, theta });
     }
 
+    /// Recomputes the hashes of the agreed state; called only when that state changes (start,
+    /// decisions), never per event: each hashes every parameter.
     fn refresh_hash(&mut self) {
         if let Some(st) = self.state() {
-            self.global_hash = if st.is_synced() {
-                hash_f32(st.theta())
+            let (global, state) = if st.is_synced() {
+                (hash_f32(st.theta()), hex(&st.state_hash().0))
             } else {
-                String::new()
+                (String::new(), String::new())
             };
+            self.global_hash = global;
+            self.state_hash = state;
         }
     }
 
@@ -712,11 +710,7 @@ impl Node {
         };
         let h = self.cfg.run.config.inner_steps;
         let hash = self.global_hash.clone();
-        let state_hash = self
-            .state()
-            .filter(|s| s.is_synced())
-            .map(|s| hex(&s.state_hash().0))
-            .unwrap_or_default();
+        let state_hash = self.state_hash.clone();
         let (decided, rejected) = (self.rounds_decided, self.rejected);
         self.shared.update(|s| {
             s.phase = phase.into();
@@ -1245,6 +1239,7 @@ async fn run_node(
         rounds_decided: 0,
         rejected: 0,
         global_hash: String::new(),
+        state_hash: String::new(),
         last_checkpoint: None,
         founder: None,
         trained_at: None,
