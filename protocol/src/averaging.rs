@@ -29,10 +29,11 @@
 //! COMMIT is the Paxos "accepted" message, so at most one SEAL is ever decided per round.
 //!
 //! Peers that miss a decision (loss, partition, restart) notice messages of a later round and
-//! ask for decision proofs (the SEAL and a quorum of COMMITs), verify them against their own
-//! members and chain, fetch the aggregates and replay. Peers too far behind, and joiners, fetch
-//! the full state, verified against the COMMIT state hash, then gossip JOIN; the next SEAL lists
-//! them as members. A READY that missed CLOSE is folded (token-weighted) into the peer's next
+//! ask to sync. One round behind, they get the decision proof (the SEAL and a quorum of
+//! COMMITs), verify it against their own members and chain, fetch the aggregates and replay.
+//! Further behind they get the full state, verified against the COMMIT state hash and signed
+//! by a quorum of their own members (else two donors must agree). Joiners fetch the state from two agreeing donors,
+//! then gossip JOIN; the next SEAL lists them as members. A READY that missed CLOSE is folded (token-weighted) into the peer's next
 //! contribution. Two validly signed conflicting messages are evidence: the signer is banned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -66,6 +67,13 @@ pub const MAX_STATE_CANDIDATES: usize = 3;
 pub const LONE_STATE_RETRIES: u64 = 4;
 /// Most announced envelopes being fetched at once.
 pub const MAX_ANNOUNCED_PENDING: usize = 1024;
+/// A peer at most this many rounds behind catches up by replaying decision proofs (fetching
+/// each round's sealed aggregates, one request-response cycle per round); one further behind
+/// is sent the full state (theta and momentum in f32: 8 bytes per parameter) in one transfer.
+/// Replaying is cheaper in bytes (an int8 aggregate is 1 byte per parameter and round) but costs
+/// a round trip per round, and a group that decides rounds faster than a laggard replays them
+/// would never be caught up with.
+pub const REPLAY_MAX_ROUNDS: u64 = 1;
 
 /// How many COMMITs decide a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -622,6 +630,9 @@ pub struct State {
     announced: HashMap<Hash, (Arc<Envelope>, Time)>,
     /// A joiner's validated State offers, until two donors agree.
     candidates: Vec<StateCandidate>,
+    /// Whether this peer asked for a state (or sync) since it last adopted one: a synced peer
+    /// ignores State messages it did not ask for.
+    state_wanted: bool,
 }
 
 impl State {
@@ -698,6 +709,7 @@ impl State {
             big: HashMap::new(),
             announced: HashMap::new(),
             candidates: Vec::new(),
+            state_wanted: false,
         }
     }
 
@@ -2138,9 +2150,10 @@ impl State {
         let Body::Seal(p) = &seal_env.body else {
             return;
         };
+        // Every COMMIT received so far (at least a quorum, at most one per member): a peer that
+        // catches up by state transfer looks for its own members among the signers.
         let commits: Vec<Envelope> = self.r.commits[&(ballot, seal_hash, state)]
             .values()
-            .take(self.quorum())
             .map(|e| (**e).clone())
             .collect();
         let round = self.round;
@@ -2182,6 +2195,8 @@ impl State {
         } else {
             self.gossip(Body::Join);
         }
+        // A peer catching up asks for the next round at once rather than after `retry`.
+        self.last_sync = None;
         let future = std::mem::take(&mut self.future);
         for env in future {
             self.on_gossip(env, true);
@@ -2197,6 +2212,7 @@ impl State {
             .is_none_or(|t| self.now >= t + self.cfg.retry);
         if due {
             self.last_sync = Some(self.now);
+            self.state_wanted = true;
             self.send(from, Direct::SyncRequest { from: self.round });
         }
     }
@@ -2209,6 +2225,7 @@ impl State {
             return;
         }
         self.last_sync = Some(self.now);
+        self.state_wanted = true;
         // Ask two contacts, chosen by time so that successive retries ask disjoint pairs.
         let contacts: Vec<PeerId> = self.contacts.iter().copied().collect();
         if contacts.is_empty() {
@@ -2328,22 +2345,20 @@ impl State {
     }
 
     fn on_sync_request(&mut self, from: PeerId, first: u64) {
-        if !self.synced {
+        if !self.synced || first >= self.round {
             return;
         }
-        let proofs: Vec<DecisionProof> = self
+        let proof = self
             .history
             .iter()
-            .filter(|(r, _)| *r >= first)
-            .take(4)
-            .map(|(_, p)| p.clone())
-            .collect();
-        let covered = self.history.front().is_some_and(|(r, _)| *r <= first);
-        if covered && !proofs.is_empty() {
-            self.send(from, Direct::SyncProofs(proofs));
-        } else if first < self.round {
-            // Too far behind for proofs: offer the whole state.
-            self.on_direct(from, Arc::new(Direct::StateRequest));
+            .find(|(r, _)| *r == first)
+            .map(|(_, p)| p.clone());
+        match proof {
+            Some(p) if self.round - first <= REPLAY_MAX_ROUNDS => {
+                self.send(from, Direct::SyncProofs(vec![p]));
+            }
+            // Too far behind to replay quickly (or older than the proofs kept): send the state.
+            _ => self.on_direct(from, Arc::new(Direct::StateRequest)),
         }
     }
 
@@ -2359,6 +2374,9 @@ impl State {
             return Err("SEAL signer");
         }
         self.check_seal(&p.seal)?;
+        if proof.commits.len() > self.members.len() {
+            return Err("more COMMITs than members");
+        }
         let seal_hash = p.seal.hash();
         let mut signers = BTreeSet::new();
         let mut agreed: Option<Commit> = None;
@@ -2420,16 +2438,33 @@ impl State {
         theta: &[u8],
         momentum: &[u8],
     ) {
-        if self.synced && round <= self.round + 1 {
-            return; // proofs are enough when at most one round behind
+        if self.synced && (round <= self.round + REPLAY_MAX_ROUNDS || !self.state_wanted) {
+            return; // proofs are enough when this close behind; unasked-for states are ignored
         }
         let c = match self.check_state(round, proof, theta, momentum) {
             Ok(c) => c,
             Err(reason) => return self.reject(from, "STATE", reason),
         };
-        if self.synced || self.contacts.len() <= 1 {
-            // A peer that is merely behind (it holds agreed state and was answered by a member
-            // of a later round), or a joiner that knows a single contact: nobody to compare with.
+        if self.synced {
+            // A peer that is merely behind holds agreed state: it adopts a later state whose
+            // COMMITs a quorum of its own members signed (membership changes slowly, and a
+            // minority of them cannot forge it). Otherwise (the membership changed while it was
+            // away) two donors must agree, as for a joiner; a lone state is never accepted by a
+            // synced peer.
+            let overlap = c
+                .signers
+                .iter()
+                .filter(|p| self.members.binary_search(p).is_ok())
+                .count();
+            if overlap >= self.quorum() {
+                self.adopt_state(c);
+            } else {
+                self.cross_check(from, c);
+            }
+            return;
+        }
+        if self.contacts.len() <= 1 {
+            // A joiner that knows a single contact: nobody to compare with.
             self.adopt_state(c);
             return;
         }
@@ -2468,6 +2503,10 @@ impl State {
         let members = &p.seal.next_members;
         if members.is_empty() || !members.windows(2).all(|w| w[0] < w[1]) {
             return Err(Reject::BadDecision("member list"));
+        }
+        // COMMITs come from the round's members, which differ a little from the next ones.
+        if proof.commits.len() > 2 * members.len() + 8 {
+            return Err(Reject::BadDecision("more COMMITs than members"));
         }
         let mut signers = BTreeSet::new();
         let mut next_chain = None;
@@ -2539,6 +2578,11 @@ impl State {
         for o in &self.candidates {
             let (hi, lo) = if c.round >= o.round { (&c, o) } else { (o, &c) };
             if hi.round > lo.round && linked(hi, lo) {
+                if hi.donors.is_subset(&lo.donors) {
+                    // The same donor moved on a round or more: no independent evidence (a
+                    // liar's fabricated states link to each other), and no conflict either.
+                    continue;
+                }
                 let losers: Vec<PeerId> = lo.donors.iter().copied().collect();
                 adopt = Some((hi.clone(), losers));
                 break;
@@ -2602,6 +2646,7 @@ impl State {
         self.chain = c.next_chain;
         self.members = c.members;
         self.synced = true;
+        self.state_wanted = false;
         self.carry = None;
         self.candidates.clear();
         self.r = RoundState::default();

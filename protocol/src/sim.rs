@@ -43,7 +43,7 @@ pub enum Attack {
     NormLie(f32),
     /// Signs two different READYs in every round.
     Equivocate,
-    /// Answers every state request with a fabricated State three rounds ahead: random theta,
+    /// Answers every state or sync request with a fabricated State three rounds ahead: random theta,
     /// a SEAL naming only itself as next member, and its own COMMIT as the "quorum".
     FakeState,
     /// As a shard owner, gossips AGGs for a tampered aggregate (every sign flipped: same norm)
@@ -961,6 +961,16 @@ impl Sim {
                     self.restart(j, None);
                     continue;
                 }
+                // A restart is scheduled for whichever incarnation is down at the time.
+                Ev::Restart(stale) => {
+                    if peer < self.peers.len() {
+                        self.restart(peer, stale);
+                    }
+                    if self.done() {
+                        break;
+                    }
+                    continue;
+                }
                 _ => {}
             }
             if peer >= self.peers.len() || self.peers[peer].epoch != epoch {
@@ -968,7 +978,6 @@ impl Sim {
             }
             match ev {
                 Ev::Crash => self.crash(peer),
-                Ev::Restart(stale) => self.restart(peer, stale),
                 Ev::Train(round) => {
                     let Some(st) = self.peers[peer].state.as_ref() else {
                         continue;
@@ -998,7 +1007,7 @@ impl Sim {
         if let (Some(Attack::FakeState), InEvent::Direct { from, msg }) =
             (self.peers[i].attack, &ev)
         {
-            if matches!(**msg, Direct::StateRequest) {
+            if matches!(**msg, Direct::StateRequest | Direct::SyncRequest { .. }) {
                 if let Some(fake) = self.fake_state(i) {
                     self.direct_from(i, *from, Arc::new(fake));
                 }
