@@ -177,6 +177,9 @@ struct Hello {
 }
 
 const HELLO_VERSION: u32 = 1;
+/// A joiner that hears no peer holding run state for this long (or twice `--genesis-wait`, if
+/// longer) gives up on that run and goes back to discovery.
+const JOINER_GIVE_UP: Duration = Duration::from_secs(30);
 
 fn decode_hello(data: &[u8]) -> Option<Hello> {
     let cfg = bincode::config::standard().with_limit::<{ net::MAX_HELLO_BYTES }>();
@@ -469,6 +472,8 @@ struct Node {
     trained_at: Option<(u64, Instant)>,
     /// Highest round this node signed protocol messages in before it restarted.
     silent_until: Option<u64>,
+    /// When this node last heard a HELLO from a peer holding run state (or became a joiner).
+    last_synced_hello: Instant,
 }
 
 impl Node {
@@ -807,6 +812,9 @@ impl Node {
         let mut join_with: Option<Vec<ProtoPeer>> = None;
         let mut contact = false;
         let mut fork = false;
+        if hello.synced {
+            self.last_synced_hello = Instant::now();
+        }
         match &mut self.phase {
             Phase::Discovering { heard, .. } => {
                 if heard.len() < 4096 || heard.contains_key(&sender) {
@@ -861,6 +869,7 @@ impl Node {
             );
             let proto = self.cfg.run.protocol(self.layout_len());
             let st = State::joiner(proto, self.key.clone(), contacts);
+            self.last_synced_hello = Instant::now();
             self.start_state(st)?;
         } else if contact {
             self.feed(InEvent::Contact(sender))?;
@@ -894,6 +903,28 @@ impl Node {
         });
         let me = self.me;
         let wait = self.cfg.genesis_wait;
+        // A joiner that hears nobody holding run state for this long (the run it was joining
+        // died: say its lone founder was killed before anyone synced) goes back to discovery,
+        // where the peers present found the run afresh, instead of waiting forever.
+        let give_up = (wait * 2).max(JOINER_GIVE_UP);
+        if let Some(st) = self.state() {
+            if !st.is_synced() && self.last_synced_hello.elapsed() > give_up {
+                tracing::warn!(
+                    silent_s = self.last_synced_hello.elapsed().as_secs(),
+                    "no peer holding the run's state heard from: back to discovery"
+                );
+                self.founder = None;
+                self.timers.clear();
+                self.pending_train = None;
+                self.phase = Phase::Discovering {
+                    since: Some(Instant::now()),
+                    heard: HashMap::new(),
+                    waiting_logged: false,
+                };
+                self.update_status();
+                return Ok(());
+            }
+        }
         let mut found: Option<Vec<ProtoPeer>> = None;
         if let Phase::Discovering {
             since,
@@ -1244,6 +1275,7 @@ async fn run_node(
         founder: None,
         trained_at: None,
         silent_until: vote_from.map(|v| v - 1),
+        last_synced_hello: Instant::now(),
     };
     if let Some((mut st, loaded)) = restored {
         node.founder = loaded
