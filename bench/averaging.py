@@ -10,7 +10,8 @@ protocol's share of the round. For each (n, payload) it reports the averaging ro
 application bytes each peer sent and received per round, against the bandwidth-optimal
 all-reduce bound 2·S·(n−1)/n.
 
-Usage: python3 bench/averaging.py [--nodes 2,4,8] [--mb 4,32,128] [--rounds 4]
+Usage: python3 bench/averaging.py [--nodes 2,4,8] [--mb 4,32,128] [--rounds 4] [--keep DIR]
+(--keep DIR keeps every process's log under DIR instead of a temporary directory.)
 Binaries come from $CARGO_TARGET_DIR/release (default ~/.cache/diloco-target/release).
 """
 
@@ -66,7 +67,7 @@ def run_case(bindir, n, mb, rounds, workdir):
         "retry_ms": 2000,
     }
     case = Path(workdir) / f"n{n}-mb{mb}"
-    case.mkdir()
+    case.mkdir(exist_ok=True)
     (case / "run.json").write_text(json.dumps(cfg))
     procs = []
     try:
@@ -137,6 +138,7 @@ def main():
     ap.add_argument("--nodes", default="2,4,8")
     ap.add_argument("--mb", default="4,32,128")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--keep", help="keep the logs in this directory")
     args = ap.parse_args()
     target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/diloco-target"))
     bindir = target / "release"
@@ -145,7 +147,11 @@ def main():
             sys.exit(f"{bindir / b} is missing: build with `cargo test --release --workspace --no-run`")
     print("| nodes | payload | round time (2 s of it synthetic training) | averaging time (READY to decision) | sent/peer/round (mean, max) | received/peer/round (mean, max) | bound 2S(n-1)/n | sent mean / bound |")
     print("|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = tmp
+        if args.keep:
+            work = args.keep
+            Path(work).mkdir(parents=True, exist_ok=True)
         for n in [int(x) for x in args.nodes.split(",")]:
             for mb in [int(x) for x in args.mb.split(",")]:
                 try:
