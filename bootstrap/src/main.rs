@@ -23,7 +23,8 @@ struct Cli {
     /// Identity key file; created with a new key if absent. Keep it to keep the peer id.
     #[arg(long, env = "DILOCO_KEY", default_value = "bootstrap.key")]
     key: PathBuf,
-    /// Extra address to announce (e.g. the public address of a port forward).
+    /// Address to announce (e.g. the public address of a port forward); without it the
+    /// addresses it listens on are announced, which is what relayed clients are given.
     #[arg(long, env = "DILOCO_EXTERNAL_ADDR", value_delimiter = ',')]
     external_addr: Vec<String>,
     /// Most simultaneous connections.

@@ -120,12 +120,19 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let me = *swarm.local_peer_id();
+    // Without explicit external addresses, announce the ones it listens on: the relay hands
+    // its external addresses to clients in their reservations, and a client with none gets no
+    // relayed address at all.
+    let auto_external = swarm.external_addresses().next().is_none();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {
+                    if auto_external {
+                        swarm.add_external_address(address.clone());
+                    }
                     on_listen(address.with(libp2p::multiaddr::Protocol::P2p(me)));
                 }
                 SwarmEvent::ListenerError { error, .. } => {

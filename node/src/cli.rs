@@ -159,6 +159,11 @@ pub struct JoinArgs {
     /// the others join it.
     #[arg(long, env = "DILOCO_FOUNDERS", default_value_t = 1)]
     pub founders: usize,
+    /// Listen through the bootstrap peers' relays from the start, for a node that knows it is
+    /// behind NAT or a firewall (without it, only once AutoNAT finds the node unreachable).
+    /// Peers then reach it through the relay and DCUtR tries to upgrade to a direct connection.
+    #[arg(long, env = "DILOCO_RELAY_LISTEN")]
+    pub relay_listen: bool,
     /// Print the final report as one JSON line.
     #[arg(long, env = "DILOCO_JSON")]
     pub json: bool,

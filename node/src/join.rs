@@ -108,6 +108,8 @@ pub struct JoinConfig {
     /// How many peers found a new run together (the lowest ids heard during the genesis
     /// wait); 1 = the lowest founds alone and the others join it.
     pub founders: usize,
+    /// Listen through the bootstrap relays from the start (see [`NetConfig::relay_listen`]).
+    pub relay_listen: bool,
 }
 
 /// Final report of a node.
@@ -1220,6 +1222,7 @@ async fn run_node(
             run: cfg.run.id_hex(),
             max_direct,
             request_timeout: Duration::from_secs(120),
+            relay_listen: cfg.relay_listen,
         },
         shared.net.clone(),
     )?;

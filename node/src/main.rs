@@ -141,6 +141,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         eval_windows: args.eval_windows,
         observer: None,
         founders: args.founders,
+        relay_listen: args.relay_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -165,6 +165,9 @@ pub struct NetConfig {
     pub max_direct: usize,
     /// Request timeout for direct messages.
     pub request_timeout: Duration,
+    /// Listen through every bootstrap peer's relay from the start (a node that knows it is
+    /// behind NAT); otherwise only once AutoNAT reports this node unreachable.
+    pub relay_listen: bool,
 }
 
 /// Length-prefixed request-response codec: a u32 LE length checked against the cap before
@@ -398,6 +401,7 @@ pub fn spawn(
         dial_backoff: HashMap::new(),
         bootstrapped: false,
     };
+
     tokio::spawn(tracing::Instrument::instrument(
         task.run(cmd_rx),
         tracing::Span::current(),
@@ -540,7 +544,11 @@ impl Task {
         let me = *self.swarm.local_peer_id();
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
-                let full = address.with(Protocol::P2p(me));
+                // Relayed addresses already end in /p2p/<me>.
+                let full = match address.iter().last() {
+                    Some(Protocol::P2p(_)) => address,
+                    _ => address.with(Protocol::P2p(me)),
+                };
                 tracing::info!(addr = %full, "listening");
                 self.emit(NetEvent::Listening(full));
             }
@@ -604,6 +612,11 @@ impl Task {
                     }
                 }
                 if self.cfg.bootstrap.iter().any(|(b, _)| *b == peer_id) {
+                    if self.cfg.relay_listen {
+                        // Only once connected: the relay client's own dial of the relay would be
+                        // refused while ours is in flight, and the listener would close at once.
+                        self.listen_via_relays("asked to (--relay-listen)");
+                    }
                     // Look ourselves up right away: the answer lists the peers already there.
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                     if !self.bootstrapped {
@@ -655,23 +668,33 @@ impl Task {
             BehaviourEvent::Shard(ev) | BehaviourEvent::Sync(ev) => self.on_request(ev),
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
                 tracing::info!(?old, ?new, "NAT status");
-                if matches!(new, autonat::NatStatus::Private) && !self.relayed {
-                    self.relayed = true;
-                    for (peer, addr) in self.cfg.bootstrap.clone() {
-                        let circuit = addr.with(Protocol::P2pCircuit);
-                        match self.swarm.listen_on(circuit.clone()) {
-                            Ok(_) => {
-                                tracing::info!(relay = %peer, "not reachable directly; listening through the bootstrap relay")
-                            }
-                            Err(e) => {
-                                tracing::warn!(relay = %peer, error = %e, "cannot listen through relay")
-                            }
-                        }
-                    }
+                if matches!(new, autonat::NatStatus::Private) {
+                    self.listen_via_relays("not reachable directly (AutoNAT)");
                 }
             }
             BehaviourEvent::Dcutr(ev) => tracing::debug!(?ev, "dcutr"),
             _ => {}
+        }
+    }
+
+    /// Listens through the relay of every bootstrap peer (once): peers then reach this node
+    /// through a relayed connection, which DCUtR tries to upgrade to a direct one.
+    fn listen_via_relays(&mut self, why: &str) {
+        if self.relayed {
+            return;
+        }
+        self.relayed = true;
+        for (peer, addr) in self.cfg.bootstrap.clone() {
+            // The relay client needs the relay's peer id in the address.
+            let circuit = match addr.iter().last() {
+                Some(Protocol::P2p(_)) => addr,
+                _ => addr.with(Protocol::P2p(peer)),
+            }
+            .with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit) {
+                Ok(_) => tracing::info!(relay = %peer, why, "listening through the bootstrap relay"),
+                Err(e) => tracing::warn!(relay = %peer, error = %e, "cannot listen through relay"),
+            }
         }
     }
 

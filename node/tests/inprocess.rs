@@ -73,6 +73,7 @@ fn node(
         eval_windows: 2,
         observer: Some(shared.clone()),
         founders: 1,
+        relay_listen: false,
     };
     (cfg, shared)
 }

@@ -241,6 +241,7 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
                 run: run_id.to_string(),
                 max_direct: 1 << 20,
                 request_timeout: Duration::from_secs(10),
+                relay_listen: false,
             },
             std::sync::Arc::new(net::NetStats::default()),
         )
