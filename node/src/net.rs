@@ -692,7 +692,9 @@ impl Task {
             }
             .with(Protocol::P2pCircuit);
             match self.swarm.listen_on(circuit) {
-                Ok(_) => tracing::info!(relay = %peer, why, "listening through the bootstrap relay"),
+                Ok(_) => {
+                    tracing::info!(relay = %peer, why, "listening through the bootstrap relay")
+                }
                 Err(e) => tracing::warn!(relay = %peer, error = %e, "cannot listen through relay"),
             }
         }

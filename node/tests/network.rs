@@ -432,3 +432,79 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
     assert!(dead.is_empty(), "nodes died: {dead:?}\n{}", net.logs());
     println!("after the attack: all agree at round {r5}; {rejected} messages rejected");
 }
+
+/// Waits until `pred` holds for the status of every node in `which`.
+fn wait_status(
+    net: &Net,
+    which: &[SocketAddr],
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if net
+            .statuses(which)
+            .iter()
+            .all(|s| s.as_ref().is_some_and(&pred))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "{what}: not reached within {timeout:?}; last {:?}\n{}",
+        net.statuses(which),
+        net.logs()
+    );
+}
+
+/// The lone founder dies while two nodes are still waiting for its state. Hearing nobody who
+/// holds the run's state for 30 s, they go back to discovery; one founds the run afresh and the
+/// other joins it (before, both waited forever).
+#[test]
+fn joiners_found_anew_when_the_lone_founder_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    // Synthetic rounds (no model): the founder's first round takes 15 s, long enough for the
+    // others to start joining before it is killed; nothing is decided before the kill.
+    std::fs::write(
+        dir.path().join("run.json"),
+        r#"{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
+            "synthetic_params":10000,"synthetic_train_ms":15000,"straggler_timeout_ms":3000,
+            "agg_timeout_ms":3000,"attempt_timeout_ms":8000,"retry_ms":500}"#,
+    )
+    .unwrap();
+    let mut cmd = Proc::new(bootstrap_bin());
+    cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
+        .arg(dir.path().join("boot.key"));
+    let boot = Running::spawn("bootstrap", cmd, dir.path());
+    let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
+    let mut net = Net {
+        dir,
+        bootstrap,
+        procs: vec![boot],
+        nodes: Vec::new(),
+    };
+    let a = net.start_node("a");
+    wait_status(
+        &net,
+        &[a],
+        "a founds the run",
+        Duration::from_secs(60),
+        |s| s["member"].as_bool() == Some(true),
+    );
+    let b = net.start_node("b");
+    let c = net.start_node("c");
+    wait_status(
+        &net,
+        &[b, c],
+        "b and c join a's run",
+        Duration::from_secs(30),
+        |s| s["phase"].as_str() == Some("syncing"),
+    );
+    let a_index = net.nodes[0].0;
+    net.procs[a_index].child.kill().unwrap();
+    let _ = net.procs[a_index].child.wait();
+    let (round, hash) = net.wait_agree(&[b, c], 1, Duration::from_secs(180));
+    println!("b and c found anew and agree at round {round} ({hash:.12})");
+}

@@ -98,12 +98,21 @@ fn nodes_without_a_listening_socket_talk_through_the_relay() {
 
         // They find each other through the bootstrap peer's kademlia and identify each other
         // (the connection can only go through the relay: neither has a socket to dial).
-        let (ok, _) = wait_for(&mut b, deadline, |e| matches!(e, NetEvent::PeerJoined(p) if *p == pa)).await;
+        let (ok, _) = wait_for(
+            &mut b,
+            deadline,
+            |e| matches!(e, NetEvent::PeerJoined(p) if *p == pa),
+        )
+        .await;
         assert!(ok, "B never identified A through the relay");
 
         // A direct message from B to A, then from A to B, over the relayed connection.
         b.commands
-            .send(Command::Send { to: pa, data: b"hello from B".to_vec(), sync: false })
+            .send(Command::Send {
+                to: pa,
+                data: b"hello from B".to_vec(),
+                sync: false,
+            })
             .await
             .unwrap();
         let (ok, _) = wait_for(&mut a, deadline, |e| {
@@ -112,7 +121,11 @@ fn nodes_without_a_listening_socket_talk_through_the_relay() {
         .await;
         assert!(ok, "A never received B's direct message through the relay");
         a.commands
-            .send(Command::Send { to: pb, data: b"hello from A".to_vec(), sync: true })
+            .send(Command::Send {
+                to: pb,
+                data: b"hello from A".to_vec(),
+                sync: true,
+            })
             .await
             .unwrap();
         let (ok, _) = wait_for(&mut b, deadline, |e| {
@@ -125,13 +138,18 @@ fn nodes_without_a_listening_socket_talk_through_the_relay() {
         let mut got = false;
         while !got && Instant::now() < deadline {
             a.commands
-                .send(Command::Publish { topic: Topic::Hello, data: b"gossip from A".to_vec() })
+                .send(Command::Publish {
+                    topic: Topic::Hello,
+                    data: b"gossip from A".to_vec(),
+                })
                 .await
                 .unwrap();
             let step = (Instant::now() + Duration::from_secs(2)).min(deadline);
-            got = wait_for(&mut b, step, |e| {
-                matches!(e, NetEvent::Gossip { data, .. } if data == b"gossip from A")
-            })
+            got = wait_for(
+                &mut b,
+                step,
+                |e| matches!(e, NetEvent::Gossip { data, .. } if data == b"gossip from A"),
+            )
             .await
             .0;
         }
