@@ -1025,7 +1025,9 @@ impl State {
             }
             return;
         }
-        if env.chain != self.chain && !matches!(env.body, Body::Evidence(_)) {
+        // A JOIN may be up to JOIN_WINDOW rounds old, signed under that round's chain; it only
+        // asks to be listed, so its chain is not checked.
+        if env.chain != self.chain && !matches!(env.body, Body::Evidence(_) | Body::Join) {
             self.reject(env.signer, kind, Reject::Malformed("chain hash"));
             return;
         }
@@ -2575,12 +2577,23 @@ impl State {
         c.donors.insert(from);
         let mut adopt: Option<(StateCandidate, Vec<PeerId>)> = None;
         let mut conflicts: Vec<PeerId> = Vec::new();
-        for o in &self.candidates {
+        // Candidates that `c` replaces (same donors, an earlier round), and whether `c` itself
+        // is an earlier round of a candidate already held from the same donors.
+        let mut replaced: Vec<usize> = Vec::new();
+        let mut stale = false;
+        for (i, o) in self.candidates.iter().enumerate() {
             let (hi, lo) = if c.round >= o.round { (&c, o) } else { (o, &c) };
             if hi.round > lo.round && linked(hi, lo) {
                 if hi.donors.is_subset(&lo.donors) {
                     // The same donor moved on a round or more: no independent evidence (a
                     // liar's fabricated states link to each other), and no conflict either.
+                    // Keep only its latest state, and its age, so that a lone honest donor is
+                    // still accepted after the lone-state timeout while the group advances.
+                    if c.round > o.round {
+                        replaced.push(i);
+                    } else {
+                        stale = true;
+                    }
                     continue;
                 }
                 let losers: Vec<PeerId> = lo.donors.iter().copied().collect();
@@ -2614,6 +2627,13 @@ impl State {
             // Ask someone else now rather than at the next retry.
             self.last_sync = None;
             self.request_state();
+        }
+        if stale {
+            return;
+        }
+        for i in replaced.into_iter().rev() {
+            let old = self.candidates.remove(i);
+            c.since = c.since.min(old.since);
         }
         if self.candidates.len() >= MAX_STATE_CANDIDATES {
             // Keep the memory bounded: drop the oldest candidate.

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# NAT traversal test: a bootstrap peer and one node on a "public" Docker network, and two nodes
+# each behind its own NAT router (a container that forwards and masquerades, set up from the
+# host with nsenter + iptables, so the images need no tools). Nothing outside can dial the NATed
+# nodes. They run with --relay-listen: they listen through the bootstrap's relay, and DCUtR must
+# punch a direct TCP connection between them through both NATs. Checks: all three nodes agree
+# on one global_hash at round >= 5 in a group of 3, and router A holds an established,
+# masqueraded connection between the two NATed nodes (the hole punched). Prints every
+# container's logs on failure; cleans up on exit (KEEP=1 keeps everything).
+#   bash docker/nat.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for t in nsenter iptables curl python3; do
+  command -v "$t" >/dev/null || { echo "nat.sh: needs $t on the host" >&2; exit 1; }
+done
+if ! docker image inspect diloco-node:local diloco-bootstrap:local >/dev/null 2>&1; then
+  bash docker/build.sh
+fi
+
+P="diloco-nat-$$"
+work=$(mktemp -d)
+cleanup() {
+  if [ "${KEEP:-0}" != 1 ]; then
+    docker rm -f "${P}_boot" "${P}_ra" "${P}_rb" "${P}_np" "${P}_na" "${P}_nb" >/dev/null 2>&1 || true
+    docker network rm "${P}_pub" "${P}_lana" "${P}_lanb" >/dev/null 2>&1 || true
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+fail() {
+  echo "nat.sh: FAILED: $*" >&2
+  for c in boot ra rb np na nb; do
+    echo "---- logs of ${P}_$c" >&2
+    docker logs --tail 60 "${P}_$c" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' >&2 || true
+  done
+  exit 1
+}
+pid_of() { docker inspect -f '{{.State.Pid}}' "$1"; }
+
+# Subnets chosen per run from the PID so that parallel runs do not collide.
+s=$(( ($$ % 50) * 4 + 16 ))
+pub="10.${s}.0"; lana="10.$((s + 1)).0"; lanb="10.$((s + 2)).0"
+docker network create --subnet "$pub.0/24" "${P}_pub" >/dev/null
+# Not --internal: Docker's isolation rules for internal networks also drop bridged frames
+# addressed outside the subnet, i.e. everything sent to the router. Each LAN stays unreachable
+# from the public network all the same (Docker isolates networks from each other), and its
+# nodes' default route goes through their router, not the host.
+docker network create --subnet "$lana.0/24" "${P}_lana" >/dev/null
+docker network create --subnet "$lanb.0/24" "${P}_lanb" >/dev/null
+
+docker run -d --name "${P}_boot" --network "${P}_pub" --ip "$pub.2" \
+  -e DILOCO_BOOTSTRAP_HOST="$pub.2" -v "$work:/shared" diloco-bootstrap:local >/dev/null
+for r in a b; do
+  lan=$([ $r = a ] && echo "$lana" || echo "$lanb")
+  docker run -d --name "${P}_r$r" --network "${P}_pub" --ip "$pub.1$([ $r = a ] && echo 1 || echo 2)" \
+    --sysctl net.ipv4.ip_forward=1 --entrypoint /bin/busybox diloco-node:local sleep 100000 >/dev/null
+  docker network connect --ip "$lan.2" "${P}_lan$r" "${P}_r$r"
+  nsenter -t "$(pid_of "${P}_r$r")" -n iptables -t nat -A POSTROUTING -s "$lan.0/24" ! -d "$lan.0/24" -j MASQUERADE
+done
+for _ in $(seq 100); do [ -s "$work/bootstrap.addr" ] && break; sleep 0.1; done
+[ -s "$work/bootstrap.addr" ] || fail "the bootstrap peer wrote no address"
+addr=$(sed 's#/dns4/#/ip4/#' "$work/bootstrap.addr")
+echo "[$(date +%T)] bootstrap $addr"
+
+node_args=(join --listen /ip4/0.0.0.0/tcp/4001 --status-addr 0.0.0.0:8080 --run-config /run.json
+  --backend cpu --genesis-wait 5)
+env_args=(-v "$PWD/docker/run.json:/run.json:ro" -e "DILOCO_BOOTSTRAP=$addr"
+  -e "DILOCO_LOG=info,libp2p_gossipsub=error,libp2p_kad=error")
+docker run -d --name "${P}_np" --network "${P}_pub" --ip "$pub.20" "${env_args[@]}" \
+  diloco-node:local "${node_args[@]}" >/dev/null
+for r in a b; do
+  lan=$([ $r = a ] && echo "$lana" || echo "$lanb")
+  docker create --name "${P}_n$r" --network "${P}_lan$r" --ip "$lan.3" "${env_args[@]}" \
+    -e DILOCO_RELAY_LISTEN=true diloco-node:local "${node_args[@]}" >/dev/null
+  # Route through the router before the node sends anything: start it paused.
+  docker start "${P}_n$r" >/dev/null
+  docker pause "${P}_n$r" >/dev/null
+  nsenter -t "$(pid_of "${P}_n$r")" -n ip route replace default via "$lan.2"
+  docker unpause "${P}_n$r" >/dev/null
+done
+
+status() { curl -s -m 2 "$1:8080/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["round"], s["group_size"], s["global_hash"])' 2>/dev/null || echo "- - -"; }
+ips=("$pub.20" "$lana.3" "$lanb.3")
+end=$(( $(date +%s) + 240 ))
+agreed=""
+while [ "$(date +%s)" -lt "$end" ]; do
+  line=()
+  for ip in "${ips[@]}"; do line+=("$(status "$ip")"); done
+  read -r r0 g0 h0 <<<"${line[0]}"
+  ok=1
+  for l in "${line[@]}"; do
+    read -r r g h <<<"$l"
+    [ "$r" = "$r0" ] && [ "$g" = 3 ] && [ "$h" = "$h0" ] && [ -n "$h" ] && [ "$h" != - ] || ok=0
+  done
+  if [ "$ok" = 1 ] && [ "$r0" -ge 5 ]; then agreed="$r0 ${h0:0:16}"; break; fi
+  sleep 2
+done
+[ -n "$agreed" ] || fail "nodes did not agree at round >= 5 in a group of 3 within 240 s; last: ${line[*]}"
+echo "[$(date +%T)] agree: 3 nodes (2 behind NAT) at round ${agreed}"
+
+# The punched hole: router A tracks an established connection from node A to router B's public
+# address (node B's NAT mapping), which only DCUtR's simultaneous dial can have opened.
+# DCUtR starts once both relay reservations exist and the nodes meet over the relay; the
+# group may agree before that (traffic between the NATed nodes can go by the public node).
+punched=0
+for _ in $(seq 90); do
+  punched=$(nsenter -t "$(pid_of "${P}_ra")" -n cat /proc/net/nf_conntrack 2>/dev/null \
+    | grep -c "ESTABLISHED src=$lana.3 dst=$pub.12 " || true)
+  [ "$punched" -ge 1 ] && break
+  sleep 1
+done
+[ "$punched" -ge 1 ] || fail "no direct connection between the two NATed nodes within 90 s of agreeing (router A's conntrack has none to $pub.12)"
+echo "[$(date +%T)] hole punched: $punched direct connection(s) between the NATed nodes through both NATs"
+echo "nat test passed"
