@@ -285,6 +285,14 @@ fn agent_run(agent: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("run="))
 }
 
+/// `addr` ending in `/p2p/<peer>` (unchanged if it already ends in a `/p2p` part).
+fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    match addr.iter().last() {
+        Some(Protocol::P2p(_)) => addr,
+        _ => addr.with(Protocol::P2p(peer)),
+    }
+}
+
 fn build(key: &libp2p::identity::Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
     let max_direct = cfg.max_direct;
@@ -401,7 +409,6 @@ pub fn spawn(
         dial_backoff: HashMap::new(),
         bootstrapped: false,
     };
-
     tokio::spawn(tracing::Instrument::instrument(
         task.run(cmd_rx),
         tracing::Span::current(),
@@ -545,10 +552,7 @@ impl Task {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 // Relayed addresses already end in /p2p/<me>.
-                let full = match address.iter().last() {
-                    Some(Protocol::P2p(_)) => address,
-                    _ => address.with(Protocol::P2p(me)),
-                };
+                let full = with_peer(address, me);
                 tracing::info!(addr = %full, "listening");
                 self.emit(NetEvent::Listening(full));
             }
@@ -686,11 +690,7 @@ impl Task {
         self.relayed = true;
         for (peer, addr) in self.cfg.bootstrap.clone() {
             // The relay client needs the relay's peer id in the address.
-            let circuit = match addr.iter().last() {
-                Some(Protocol::P2p(_)) => addr,
-                _ => addr.with(Protocol::P2p(peer)),
-            }
-            .with(Protocol::P2pCircuit);
+            let circuit = with_peer(addr, peer).with(Protocol::P2pCircuit);
             match self.swarm.listen_on(circuit) {
                 Ok(_) => {
                     tracing::info!(relay = %peer, why, "listening through the bootstrap relay")

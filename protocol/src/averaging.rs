@@ -2453,12 +2453,7 @@ impl State {
             // minority of them cannot forge it). Otherwise (the membership changed while it was
             // away) two donors must agree, as for a joiner; a lone state is never accepted by a
             // synced peer.
-            let overlap = c
-                .signers
-                .iter()
-                .filter(|p| self.members.binary_search(p).is_ok())
-                .count();
-            if overlap >= self.quorum() {
+            if signed_by(&c.signers, &self.members) >= self.quorum() {
                 self.adopt_state(c);
             } else {
                 self.cross_check(from, c);
@@ -2690,12 +2685,15 @@ impl State {
 /// than a third of `lo`'s members signed `hi`'s decision (membership changes slowly; a donor
 /// controlling fewer than a third of the members cannot forge this).
 fn linked(hi: &StateCandidate, lo: &StateCandidate) -> bool {
-    let overlap = hi
-        .signers
+    signed_by(&hi.signers, &lo.members) * 3 > lo.members.len()
+}
+
+/// How many of the (sorted) `members` are among `signers`.
+fn signed_by(signers: &BTreeSet<PeerId>, members: &[PeerId]) -> usize {
+    signers
         .iter()
-        .filter(|p| lo.members.binary_search(p).is_ok())
-        .count();
-    overlap * 3 > lo.members.len()
+        .filter(|p| members.binary_search(p).is_ok())
+        .count()
 }
 
 #[cfg(test)]
