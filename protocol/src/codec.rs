@@ -551,6 +551,16 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 }
 
 fn decompress_exact(frame: &[u8], expected: usize) -> Result<Vec<u8>, CodecError> {
+    // The payload must be exactly one whole frame: a truncated frame of an empty payload can
+    // otherwise "decompress" to the expected 0 bytes.
+    match zstd::zstd_safe::find_frame_compressed_size(frame) {
+        Ok(n) if n == frame.len() => {}
+        _ => {
+            return Err(CodecError::Payload(
+                "zstd frame truncated or followed by extra bytes".into(),
+            ))
+        }
+    }
     // `expected` is already bounded by the caller's max_len; zstd writes at most `expected`
     // bytes and fails if the frame holds more.
     let raw = decompress(frame, expected).map_err(|e| CodecError::Payload(format!("zstd: {e}")))?;
