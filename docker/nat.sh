@@ -2,11 +2,13 @@
 # NAT traversal test: a bootstrap peer and one node on a "public" Docker network, and two nodes
 # each behind its own NAT router (a container that forwards and masquerades, set up from the
 # host with nsenter + iptables, so the images need no tools). Nothing outside can dial the NATed
-# nodes. They run with --relay-listen: they listen through the bootstrap's relay, and DCUtR must
-# punch a direct TCP connection between them through both NATs. Checks: all three nodes agree
-# on one global_hash at round >= 5 in a group of 3, and router A holds an established,
-# masqueraded connection between the two NATed nodes (the hole punched). Prints every
-# container's logs on failure; cleans up on exit (KEEP=1 keeps everything).
+# nodes. Node A is told it is behind NAT (--relay-listen); node B must find out with AutoNAT
+# (every peer runs with --private-network, since all addresses here are private). Both listen
+# through the bootstrap's relay, and DCUtR must punch a direct TCP connection between them
+# through both NATs. Checks: node B's AutoNAT concluded it is unreachable; all three nodes agree
+# on one global_hash at round >= 5 in a group of 3; router A holds an established, masqueraded
+# connection between the two NATed nodes (the hole punched). Prints every container's logs on
+# failure; cleans up on exit (KEEP=1 keeps everything).
 #   bash docker/nat.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,19 +39,29 @@ fail() {
 }
 pid_of() { docker inspect -f '{{.State.Pid}}' "$1"; }
 
-# Subnets chosen per run from the PID so that parallel runs do not collide.
-s=$(( ($$ % 50) * 4 + 16 ))
-pub="10.${s}.0"; lana="10.$((s + 1)).0"; lanb="10.$((s + 2)).0"
-docker network create --subnet "$pub.0/24" "${P}_pub" >/dev/null
-# Not --internal: Docker's isolation rules for internal networks also drop bridged frames
-# addressed outside the subnet, i.e. everything sent to the router. Each LAN stays unreachable
-# from the public network all the same (Docker isolates networks from each other), and its
-# nodes' default route goes through their router, not the host.
-docker network create --subnet "$lana.0/24" "${P}_lana" >/dev/null
-docker network create --subnet "$lanb.0/24" "${P}_lanb" >/dev/null
+# Three /24 subnets that no other Docker network uses: try blocks of 10.x.0.0 until Docker
+# accepts all three (it refuses overlapping pools). Not --internal: Docker's isolation rules for
+# internal networks also drop bridged frames addressed outside the subnet, i.e. everything sent
+# to the router. Each LAN stays unreachable from the public network all the same (Docker
+# isolates networks from each other), and its nodes' default route goes through their router.
+made=0
+for s in $(seq 16 4 236); do
+  pub="10.${s}.0"; lana="10.$((s + 1)).0"; lanb="10.$((s + 2)).0"
+  if docker network create --subnet "$pub.0/24" "${P}_pub" >/dev/null 2>&1; then
+    if docker network create --subnet "$lana.0/24" "${P}_lana" >/dev/null 2>&1; then
+      if docker network create --subnet "$lanb.0/24" "${P}_lanb" >/dev/null 2>&1; then
+        made=1; break
+      fi
+      docker network rm "${P}_lana" >/dev/null
+    fi
+    docker network rm "${P}_pub" >/dev/null
+  fi
+done
+[ "$made" = 1 ] || fail "no free 10.x.0.0/24 subnets for the test networks"
 
 docker run -d --name "${P}_boot" --network "${P}_pub" --ip "$pub.2" \
-  -e DILOCO_BOOTSTRAP_HOST="$pub.2" -v "$work:/shared" diloco-bootstrap:local >/dev/null
+  -e DILOCO_BOOTSTRAP_HOST="$pub.2" -e DILOCO_PRIVATE_NETWORK=true -v "$work:/shared" \
+  diloco-bootstrap:local >/dev/null
 for r in a b; do
   lan=$([ $r = a ] && echo "$lana" || echo "$lanb")
   docker run -d --name "${P}_r$r" --network "${P}_pub" --ip "$pub.1$([ $r = a ] && echo 1 || echo 2)" \
@@ -64,14 +76,15 @@ echo "[$(date +%T)] bootstrap $addr"
 
 node_args=(join --listen /ip4/0.0.0.0/tcp/4001 --status-addr 0.0.0.0:8080 --run-config /run.json
   --backend cpu --genesis-wait 5)
-env_args=(-v "$PWD/docker/run.json:/run.json:ro" -e "DILOCO_BOOTSTRAP=$addr"
+env_args=(-v "$PWD/docker/run.json:/run.json:ro" -e "DILOCO_BOOTSTRAP=$addr" -e DILOCO_PRIVATE_NETWORK=true
   -e "DILOCO_LOG=info,libp2p_gossipsub=error,libp2p_kad=error")
 docker run -d --name "${P}_np" --network "${P}_pub" --ip "$pub.20" "${env_args[@]}" \
   diloco-node:local "${node_args[@]}" >/dev/null
 for r in a b; do
   lan=$([ $r = a ] && echo "$lana" || echo "$lanb")
+  relay=$([ $r = a ] && echo true || echo false)
   docker create --name "${P}_n$r" --network "${P}_lan$r" --ip "$lan.3" "${env_args[@]}" \
-    -e DILOCO_RELAY_LISTEN=true diloco-node:local "${node_args[@]}" >/dev/null
+    -e DILOCO_RELAY_LISTEN=$relay diloco-node:local "${node_args[@]}" >/dev/null
   # Route through the router before the node sends anything: start it paused.
   docker start "${P}_n$r" >/dev/null
   docker pause "${P}_n$r" >/dev/null
@@ -97,6 +110,11 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 [ -n "$agreed" ] || fail "nodes did not agree at round >= 5 in a group of 3 within 240 s; last: ${line[*]}"
 echo "[$(date +%T)] agree: 3 nodes (2 behind NAT) at round ${agreed}"
+
+# Node B was not told it is behind NAT: AutoNAT must have found out, and put it on the relay.
+docker logs "${P}_nb" 2>&1 | grep -q "not reachable directly (AutoNAT)" \
+  || fail "node B's AutoNAT never concluded it is unreachable (so it never listened through the relay)"
+echo "[$(date +%T)] node B: AutoNAT found it unreachable; it listens through the relay"
 
 # The punched hole: router A tracks an established connection from node A to router B's public
 # address (node B's NAT mapping), which only DCUtR's simultaneous dial can have opened.

@@ -30,6 +30,25 @@ struct Cli {
     /// Most simultaneous connections.
     #[arg(long, env = "DILOCO_MAX_CONNECTIONS", default_value_t = 1024)]
     max_connections: u32,
+    /// Peers that may listen through this relay at once.
+    #[arg(long, env = "DILOCO_RELAY_MAX_RESERVATIONS", default_value_t = server::RelayLimits::default().max_reservations)]
+    relay_max_reservations: usize,
+    /// Relayed connections at once.
+    #[arg(long, env = "DILOCO_RELAY_MAX_CIRCUITS", default_value_t = server::RelayLimits::default().max_circuits)]
+    relay_max_circuits: usize,
+    /// Bytes one relayed connection may carry before the relay closes it. The default (libp2p's,
+    /// 128 KiB) is enough to punch a hole, not to train: raise it (e.g. 1073741824) to let peers
+    /// that cannot punch through their NAT train through this relay, at the cost of its traffic.
+    #[arg(long, env = "DILOCO_RELAY_MAX_CIRCUIT_BYTES", default_value_t = server::RelayLimits::default().max_circuit_bytes)]
+    relay_max_circuit_bytes: u64,
+    /// Seconds one relayed connection may last before the relay closes it (peers then open a
+    /// new one).
+    #[arg(long, env = "DILOCO_RELAY_MAX_CIRCUIT_SECS", default_value_t = server::RelayLimits::default().max_circuit_duration.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    relay_max_circuit_secs: u64,
+    /// The peers reach this one on private addresses (a LAN, Docker networks, a lab): answer
+    /// their AutoNAT probes over private IPs too.
+    #[arg(long, env = "DILOCO_PRIVATE_NETWORK")]
+    private_network: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "DILOCO_LOG", default_value = "info,libp2p_kad=error")]
     log: String,
@@ -77,6 +96,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             external,
             max_connections: cli.max_connections,
+            private_network: cli.private_network,
+            relay: server::RelayLimits {
+                max_reservations: cli.relay_max_reservations,
+                max_circuits: cli.relay_max_circuits,
+                max_circuit_bytes: cli.relay_max_circuit_bytes,
+                max_circuit_duration: std::time::Duration::from_secs(cli.relay_max_circuit_secs),
+            },
         };
         let swarm = server::build(&id, &cfg)?;
         tracing::info!(peer_id = %id.peer_id(), "bootstrap peer started");

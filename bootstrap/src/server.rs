@@ -9,6 +9,7 @@
 use crate::keys::Identity;
 use crate::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use futures::StreamExt;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     autonat, connection_limits, identify, kad, noise, ping, relay, tcp, yamux, Multiaddr,
@@ -55,6 +56,41 @@ pub struct Config {
     pub external: Vec<Multiaddr>,
     /// Most simultaneous connections.
     pub max_connections: u32,
+    /// What the relay server lets each peer use.
+    pub relay: RelayLimits,
+    /// Peers reach it on private addresses (LAN, Docker, lab): answer AutoNAT probes for
+    /// private IPs too (libp2p refuses them by default, so on a LAN no peer ever learns it is
+    /// unreachable).
+    pub private_network: bool,
+}
+
+/// Limits of the relay server. The defaults are libp2p's: enough to coordinate a DCUtR hole
+/// punch and to carry control messages, not to move outer gradients (a `tiny` model's int8
+/// outer gradient alone is about 1 MB). An operator who wants peers that cannot punch a hole to
+/// train through the relay raises `max_circuit_bytes` and `max_circuit_duration`, and pays for
+/// that traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Peers that may hold a reservation (listen through this relay) at once.
+    pub max_reservations: usize,
+    /// Relayed connections at once.
+    pub max_circuits: usize,
+    /// Bytes one relayed connection may carry (both directions) before the relay closes it.
+    pub max_circuit_bytes: u64,
+    /// How long one relayed connection may last before the relay closes it.
+    pub max_circuit_duration: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        let d = relay::Config::default();
+        RelayLimits {
+            max_reservations: d.max_reservations,
+            max_circuits: d.max_circuits,
+            max_circuit_bytes: d.max_circuit_bytes,
+            max_circuit_duration: d.max_circuit_duration,
+        }
+    }
 }
 
 /// Builds the bootstrap swarm and starts listening.
@@ -91,8 +127,23 @@ pub fn build(id: &Identity, cfg: &Config) -> Result<Swarm<Behaviour>, ServerErro
                 ),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
-                relay: relay::Behaviour::new(me, relay::Config::default()),
-                autonat: autonat::Behaviour::new(me, autonat::Config::default()),
+                relay: relay::Behaviour::new(
+                    me,
+                    relay::Config {
+                        max_reservations: cfg.relay.max_reservations,
+                        max_circuits: cfg.relay.max_circuits,
+                        max_circuit_bytes: cfg.relay.max_circuit_bytes,
+                        max_circuit_duration: cfg.relay.max_circuit_duration,
+                        ..relay::Config::default()
+                    },
+                ),
+                autonat: autonat::Behaviour::new(
+                    me,
+                    autonat::Config {
+                        only_global_ips: !cfg.private_network,
+                        ..autonat::Config::default()
+                    },
+                ),
             }
         })
         .map_err(|e| transport(&e))?
@@ -133,7 +184,7 @@ pub async fn run(
                     if auto_external {
                         swarm.add_external_address(address.clone());
                     }
-                    on_listen(address.with(libp2p::multiaddr::Protocol::P2p(me)));
+                    on_listen(address.with(Protocol::P2p(me)));
                 }
                 SwarmEvent::ListenerError { error, .. } => {
                     tracing::warn!(%error, "listener error");
@@ -149,6 +200,26 @@ pub async fn run(
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                     tracing::debug!(peer = %peer_id, "disconnected");
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::Event::ReservationReqAccepted { src_peer_id, renewed: false })) => {
+                    // The peer is now reachable through this relay: peers that look it up must
+                    // get that address at once, not when its identify push (or the next periodic
+                    // identify, minutes later) tells the same.
+                    let circuits: Vec<Multiaddr> = swarm
+                        .external_addresses()
+                        .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
+                        .take(16)
+                        .map(|a| {
+                            a.clone()
+                                .with(Protocol::P2p(me))
+                                .with(Protocol::P2pCircuit)
+                                .with(Protocol::P2p(src_peer_id))
+                        })
+                        .collect();
+                    for addr in circuits {
+                        swarm.behaviour_mut().kad.add_address(&src_peer_id, addr);
+                    }
+                    tracing::debug!(peer = %src_peer_id, "relay reservation accepted");
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                     if info.protocol_version != IDENTIFY_PROTOCOL {

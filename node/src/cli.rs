@@ -164,6 +164,11 @@ pub struct JoinArgs {
     /// Peers then reach it through the relay and DCUtR tries to upgrade to a direct connection.
     #[arg(long, env = "DILOCO_RELAY_LISTEN")]
     pub relay_listen: bool,
+    /// The peers reach each other on private addresses (a LAN, Docker networks, a lab): let
+    /// AutoNAT test reachability over private IPs too. Without it AutoNAT only trusts public
+    /// addresses, which is right on the internet but never concludes anything on a LAN.
+    #[arg(long, env = "DILOCO_PRIVATE_NETWORK")]
+    pub private_network: bool,
     /// Print the final report as one JSON line.
     #[arg(long, env = "DILOCO_JSON")]
     pub json: bool,

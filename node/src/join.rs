@@ -110,6 +110,8 @@ pub struct JoinConfig {
     pub founders: usize,
     /// Listen through the bootstrap relays from the start (see [`NetConfig::relay_listen`]).
     pub relay_listen: bool,
+    /// AutoNAT over private addresses too (see [`NetConfig::private_network`]).
+    pub private_network: bool,
 }
 
 /// Final report of a node.
@@ -322,6 +324,14 @@ struct Trainer {
     corpus: Arc<Corpus>,
     layout: Vec<ParamInfo>,
     stop: Arc<AtomicBool>,
+    /// Keep the AdamW state each round's training started from (only with a checkpoint
+    /// directory).
+    keep_round_start: bool,
+    /// The AdamW state as the training of this round found it: a checkpoint of the state at the
+    /// start of that round must carry these moments, not the ones its (possibly aborted)
+    /// training has since moved on to. Burn tensors are immutable handles, so this holds the
+    /// old moment buffers alive (twice the parameter count in floats), no copy.
+    round_start: Option<(u64, AdamState)>,
 }
 
 impl Trainer {
@@ -346,6 +356,11 @@ impl Trainer {
             });
         };
         work.replica.set_params(&theta).map_err(|e| e.to_string())?;
+        // The first training of a round sets it; a retraining of the same round starts from
+        // moments that already include the first attempt.
+        if self.keep_round_start && self.round_start.as_ref().map(|(r, _)| *r) != Some(round) {
+            self.round_start = Some((round, work.replica.adam.clone()));
+        }
         let mut loss = 0.0f64;
         for k in 0..h {
             if self.stop.load(Ordering::Relaxed) {
@@ -370,8 +385,14 @@ impl Trainer {
     fn save(&self, job: &SaveJob) -> Result<PathBuf, String> {
         let (m, v, t) = match &self.work {
             Some(w) => {
-                let (m, v) = w.replica.adam.to_flat(&self.layout);
-                (m, v, w.replica.adam.t)
+                // Moments at the start of the saved round: if its training already began (or
+                // was aborted by Ctrl+C), the ones it started from.
+                let adam = match &self.round_start {
+                    Some((r, a)) if *r == job.round => a,
+                    _ => &w.replica.adam,
+                };
+                let (m, v) = adam.to_flat(&self.layout);
+                (m, v, adam.t)
             }
             None => (vec![0.0; job.theta.len()], vec![0.0; job.theta.len()], 0),
         };
@@ -1191,6 +1212,8 @@ async fn run_node(
         corpus: corpus.clone(),
         layout: layout.clone(),
         stop: stop.clone(),
+        keep_round_start: cfg.checkpoint_dir.is_some(),
+        round_start: None,
     };
     let (job_tx, job_rx) = std::sync::mpsc::channel();
     let (done_tx, mut done_rx) = mpsc::channel(64);
@@ -1223,6 +1246,7 @@ async fn run_node(
             max_direct,
             request_timeout: Duration::from_secs(120),
             relay_listen: cfg.relay_listen,
+            private_network: cfg.private_network,
         },
         shared.net.clone(),
     )?;
@@ -1413,6 +1437,101 @@ mod tests {
         assert_eq!(decode_hello(&long), None);
         assert_eq!(decode_hello(&[0xff; 2000]), None);
         assert_eq!(decode_hello(&[]), None);
+    }
+
+    /// A trainer for a 1-layer model on the built-in corpus, 2 inner steps per round.
+    fn small_trainer() -> (Trainer, Vec<f32>) {
+        let corpus = Arc::new(
+            Corpus::load(&crate::data::DataSpec {
+                eval_fraction: 0.05,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let rc = crate::runconfig::RunConfig {
+            model: "d16-l1-h2-c16".into(),
+            inner_steps: 2,
+            batch: 2,
+            seq: 16,
+            ..Default::default()
+        };
+        let run = rc.validate(&corpus).unwrap();
+        let device = Device::flex();
+        let layout = flat::layout(&run.model.init(&device));
+        let init = flat::init_values(&layout, run.model.n_layers, 0);
+        let replica = Replica::new(&run.model, &device, &init).unwrap();
+        let trainer = Trainer {
+            work: Some(ModelWork {
+                replica,
+                evaluator: Evaluator::new(&run.model, &device),
+            }),
+            rng: ChaCha8Rng::seed_from_u64(1),
+            eval: Vec::new(),
+            stream: Stream::new(&corpus, 0, 1, 1, 0, 2, 16),
+            corpus,
+            layout,
+            stop: Arc::new(AtomicBool::new(false)),
+            keep_round_start: true,
+            round_start: None,
+            run,
+        };
+        (trainer, init)
+    }
+
+    fn save_job(dir: &Path, round: u64, theta: &[f32]) -> SaveJob {
+        SaveJob {
+            dir: dir.to_path_buf(),
+            round,
+            theta: theta.to_vec(),
+            momentum: vec![0.0; theta.len()],
+            net: NetCheckpoint {
+                chain: String::new(),
+                members: Vec::new(),
+                founder: String::new(),
+            },
+            run: serde_json::json!({}),
+        }
+    }
+
+    fn saved_moments(dir: &Path, t: &Trainer) -> (u64, Vec<f32>) {
+        let l = checkpoint::load_latest(dir, &t.layout, &OPT_SUFFIXES)
+            .unwrap()
+            .unwrap();
+        (l.state.adam_t, l.optimizer[OPT_SUFFIXES[0]].clone())
+    }
+
+    #[test]
+    fn a_checkpoint_carries_the_moments_its_round_started_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut t, theta) = small_trainer();
+        // Round 0 trained; the state of round 1 starts from the moments it left.
+        assert!(matches!(
+            t.train(0, theta.clone()),
+            Ok(Done::Trained { .. })
+        ));
+        let (after0, _) = t.work.as_ref().unwrap().replica.adam.to_flat(&t.layout);
+        t.save(&save_job(dir.path(), 1, &theta)).unwrap();
+        assert_eq!(saved_moments(dir.path(), &t), (2, after0.clone()));
+
+        // Round 1 trained (or aborted) before the checkpoint of its start is written: the
+        // checkpoint still carries the moments round 1 started from, not the newer ones.
+        assert!(matches!(
+            t.train(1, theta.clone()),
+            Ok(Done::Trained { .. })
+        ));
+        let (after1, _) = t.work.as_ref().unwrap().replica.adam.to_flat(&t.layout);
+        assert_ne!(after0, after1);
+        t.save(&save_job(dir.path(), 1, &theta)).unwrap();
+        assert_eq!(saved_moments(dir.path(), &t), (2, after0));
+
+        // Retraining round 1 keeps the first start; the state of round 2 gets the latest.
+        assert!(matches!(
+            t.train(1, theta.clone()),
+            Ok(Done::Trained { .. })
+        ));
+        t.save(&save_job(dir.path(), 2, &theta)).unwrap();
+        let (now, _) = t.work.as_ref().unwrap().replica.adam.to_flat(&t.layout);
+        assert_eq!(saved_moments(dir.path(), &t), (6, now));
     }
 
     #[test]

@@ -142,6 +142,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         observer: None,
         founders: args.founders,
         relay_listen: args.relay_listen,
+        private_network: args.private_network,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -168,6 +168,9 @@ pub struct NetConfig {
     /// Listen through every bootstrap peer's relay from the start (a node that knows it is
     /// behind NAT); otherwise only once AutoNAT reports this node unreachable.
     pub relay_listen: bool,
+    /// Peers reach each other on private addresses (LAN, Docker, lab): AutoNAT probes and
+    /// answers over private IPs too, instead of only public ones (libp2p's default).
+    pub private_network: bool,
 }
 
 /// Length-prefixed request-response codec: a u32 LE length checked against the cap before
@@ -298,6 +301,7 @@ fn build(key: &libp2p::identity::Keypair, cfg: &NetConfig) -> Result<Swarm<Behav
     let max_direct = cfg.max_direct;
     let timeout = cfg.request_timeout;
     let run = cfg.run.clone();
+    let private_network = cfg.private_network;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
         .with_tokio()
         .with_tcp(
@@ -352,14 +356,28 @@ fn build(key: &libp2p::identity::Keypair, cfg: &NetConfig) -> Result<Swarm<Behav
                 relay,
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                        .with_agent_version(agent_version(&run)),
+                        .with_agent_version(agent_version(&run))
+                        // A relayed address appears after the first identify exchange: push it,
+                        // or the bootstrap peer's Kademlia would learn it only at the next
+                        // periodic identify (5 minutes), and nobody could find this node.
+                        // A push arrives as an ordinary `Received` on the other side.
+                        .with_push_listen_addr_updates(true),
                 ),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
                 gossipsub,
                 shard: rr(SHARD_PROTOCOL),
                 sync: rr(SYNC_PROTOCOL),
-                autonat: autonat::Behaviour::new(me, autonat::Config::default()),
+                autonat: autonat::Behaviour::new(
+                    me,
+                    autonat::Config {
+                        only_global_ips: !private_network,
+                        // First probe 5 s after start rather than 15: a node behind NAT
+                        // should be reachable through a relay soon after it starts.
+                        boot_delay: Duration::from_secs(5),
+                        ..autonat::Config::default()
+                    },
+                ),
                 dcutr: dcutr::Behaviour::new(me),
             })
         })
@@ -408,6 +426,8 @@ pub fn spawn(
         relayed: false,
         dial_backoff: HashMap::new(),
         bootstrapped: false,
+        links: HashMap::new(),
+        relay_warned: None,
     };
     tokio::spawn(tracing::Instrument::instrument(
         task.run(cmd_rx),
@@ -436,6 +456,17 @@ struct Task {
     dial_backoff: HashMap<PeerId, tokio::time::Instant>,
     /// A bootstrap peer has answered.
     bootstrapped: bool,
+    /// Open connections per connected peer, direct and relayed.
+    links: HashMap<PeerId, Links>,
+    /// When the last "failed over a relay" warning was logged (at most one a minute).
+    relay_warned: Option<tokio::time::Instant>,
+}
+
+/// Open connections to one peer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Links {
+    direct: u32,
+    relayed: u32,
 }
 
 impl Task {
@@ -558,20 +589,40 @@ impl Task {
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
             SwarmEvent::ConnectionEstablished {
-                num_established, ..
+                peer_id,
+                endpoint,
+                num_established,
+                ..
             } => {
+                let links = self.links.entry(peer_id).or_default();
+                if endpoint.is_relayed() {
+                    links.relayed += 1;
+                } else {
+                    links.direct += 1;
+                }
                 if num_established.get() == 1 {
                     self.stats.connected.fetch_add(1, Ordering::Relaxed);
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                endpoint,
+                num_established,
                 ..
             } => {
-                self.stats.connected.fetch_sub(1, Ordering::Relaxed);
-                if self.run_peers.remove(&peer_id) {
-                    self.emit(NetEvent::PeerLeft(peer_id));
+                if num_established == 0 {
+                    self.links.remove(&peer_id);
+                    self.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                    if self.run_peers.remove(&peer_id) {
+                        self.emit(NetEvent::PeerLeft(peer_id));
+                    }
+                } else if let Some(links) = self.links.get_mut(&peer_id) {
+                    let n = if endpoint.is_relayed() {
+                        &mut links.relayed
+                    } else {
+                        &mut links.direct
+                    };
+                    *n = n.saturating_sub(1);
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -609,12 +660,8 @@ impl Task {
                         return;
                     }
                 }
-                let kad_proto = StreamProtocol::new(KAD_PROTOCOL);
-                if info.protocols.contains(&kad_proto) {
-                    for addr in info.listen_addrs.into_iter().take(16) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
-                }
+                let agent_is_node = agent_run(&info.agent_version).is_some();
+                self.learn_addresses(peer_id, info);
                 if self.cfg.bootstrap.iter().any(|(b, _)| *b == peer_id) {
                     if self.cfg.relay_listen {
                         // Only once connected: the relay client's own dial of the relay would be
@@ -629,7 +676,7 @@ impl Task {
                         self.emit(NetEvent::Bootstrapped);
                     }
                 }
-                if agent_run(&info.agent_version).is_some() && self.run_peers.insert(peer_id) {
+                if agent_is_node && self.run_peers.insert(peer_id) {
                     if self.run_peers.len() > 4 * MAX_PEERS as usize {
                         self.run_peers.pop_first();
                     }
@@ -676,8 +723,27 @@ impl Task {
                     self.listen_via_relays("not reachable directly (AutoNAT)");
                 }
             }
-            BehaviourEvent::Dcutr(ev) => tracing::debug!(?ev, "dcutr"),
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punched (DCUtR): direct connection replaces the relayed one")
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, error = %e, "hole punching (DCUtR) failed; the connection stays relayed")
+                }
+            },
             _ => {}
+        }
+    }
+
+    /// Hands a Kademlia-speaking peer's announced addresses (at most 16) to Kademlia.
+    fn learn_addresses(&mut self, peer: PeerId, info: identify::Info) {
+        if info.protocols.contains(&StreamProtocol::new(KAD_PROTOCOL)) {
+            for addr in info.listen_addrs.into_iter().take(16) {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+            }
         }
     }
 
@@ -753,6 +819,22 @@ impl Task {
                 });
             }
             request_response::Event::OutboundFailure { peer, error, .. } => {
+                let relayed_only = self
+                    .links
+                    .get(&peer)
+                    .is_some_and(|l| l.direct == 0 && l.relayed > 0);
+                let now = tokio::time::Instant::now();
+                if relayed_only
+                    && self
+                        .relay_warned
+                        .is_none_or(|t| now >= t + Duration::from_secs(60))
+                {
+                    self.relay_warned = Some(now);
+                    tracing::warn!(
+                        %peer, %error,
+                        "a direct message failed on a relayed connection: relays limit what each circuit carries (128 KiB by default), too little for outer gradients; this needs a direct connection (hole punching, a reachable --listen address) or a bootstrap peer with a raised --relay-max-circuit-bytes"
+                    );
+                }
                 self.emit(NetEvent::SendFailed {
                     to: peer,
                     error: error.to_string(),

@@ -39,6 +39,8 @@ async fn start_bootstrap() -> (libp2p::PeerId, libp2p::Multiaddr) {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             external: vec![],
             max_connections: 64,
+            private_network: false,
+            relay: server::RelayLimits::default(),
         },
     )
     .unwrap();
@@ -74,6 +76,7 @@ fn node(
         observer: Some(shared.clone()),
         founders: 1,
         relay_listen: false,
+        private_network: false,
     };
     (cfg, shared)
 }

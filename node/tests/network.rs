@@ -242,6 +242,7 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
                 max_direct: 1 << 20,
                 request_timeout: Duration::from_secs(10),
                 relay_listen: false,
+                private_network: false,
             },
             std::sync::Arc::new(net::NetStats::default()),
         )

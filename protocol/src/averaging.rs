@@ -74,6 +74,14 @@ pub const MAX_ANNOUNCED_PENDING: usize = 1024;
 /// a round trip per round, and a group that decides rounds faster than a laggard replays them
 /// would never be caught up with.
 pub const REPLAY_MAX_ROUNDS: u64 = 1;
+/// A full state is 8 bytes per parameter (200 MB for a 25M-parameter model), so it is asked for
+/// and sent sparingly: a peer asks one contact for it again only after this many retry periods
+/// (its answer may still be on the way), and a donor sends it to one peer at most once in that
+/// time and to at most [`MAX_STATES_SERVED`] peers in all.
+pub const STATE_PATIENCE_RETRIES: u64 = LONE_STATE_RETRIES;
+/// Most full states a donor sends within `STATE_PATIENCE_RETRIES` retry periods (bounds what
+/// a crowd of joiners, or one peer under many ids, can make it upload).
+pub const MAX_STATES_SERVED: usize = 8;
 
 /// How many COMMITs decide a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -633,6 +641,11 @@ pub struct State {
     /// Whether this peer asked for a state (or sync) since it last adopted one: a synced peer
     /// ignores State messages it did not ask for.
     state_wanted: bool,
+    /// When each contact was last asked for a state (until one is adopted).
+    state_asked: BTreeMap<PeerId, Time>,
+    /// When this peer last sent a state to each peer, and to anyone (newest last).
+    state_served: BTreeMap<PeerId, Time>,
+    served_times: VecDeque<Time>,
 }
 
 impl State {
@@ -710,6 +723,9 @@ impl State {
             announced: HashMap::new(),
             candidates: Vec::new(),
             state_wanted: false,
+            state_asked: BTreeMap::new(),
+            state_served: BTreeMap::new(),
+            served_times: VecDeque::new(),
         }
     }
 
@@ -2228,15 +2244,61 @@ impl State {
         }
         self.last_sync = Some(self.now);
         self.state_wanted = true;
-        // Ask two contacts, chosen by time so that successive retries ask disjoint pairs.
-        let contacts: Vec<PeerId> = self.contacts.iter().copied().collect();
-        if contacts.is_empty() {
+        // Contacts not asked within the patience window (an answer may still be on its way),
+        // preferring ones that have not sent a state held now: a second, independent donor is
+        // what the cross-check needs. Two at first, one more once a state is held; chosen by
+        // time so that successive retries ask different contacts.
+        let patience = STATE_PATIENCE_RETRIES * self.cfg.retry;
+        let now = self.now;
+        let ready: Vec<PeerId> = self
+            .contacts
+            .iter()
+            .filter(|p| {
+                self.state_asked
+                    .get(p)
+                    .is_none_or(|t| now >= t.saturating_add(patience))
+            })
+            .copied()
+            .collect();
+        let held = |p: &PeerId| self.candidates.iter().any(|c| c.donors.contains(p));
+        let fresh: Vec<PeerId> = ready.iter().filter(|p| !held(p)).copied().collect();
+        let pick = if fresh.is_empty() { ready } else { fresh };
+        if pick.is_empty() {
             return;
         }
-        let i = 2 * (self.now / self.cfg.retry.max(1)) as usize;
-        for j in 0..2.min(contacts.len()) {
-            self.send(contacts[(i + j) % contacts.len()], Direct::StateRequest);
+        let want = if self.candidates.is_empty() { 2 } else { 1 };
+        let i = want * (self.now / self.cfg.retry.max(1)) as usize;
+        for j in 0..want.min(pick.len()) {
+            let p = pick[(i + j) % pick.len()];
+            self.state_asked.insert(p, now);
+            self.send(p, Direct::StateRequest);
         }
+        if self.state_asked.len() > 4 * MAX_BUFFERED {
+            self.state_asked
+                .retain(|_, t| now < t.saturating_add(patience));
+        }
+    }
+
+    /// Whether a full state may be sent to `to` now (see [`STATE_PATIENCE_RETRIES`]); records
+    /// it if so.
+    fn may_serve_state(&mut self, to: PeerId) -> bool {
+        let window = STATE_PATIENCE_RETRIES * self.cfg.retry;
+        let now = self.now;
+        while self
+            .served_times
+            .front()
+            .is_some_and(|t| now >= t.saturating_add(window))
+        {
+            self.served_times.pop_front();
+        }
+        self.state_served
+            .retain(|_, t| now < t.saturating_add(window));
+        if self.state_served.contains_key(&to) || self.served_times.len() >= MAX_STATES_SERVED {
+            return false;
+        }
+        self.state_served.insert(to, now);
+        self.served_times.push_back(now);
+        true
     }
 
     fn on_direct(&mut self, from: PeerId, msg: Arc<Direct>) {
@@ -2311,6 +2373,10 @@ impl State {
             Direct::StateRequest => {
                 if !self.synced {
                     return;
+                }
+                let current = matches!(self.history.back(), Some((r, _)) if r + 1 == self.round);
+                if current && !self.may_serve_state(from) {
+                    return; // sent it recently (to this peer or to too many): it asks elsewhere
                 }
                 match self.history.back() {
                     Some((r, proof)) if r + 1 == self.round => {
@@ -2664,6 +2730,7 @@ impl State {
         self.state_wanted = false;
         self.carry = None;
         self.candidates.clear();
+        self.state_asked.clear();
         self.r = RoundState::default();
         self.future.clear();
         self.history.clear();
