@@ -163,6 +163,15 @@ pub fn build(id: &Identity, cfg: &Config) -> Result<Swarm<Behaviour>, ServerErro
     Ok(swarm)
 }
 
+/// Whether `addr` is on a loopback interface.
+fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
+}
+
 /// Drives the swarm until `shutdown` resolves. Each listen address is reported through
 /// `on_listen` as a full multiaddr ending in `/p2p/<peer id>`.
 pub async fn run(
@@ -182,7 +191,18 @@ pub async fn run(
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     if auto_external {
-                        swarm.add_external_address(address.clone());
+                        // Loopback only while there is nothing better: a peer on another host
+                        // given 127.0.0.1 dials itself.
+                        if !is_loopback(&address) {
+                            let lo: Vec<Multiaddr> =
+                                swarm.external_addresses().filter(|a| is_loopback(a)).cloned().collect();
+                            for a in lo {
+                                swarm.remove_external_address(&a);
+                            }
+                            swarm.add_external_address(address.clone());
+                        } else if swarm.external_addresses().all(is_loopback) {
+                            swarm.add_external_address(address.clone());
+                        }
                     }
                     on_listen(address.with(Protocol::P2p(me)));
                 }

@@ -428,6 +428,7 @@ pub fn spawn(
         bootstrapped: false,
         links: HashMap::new(),
         relay_warned: None,
+        circuit_bytes: None,
     };
     tokio::spawn(tracing::Instrument::instrument(
         task.run(cmd_rx),
@@ -460,6 +461,9 @@ struct Task {
     links: HashMap<PeerId, Links>,
     /// When the last "failed over a relay" warning was logged (at most one a minute).
     relay_warned: Option<tokio::time::Instant>,
+    /// Bytes a relayed circuit may carry, as the relay last told (`u64::MAX`: no limit;
+    /// `None`: no relayed circuit seen yet).
+    circuit_bytes: Option<u64>,
 }
 
 /// Open connections to one peer.
@@ -542,6 +546,22 @@ impl Task {
                 }
             }
             Command::Send { to, data, sync } => {
+                if let Some(budget) = self.over_relay_budget(to, data.len()) {
+                    // It would exceed what the relay lets one circuit carry: the relay would
+                    // cut the connection mid-message (and any hole punch running over it).
+                    self.warn_relay(
+                        to,
+                        &format!("{} bytes > half of the relay's {budget}-byte circuit limit", data.len()),
+                    );
+                    self.emit(NetEvent::SendFailed {
+                        to,
+                        error: format!(
+                            "reachable only through a relay that carries {budget} bytes per circuit; a {}-byte message waits for a direct connection",
+                            data.len()
+                        ),
+                    });
+                    return;
+                }
                 self.stats
                     .bytes_sent
                     .fetch_add(data.len() as u64 + 4, Ordering::Relaxed);
@@ -723,6 +743,13 @@ impl Task {
                     self.listen_via_relays("not reachable directly (AutoNAT)");
                 }
             }
+            BehaviourEvent::Relay(
+                relay::client::Event::ReservationReqAccepted { limit, .. }
+                | relay::client::Event::OutboundCircuitEstablished { limit, .. }
+                | relay::client::Event::InboundCircuitEstablished { limit, .. },
+            ) => {
+                self.circuit_bytes = Some(limit.and_then(|l| l.data_in_bytes()).unwrap_or(u64::MAX));
+            }
             BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
                 result,
@@ -736,6 +763,36 @@ impl Task {
             },
             _ => {}
         }
+    }
+
+    /// Whether every open connection to `peer` goes through a relay.
+    fn relayed_only(&self, peer: PeerId) -> bool {
+        self.links
+            .get(&peer)
+            .is_some_and(|l| l.direct == 0 && l.relayed > 0)
+    }
+
+    /// The relay's per-circuit byte limit, if a message of `len` bytes to `peer` (reachable only
+    /// through a relay) would take more than half of it.
+    fn over_relay_budget(&self, peer: PeerId, len: usize) -> Option<u64> {
+        let budget = self.circuit_bytes?;
+        (self.relayed_only(peer) && len as u64 > budget / 2).then_some(budget)
+    }
+
+    /// Logs (at most once a minute) that a message could not go over a relayed connection.
+    fn warn_relay(&mut self, peer: PeerId, why: &str) {
+        let now = tokio::time::Instant::now();
+        if self
+            .relay_warned
+            .is_some_and(|t| now < t + Duration::from_secs(60))
+        {
+            return;
+        }
+        self.relay_warned = Some(now);
+        tracing::warn!(
+            %peer, why,
+            "a direct message cannot go over a relayed connection: relays limit what each circuit carries (128 KiB by default), too little for outer gradients; this needs a direct connection (hole punching, a reachable --listen address) or a bootstrap peer with a raised --relay-max-circuit-bytes"
+        );
     }
 
     /// Hands a Kademlia-speaking peer's announced addresses (at most 16) to Kademlia.
@@ -819,21 +876,8 @@ impl Task {
                 });
             }
             request_response::Event::OutboundFailure { peer, error, .. } => {
-                let relayed_only = self
-                    .links
-                    .get(&peer)
-                    .is_some_and(|l| l.direct == 0 && l.relayed > 0);
-                let now = tokio::time::Instant::now();
-                if relayed_only
-                    && self
-                        .relay_warned
-                        .is_none_or(|t| now >= t + Duration::from_secs(60))
-                {
-                    self.relay_warned = Some(now);
-                    tracing::warn!(
-                        %peer, %error,
-                        "a direct message failed on a relayed connection: relays limit what each circuit carries (128 KiB by default), too little for outer gradients; this needs a direct connection (hole punching, a reachable --listen address) or a bootstrap peer with a raised --relay-max-circuit-bytes"
-                    );
+                if self.relayed_only(peer) {
+                    self.warn_relay(peer, &error.to_string());
                 }
                 self.emit(NetEvent::SendFailed {
                     to: peer,

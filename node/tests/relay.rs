@@ -7,9 +7,9 @@
 //! path, not hole punching.
 //!
 //! The relay's limits decide what the path can carry: with libp2p's defaults (128 KiB per
-//! circuit) an outer-gradient-sized message kills the circuit and the sender is told, after
-//! which small messages still get through on a new circuit; with an operator's raised limits
-//! the same message arrives.
+//! circuit) an outer-gradient-sized message is refused at once (sending it would make the relay
+//! cut the connection) and the sender is told, while small messages still get through; with an
+//! operator's raised limits the same message arrives.
 
 use diloco_bootstrap::{keys::Identity, server};
 use diloco_node::net::{self, Command, NetConfig, NetEvent, NetHandle, NetStats, Topic};
@@ -200,7 +200,7 @@ fn a_message_over_the_relay_limit_fails_cleanly_and_small_ones_still_pass() {
         let (pa, pb) = (a.peer_id, b.peer_id);
         assert!(BIG as u64 > server::RelayLimits::default().max_circuit_bytes);
 
-        // The relay closes the circuit mid-transfer: B is told, A gets nothing partial.
+        // Over half the circuit's limit: B refuses to send it and says so; A gets nothing.
         send(&b, pa, vec![7u8; BIG], false).await;
         let (ok, _) = wait_for(
             &mut b,
@@ -210,8 +210,8 @@ fn a_message_over_the_relay_limit_fails_cleanly_and_small_ones_still_pass() {
         .await;
         assert!(ok, "B was never told its oversized relayed message failed");
 
-        // Small messages still get through (B dials A through the relay again), and the
-        // oversized one never shows up.
+        // Small messages still get through on the relayed connection, and the oversized one
+        // never shows up.
         let mut got = false;
         while !got && Instant::now() < deadline {
             send(&b, pa, b"still here".to_vec(), false).await;
