@@ -641,8 +641,9 @@ pub struct State {
     /// Whether this peer asked for a state (or sync) since it last adopted one: a synced peer
     /// ignores State messages it did not ask for.
     state_wanted: bool,
-    /// When each contact was last asked for a state (until one is adopted).
-    state_asked: BTreeMap<PeerId, Time>,
+    /// When each contact was last asked for a state, and whether it answered (until one is
+    /// adopted).
+    state_asked: BTreeMap<PeerId, (Time, bool)>,
     /// When this peer last sent a state to each peer, and to anyone (newest last).
     state_served: BTreeMap<PeerId, Time>,
     served_times: VecDeque<Time>,
@@ -2244,39 +2245,47 @@ impl State {
         }
         self.last_sync = Some(self.now);
         self.state_wanted = true;
-        // Contacts not asked within the patience window (an answer may still be on its way),
-        // preferring ones that have not sent a state held now: a second, independent donor is
-        // what the cross-check needs. Two at first, one more once a state is held; chosen by
-        // time so that successive retries ask different contacts.
+        // Two requests in flight while no state is held, one once a state is held (a second,
+        // independent donor is what the cross-check needs; the lone-state timeout waits for
+        // it). A request is in flight until answered or for the patience window, and nobody is
+        // asked twice within that window. Contacts that have not sent a state held now come
+        // first; chosen by time so that successive retries ask different contacts.
         let patience = STATE_PATIENCE_RETRIES * self.cfg.retry;
         let now = self.now;
+        let recent = |t: &Time| now < t.saturating_add(patience);
+        let in_flight = self.state_requests_in_flight();
+        let want: usize = if self.candidates.is_empty() { 2 } else { 1 };
+        let need = want.saturating_sub(in_flight);
         let ready: Vec<PeerId> = self
             .contacts
             .iter()
-            .filter(|p| {
-                self.state_asked
-                    .get(p)
-                    .is_none_or(|t| now >= t.saturating_add(patience))
-            })
+            .filter(|p| self.state_asked.get(p).is_none_or(|(t, _)| !recent(t)))
             .copied()
             .collect();
         let held = |p: &PeerId| self.candidates.iter().any(|c| c.donors.contains(p));
         let fresh: Vec<PeerId> = ready.iter().filter(|p| !held(p)).copied().collect();
         let pick = if fresh.is_empty() { ready } else { fresh };
-        if pick.is_empty() {
+        if pick.is_empty() || need == 0 {
             return;
         }
-        let want = if self.candidates.is_empty() { 2 } else { 1 };
-        let i = want * (self.now / self.cfg.retry.max(1)) as usize;
-        for j in 0..want.min(pick.len()) {
+        let i = need * (self.now / self.cfg.retry.max(1)) as usize;
+        for j in 0..need.min(pick.len()) {
             let p = pick[(i + j) % pick.len()];
-            self.state_asked.insert(p, now);
+            self.state_asked.insert(p, (now, false));
             self.send(p, Direct::StateRequest);
         }
         if self.state_asked.len() > 4 * MAX_BUFFERED {
-            self.state_asked
-                .retain(|_, t| now < t.saturating_add(patience));
+            self.state_asked.retain(|_, (t, _)| recent(t));
         }
+    }
+
+    /// State requests sent less than the patience window ago and not answered yet.
+    fn state_requests_in_flight(&self) -> usize {
+        let patience = STATE_PATIENCE_RETRIES * self.cfg.retry;
+        self.state_asked
+            .values()
+            .filter(|(t, answered)| !answered && self.now < t.saturating_add(patience))
+            .count()
     }
 
     /// Whether a full state may be sent to `to` now (see [`STATE_PATIENCE_RETRIES`]); records
@@ -2372,6 +2381,8 @@ impl State {
             }
             Direct::StateRequest => {
                 if !self.synced {
+                    // Say so at once: the asker frees its request slot for someone who has it.
+                    self.send(from, Direct::NotFound);
                     return;
                 }
                 let current = matches!(self.history.back(), Some((r, _)) if r + 1 == self.round);
@@ -2396,8 +2407,17 @@ impl State {
                 proof,
                 theta,
                 momentum,
-            } => self.on_state(from, *round, proof, theta, momentum),
-            Direct::NotFound => {}
+            } => {
+                if let Some(a) = self.state_asked.get_mut(&from) {
+                    a.1 = true;
+                }
+                self.on_state(from, *round, proof, theta, momentum)
+            }
+            Direct::NotFound => {
+                if let Some(a) = self.state_asked.get_mut(&from) {
+                    a.1 = true;
+                }
+            }
             Direct::FetchEnvelope { hash, .. } => {
                 let reply = match self.big.get(hash) {
                     Some((r, bytes)) => Direct::FullEnvelope {
@@ -2703,9 +2723,10 @@ impl State {
         self.candidates.push(c);
     }
 
-    /// Accepts a lone State that nobody contradicted within `LONE_STATE_RETRIES * retry`.
+    /// Accepts a lone State that nobody contradicted within `LONE_STATE_RETRIES * retry`, once
+    /// no request to another contact is still in flight (its answer could contradict it).
     fn lone_state_timeout(&mut self) {
-        if self.synced || self.candidates.len() != 1 {
+        if self.synced || self.candidates.len() != 1 || self.state_requests_in_flight() > 0 {
             return;
         }
         if self.now

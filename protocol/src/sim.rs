@@ -134,6 +134,9 @@ pub struct SimConfig {
     pub max_time: Time,
     /// Stop once every live honest peer has decided this many rounds.
     pub rounds: u64,
+    /// Bytes per millisecond a full State travels at (`None`: as fast as control messages), to
+    /// model state transfers that take longer than `retry`.
+    pub state_bandwidth: Option<u64>,
 }
 
 impl SimConfig {
@@ -159,6 +162,7 @@ impl SimConfig {
             faults: Vec::new(),
             max_time: 60_000,
             rounds: 5,
+            state_bandwidth: None,
         }
     }
 }
@@ -202,6 +206,10 @@ pub struct Report {
     pub lies_told: u64,
     /// Sealed shards, in the decisions honest peers hold at the end, whose aggregate is a lie.
     pub lies_sealed: u64,
+    /// Full States sent (by anyone), and StateRequests.
+    pub states_sent: u64,
+    /// StateRequests sent.
+    pub state_requests: u64,
 }
 
 impl Report {
@@ -527,6 +535,15 @@ impl Sim {
             }
         };
         self.count_bytes(from, round, data, control);
+        let mut slow = 0;
+        match &*msg {
+            Direct::State { .. } => {
+                self.report.states_sent += 1;
+                slow = self.cfg.state_bandwidth.map_or(0, |b| control / b.max(1));
+            }
+            Direct::StateRequest => self.report.state_requests += 1,
+            _ => {}
+        }
         let Some(&t) = self.index.get(&to) else {
             return;
         };
@@ -534,7 +551,7 @@ impl Sim {
             return;
         }
         // Streams are reliable but slower for bulk data: latency + size / (100 MB/s).
-        let at = self.now + self.latency() + data / 100_000;
+        let at = self.now + self.latency() + data / 100_000 + slow;
         let me = self.peers[from].id;
         self.schedule(at, t, Ev::In(InEvent::Direct { from: me, msg }));
     }
