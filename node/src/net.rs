@@ -551,7 +551,10 @@ impl Task {
                     // cut the connection mid-message (and any hole punch running over it).
                     self.warn_relay(
                         to,
-                        &format!("{} bytes > half of the relay's {budget}-byte circuit limit", data.len()),
+                        &format!(
+                            "{} bytes > half of the relay's {budget}-byte circuit limit",
+                            data.len()
+                        ),
                     );
                     self.emit(NetEvent::SendFailed {
                         to,
@@ -748,7 +751,8 @@ impl Task {
                 | relay::client::Event::OutboundCircuitEstablished { limit, .. }
                 | relay::client::Event::InboundCircuitEstablished { limit, .. },
             ) => {
-                self.circuit_bytes = Some(limit.and_then(|l| l.data_in_bytes()).unwrap_or(u64::MAX));
+                self.circuit_bytes =
+                    Some(limit.and_then(|l| l.data_in_bytes()).unwrap_or(u64::MAX));
             }
             BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
