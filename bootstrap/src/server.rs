@@ -230,9 +230,12 @@ pub async fn run(
                         .filter(|a| !a.iter().any(|p| p == Protocol::P2pCircuit))
                         .take(16)
                         .map(|a| {
-                            a.clone()
-                                .with(Protocol::P2p(me))
-                                .with(Protocol::P2pCircuit)
+                            // An --external-addr may already end in /p2p/<this peer>.
+                            let a = match a.iter().last() {
+                                Some(Protocol::P2p(_)) => a.clone(),
+                                _ => a.clone().with(Protocol::P2p(me)),
+                            };
+                            a.with(Protocol::P2pCircuit)
                                 .with(Protocol::P2p(src_peer_id))
                         })
                         .collect();
