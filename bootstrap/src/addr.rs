@@ -63,6 +63,14 @@ pub fn parse_listen(s: &str) -> Result<Multiaddr, AddrError> {
     }
 }
 
+/// `addr` ending in `/p2p/<peer>` (unchanged if it already ends in a `/p2p` part).
+pub fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    match addr.iter().last() {
+        Some(Protocol::P2p(_)) => addr,
+        _ => addr.with(Protocol::P2p(peer)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,11 +231,8 @@ pub async fn run(
                         .take(16)
                         .map(|a| {
                             // An --external-addr may already end in /p2p/<this peer>.
-                            let a = match a.iter().last() {
-                                Some(Protocol::P2p(_)) => a.clone(),
-                                _ => a.clone().with(Protocol::P2p(me)),
-                            };
-                            a.with(Protocol::P2pCircuit)
+                            crate::addr::with_peer(a.clone(), me)
+                                .with(Protocol::P2pCircuit)
                                 .with(Protocol::P2p(src_peer_id))
                         })
                         .collect();
@@ -250,13 +247,8 @@ pub async fn run(
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
                     }
-                    let kad_proto = StreamProtocol::new(KAD_PROTOCOL);
-                    if info.protocols.contains(&kad_proto) {
-                        for addr in info.listen_addrs.into_iter().take(16) {
-                            swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                        }
-                    }
                     tracing::info!(peer = %peer_id, agent = %info.agent_version, "peer identified");
+                    crate::learn_addresses(&mut swarm.behaviour_mut().kad, &peer_id, info);
                 }
                 _ => {}
             }

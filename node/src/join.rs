@@ -335,6 +335,38 @@ struct Trainer {
 }
 
 impl Trainer {
+    /// A trainer drawing this peer's stream (`shard_key`) of `corpus`, with `eval_windows` eval
+    /// batches; `keep_round_start` when checkpoints are written.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        run: Run,
+        work: Option<ModelWork>,
+        corpus: Arc<Corpus>,
+        layout: Vec<ParamInfo>,
+        shard_key: u64,
+        eval_windows: usize,
+        stop: Arc<AtomicBool>,
+        keep_round_start: bool,
+    ) -> Self {
+        let rc = &run.config;
+        Trainer {
+            rng: ChaCha8Rng::seed_from_u64(shard_key),
+            eval: if eval_windows > 0 {
+                eval_batches(&corpus, rc.seq, rc.batch, eval_windows)
+            } else {
+                Vec::new()
+            },
+            stream: Stream::new(&corpus, 0, 1, shard_key, rc.seed, rc.batch, rc.seq),
+            run,
+            work,
+            corpus,
+            layout,
+            stop,
+            keep_round_start,
+            round_start: None,
+        }
+    }
+
     fn train(&mut self, round: u64, theta: Vec<f32>) -> Result<Done, String> {
         let t0 = Instant::now();
         let h = self.run.config.inner_steps;
@@ -1198,23 +1230,17 @@ async fn run_node(
         })
     };
     let shard_key = u64::from_le_bytes(me.0[..8].try_into().unwrap_or([0; 8]));
-    let rc = &cfg.run.config;
-    let trainer = Trainer {
-        run: cfg.run.clone(),
+    let eval_windows = if synthetic == 0 { cfg.eval_windows } else { 0 };
+    let trainer = Trainer::new(
+        cfg.run.clone(),
         work,
-        rng: ChaCha8Rng::seed_from_u64(shard_key),
-        eval: if cfg.eval_windows > 0 && synthetic == 0 {
-            eval_batches(&corpus, rc.seq, rc.batch, cfg.eval_windows)
-        } else {
-            Vec::new()
-        },
-        stream: Stream::new(&corpus, 0, 1, shard_key, rc.seed, rc.batch, rc.seq),
-        corpus: corpus.clone(),
-        layout: layout.clone(),
-        stop: stop.clone(),
-        keep_round_start: cfg.checkpoint_dir.is_some(),
-        round_start: None,
-    };
+        corpus.clone(),
+        layout.clone(),
+        shard_key,
+        eval_windows,
+        stop.clone(),
+        cfg.checkpoint_dir.is_some(),
+    );
     let (job_tx, job_rx) = std::sync::mpsc::channel();
     let (done_tx, mut done_rx) = mpsc::channel(64);
     let trainer_thread = std::thread::Builder::new()
@@ -1459,22 +1485,12 @@ mod tests {
         let device = Device::flex();
         let layout = flat::layout(&run.model.init(&device));
         let init = flat::init_values(&layout, run.model.n_layers, 0);
-        let replica = Replica::new(&run.model, &device, &init).unwrap();
-        let trainer = Trainer {
-            work: Some(ModelWork {
-                replica,
-                evaluator: Evaluator::new(&run.model, &device),
-            }),
-            rng: ChaCha8Rng::seed_from_u64(1),
-            eval: Vec::new(),
-            stream: Stream::new(&corpus, 0, 1, 1, 0, 2, 16),
-            corpus,
-            layout,
-            stop: Arc::new(AtomicBool::new(false)),
-            keep_round_start: true,
-            round_start: None,
-            run,
+        let work = ModelWork {
+            replica: Replica::new(&run.model, &device, &init).unwrap(),
+            evaluator: Evaluator::new(&run.model, &device),
         };
+        let stop = Arc::new(AtomicBool::new(false));
+        let trainer = Trainer::new(run, Some(work), corpus, layout, 1, 0, stop, true);
         (trainer, init)
     }
 

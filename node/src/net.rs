@@ -12,7 +12,8 @@
 //! The swarm never interprets protocol messages: it moves bytes, with every size checked
 //! before allocation. Peers that announce another run are refused at identify time.
 
-use diloco_bootstrap::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use diloco_bootstrap::addr::with_peer;
+use diloco_bootstrap::{learn_addresses, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
 use diloco_protocol::wire::{self, Direct, MAX_GOSSIP_BYTES, SHARD_PROTOCOL, SYNC_PROTOCOL};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::multiaddr::Protocol;
@@ -286,14 +287,6 @@ fn agent_run(agent: &str) -> Option<&str> {
         .strip_prefix("diloco-node/")?
         .split_whitespace()
         .find_map(|w| w.strip_prefix("run="))
-}
-
-/// `addr` ending in `/p2p/<peer>` (unchanged if it already ends in a `/p2p` part).
-fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
-    match addr.iter().last() {
-        Some(Protocol::P2p(_)) => addr,
-        _ => addr.with(Protocol::P2p(peer)),
-    }
 }
 
 fn build(key: &libp2p::identity::Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
@@ -612,10 +605,7 @@ impl Task {
             }
             SwarmEvent::ListenerError { error, .. } => tracing::warn!(%error, "listener error"),
             SwarmEvent::ConnectionEstablished {
-                peer_id,
-                endpoint,
-                num_established,
-                ..
+                peer_id, endpoint, ..
             } => {
                 let links = self.links.entry(peer_id).or_default();
                 if endpoint.is_relayed() {
@@ -623,9 +613,9 @@ impl Task {
                 } else {
                     links.direct += 1;
                 }
-                if num_established.get() == 1 {
-                    self.stats.connected.fetch_add(1, Ordering::Relaxed);
-                }
+                self.stats
+                    .connected
+                    .store(self.links.len() as u64, Ordering::Relaxed);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -635,7 +625,9 @@ impl Task {
             } => {
                 if num_established == 0 {
                     self.links.remove(&peer_id);
-                    self.stats.connected.fetch_sub(1, Ordering::Relaxed);
+                    self.stats
+                        .connected
+                        .store(self.links.len() as u64, Ordering::Relaxed);
                     if self.run_peers.remove(&peer_id) {
                         self.emit(NetEvent::PeerLeft(peer_id));
                     }
@@ -684,7 +676,7 @@ impl Task {
                     }
                 }
                 let agent_is_node = agent_run(&info.agent_version).is_some();
-                self.learn_addresses(peer_id, info);
+                learn_addresses(&mut self.swarm.behaviour_mut().kad, &peer_id, info);
                 if self.cfg.bootstrap.iter().any(|(b, _)| *b == peer_id) {
                     if self.cfg.relay_listen {
                         // Only once connected: the relay client's own dial of the relay would be
@@ -797,15 +789,6 @@ impl Task {
             %peer, why,
             "a direct message cannot go over a relayed connection: relays limit what each circuit carries (128 KiB by default), too little for outer gradients; this needs a direct connection (hole punching, a reachable --listen address) or a bootstrap peer with a raised --relay-max-circuit-bytes"
         );
-    }
-
-    /// Hands a Kademlia-speaking peer's announced addresses (at most 16) to Kademlia.
-    fn learn_addresses(&mut self, peer: PeerId, info: identify::Info) {
-        if info.protocols.contains(&StreamProtocol::new(KAD_PROTOCOL)) {
-            for addr in info.listen_addrs.into_iter().take(16) {
-                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
-            }
-        }
     }
 
     /// Listens through the relay of every bootstrap peer (once): peers then reach this node

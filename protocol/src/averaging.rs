@@ -644,9 +644,9 @@ pub struct State {
     /// When each contact was last asked for a state, and whether it answered (until one is
     /// adopted).
     state_asked: BTreeMap<PeerId, (Time, bool)>,
-    /// When this peer last sent a state to each peer, and to anyone (newest last).
+    /// When this peer last sent a state to each peer (within the patience window: at most one
+    /// state per peer in it, so its size is also how many were sent in all).
     state_served: BTreeMap<PeerId, Time>,
-    served_times: VecDeque<Time>,
 }
 
 impl State {
@@ -726,7 +726,6 @@ impl State {
             state_wanted: false,
             state_asked: BTreeMap::new(),
             state_served: BTreeMap::new(),
-            served_times: VecDeque::new(),
         }
     }
 
@@ -2250,7 +2249,7 @@ impl State {
         // it). A request is in flight until answered or for the patience window, and nobody is
         // asked twice within that window. Contacts that have not sent a state held now come
         // first; chosen by time so that successive retries ask different contacts.
-        let patience = STATE_PATIENCE_RETRIES * self.cfg.retry;
+        let patience = self.state_patience();
         let now = self.now;
         let recent = |t: &Time| now < t.saturating_add(patience);
         let in_flight = self.state_requests_in_flight();
@@ -2279,9 +2278,14 @@ impl State {
         }
     }
 
+    /// The window of [`STATE_PATIENCE_RETRIES`] retry periods.
+    fn state_patience(&self) -> Time {
+        STATE_PATIENCE_RETRIES * self.cfg.retry
+    }
+
     /// State requests sent less than the patience window ago and not answered yet.
     fn state_requests_in_flight(&self) -> usize {
-        let patience = STATE_PATIENCE_RETRIES * self.cfg.retry;
+        let patience = self.state_patience();
         self.state_asked
             .values()
             .filter(|(t, answered)| !answered && self.now < t.saturating_add(patience))
@@ -2291,22 +2295,14 @@ impl State {
     /// Whether a full state may be sent to `to` now (see [`STATE_PATIENCE_RETRIES`]); records
     /// it if so.
     fn may_serve_state(&mut self, to: PeerId) -> bool {
-        let window = STATE_PATIENCE_RETRIES * self.cfg.retry;
+        let window = self.state_patience();
         let now = self.now;
-        while self
-            .served_times
-            .front()
-            .is_some_and(|t| now >= t.saturating_add(window))
-        {
-            self.served_times.pop_front();
-        }
         self.state_served
             .retain(|_, t| now < t.saturating_add(window));
-        if self.state_served.contains_key(&to) || self.served_times.len() >= MAX_STATES_SERVED {
+        if self.state_served.contains_key(&to) || self.state_served.len() >= MAX_STATES_SERVED {
             return false;
         }
         self.state_served.insert(to, now);
-        self.served_times.push_back(now);
         true
     }
 
