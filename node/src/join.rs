@@ -80,6 +80,9 @@ pub enum JoinError {
     /// The trainer thread failed.
     #[error("trainer: {0}")]
     Trainer(String),
+    /// The checkpoint written when stopping failed: the node stopped without its state on disk.
+    #[error("the final checkpoint was not written: {0}; the node stopped without saving its state (free some disk space or fix --checkpoint-dir; the other peers still hold the run's state, so restarting rejoins the run)")]
+    FinalCheckpoint(String),
 }
 
 /// Settings of a node.
@@ -1383,6 +1386,7 @@ async fn run_node(
     // Shut down at a safe point: the agreed state of the current round.
     tracing::info!("stopping");
     let mut checkpoint = None;
+    let mut final_error = None;
     if result.is_ok() && node.save_checkpoint() {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         loop {
@@ -1393,13 +1397,19 @@ async fn run_node(
                             tracing::info!(round, path = %p.display(), "final checkpoint written");
                             checkpoint = Some(p.display().to_string());
                         }
-                        Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
+                        Err(e) => {
+                            tracing::error!(round, error = %e, "final checkpoint failed");
+                            final_error = Some(JoinError::FinalCheckpoint(e));
+                        }
                     }
                     break;
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => {
                     tracing::error!("final checkpoint did not complete");
+                    final_error = Some(JoinError::FinalCheckpoint(
+                        "the checkpoint writer did not finish within 300 s".into(),
+                    ));
                     break;
                 }
             }
@@ -1412,6 +1422,9 @@ async fn run_node(
     node.update_status();
     shared.update(|s| s.phase = "stopped".into());
     result?;
+    if let Some(e) = final_error {
+        return Err(e);
+    }
     let snap = shared.snapshot();
     Ok(JoinReport {
         peer_id: peer_id.to_string(),
