@@ -51,11 +51,11 @@ pub fn parse_listen(s: &str) -> Result<Multiaddr, AddrError> {
     let mut it = addr.iter();
     let ip = matches!(it.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)));
     let ok = ip
-        && match (it.next(), it.next(), it.next()) {
-            (Some(Protocol::Tcp(_)), None, None) => true,
-            (Some(Protocol::Udp(_)), Some(Protocol::QuicV1), None) => true,
-            _ => false,
-        };
+        && matches!(
+            (it.next(), it.next(), it.next()),
+            (Some(Protocol::Tcp(_)), None, None)
+                | (Some(Protocol::Udp(_)), Some(Protocol::QuicV1), None)
+        );
     if ok {
         Ok(addr)
     } else {

@@ -209,11 +209,9 @@ pub async fn run(
                 SwarmEvent::ListenerError { error, .. } => {
                     tracing::warn!(%error, "listener error");
                 }
-                SwarmEvent::ListenerClosed { addresses, reason, .. } => {
-                    if let Err(e) = reason {
-                        let addr = addresses.first().cloned().unwrap_or_else(Multiaddr::empty);
-                        return Err(ServerError::Listen { addr, reason: e.to_string() });
-                    }
+                SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
+                    let addr = addresses.first().cloned().unwrap_or_else(Multiaddr::empty);
+                    return Err(ServerError::Listen { addr, reason: e.to_string() });
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                     tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");

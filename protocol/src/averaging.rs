@@ -1395,7 +1395,8 @@ impl State {
         }
         let n = norm(&v);
         let bound = claimed * (1.0 + 1e-5) + 1e-6;
-        if !(n <= bound) {
+        // Incomparable (a NaN norm or claim) is rejected too.
+        if n.partial_cmp(&bound).is_none_or(|o| o.is_gt()) {
             return self.reject(from, "PUSH", Reject::NormTooLarge { got: n, bound });
         }
         if let Some(st) = self.r.owned.get_mut(&(close_id, shard)) {
@@ -1644,13 +1645,15 @@ impl State {
 
     fn on_timer(&mut self, t: Timer, rng: &mut dyn RngCore) {
         match t {
-            Timer::Straggler(r) if r == self.round => {
-                if self.r.leading.is_none() && self.leader(0) == Some(self.me) {
-                    if self.r.readies.is_empty() {
-                        self.set_timer(self.now + self.cfg.straggler_timeout, Timer::Straggler(r));
-                    } else {
-                        self.do_close(0);
-                    }
+            Timer::Straggler(r)
+                if r == self.round
+                    && self.r.leading.is_none()
+                    && self.leader(0) == Some(self.me) =>
+            {
+                if self.r.readies.is_empty() {
+                    self.set_timer(self.now + self.cfg.straggler_timeout, Timer::Straggler(r));
+                } else {
+                    self.do_close(0);
                 }
             }
             Timer::OwnerDeadline(r) if r == self.round => {
@@ -1849,7 +1852,7 @@ impl State {
                     (u64::MAX - a.weight, rank, a.data, *p, a.clone())
                 })
                 .collect();
-            cands.sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
+            cands.sort_by_key(|x| (x.0, x.1, x.2));
             let mut pick = None;
             for (_, _, h, p, a) in cands {
                 let Some((_, data)) = self.store.get(&h) else {

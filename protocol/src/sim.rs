@@ -254,12 +254,15 @@ enum Ev {
     Join,
 }
 
+/// A decided state a peer held: (round, state hash, members, theta, momentum).
+type Snapshot = (u64, Hash, Vec<PeerId>, Vec<f32>, Vec<f32>);
+
 struct Peer {
     key: SigningKey,
     id: PeerId,
     state: Option<State>,
     epoch: u64,
-    snapshots: Vec<(u64, Hash, Vec<PeerId>, Vec<f32>, Vec<f32>)>,
+    snapshots: Vec<Snapshot>,
     attack: Option<Attack>,
     slow: f64,
     target: Vec<f32>,
@@ -1056,7 +1059,7 @@ impl Sim {
         for i in 0..self.peers.len() {
             if self.peers[i].churned && !self.alive(i) {
                 self.peers[i].churned = false;
-                let stale = if self.rng.next_u32() % 2 == 0 {
+                let stale = if self.rng.next_u32().is_multiple_of(2) {
                     Some(1)
                 } else {
                     None
