@@ -221,6 +221,7 @@ class Testnet:
             for cid, st in sorted(self.latest.items(), key=lambda kv: self.name(kv[0])):
                 parts.append(f"{self.name(cid)}: phase={st['phase']} round={st['round']} "
                              f"hash={st['global_hash'][:12]} member={st['member']} "
+                             f"group={st['group_size']} "
                              f"peers={st['connected_peers']}")
             return "latest status: " + "; ".join(parts)
 
