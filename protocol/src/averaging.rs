@@ -665,6 +665,7 @@ impl State {
         s.theta = theta0;
         s.members = members;
         s.synced = true;
+        s.reset_heard();
         s
     }
 
@@ -691,6 +692,7 @@ impl State {
         s.momentum = momentum;
         s.round = round;
         s.chain = chain;
+        s.reset_heard();
         s
     }
 
@@ -1036,7 +1038,9 @@ impl State {
         self.members = members;
         if let Err(e) = res {
             // Stale messages are routine after a decision; everything else is worth reporting.
-            if !matches!(e, WireError::OldRound { got, .. } if got + 1 >= self.round) {
+            if matches!(e, WireError::OldRound { got, .. } if got + 1 >= self.round) {
+                self.heard_late(&env, verified);
+            } else {
                 self.reject(env.signer, kind, e);
             }
             return;
@@ -1051,6 +1055,23 @@ impl State {
             return;
         }
         self.process(env);
+    }
+
+    /// A member's message of the previous round, arriving after this peer moved on: the member
+    /// is alive, just a little behind, and must not be evicted as silent. One signature check
+    /// per member and round at most.
+    fn heard_late(&mut self, env: &Envelope, verified: bool) {
+        if self
+            .last_heard
+            .get(&env.signer)
+            .is_some_and(|r| *r >= env.round)
+            || !self.members.contains(&env.signer)
+        {
+            return;
+        }
+        if env.run == self.cfg.run && (verified || env.verify_signature()) {
+            self.last_heard.insert(env.signer, env.round);
+        }
     }
 
     /// Records the first message per (signer, round, kind, slot); a different second one is
@@ -1086,6 +1107,18 @@ impl State {
                 self.gossip(Body::Evidence(ev));
                 true
             }
+        }
+    }
+
+    /// Starts every member's silence clock at the current round. A state just taken (genesis,
+    /// restore, adoption) says nothing about who has been silent: a member is evicted only after
+    /// `evict_after_rounds` rounds that this peer watched without hearing from it (before, a
+    /// member never heard from counted as silent forever, so a peer that restored or adopted a
+    /// state and then led a round could evict every member whose gossip it had not yet seen).
+    fn reset_heard(&mut self) {
+        self.last_heard.clear();
+        for p in &self.members {
+            self.last_heard.insert(*p, self.round);
         }
     }
 
@@ -2198,6 +2231,9 @@ impl State {
         self.momentum = t.momentum;
         self.chain = t.next_chain;
         self.members = p.seal.next_members.clone();
+        let members = &self.members;
+        self.last_heard
+            .retain(|p, _| members.binary_search(p).is_ok());
         self.round += 1;
         self.r = RoundState::default();
         let keep_from = self.round.saturating_sub(RETAIN_ROUNDS);
@@ -2497,6 +2533,9 @@ impl State {
             Ok((p, c)) => {
                 let env = Arc::new(proof.seal.clone());
                 for ce in &proof.commits {
+                    // A member whose COMMIT decided this round was active in it, even if its
+                    // gossip never reached us: it must not be evicted as silent.
+                    self.last_heard.insert(ce.signer, self.round);
                     self.r
                         .commits
                         .entry((c.ballot, c.seal, c.state))
@@ -2746,6 +2785,7 @@ impl State {
         self.round = round;
         self.chain = c.next_chain;
         self.members = c.members;
+        self.reset_heard();
         self.synced = true;
         self.state_wanted = false;
         self.carry = None;

@@ -210,6 +210,9 @@ pub struct Report {
     pub states_sent: u64,
     /// StateRequests sent.
     pub state_requests: u64,
+    /// The smallest member list any peer held right after deciding a round (`None`: nothing
+    /// decided). Eviction shrinks it; with every peer alive it must stay n.
+    pub min_members: Option<usize>,
 }
 
 impl Report {
@@ -609,6 +612,9 @@ impl Sim {
                     self.trace.update(&seal.0);
                     self.report.decided[i].push((round, seal, state));
                     if let Some(s) = &self.peers[i].state {
+                        let m = s.members().len();
+                        self.report.min_members =
+                            Some(self.report.min_members.map_or(m, |x| x.min(m)));
                         let snap = (
                             s.round(),
                             s.chain(),
