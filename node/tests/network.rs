@@ -376,17 +376,15 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
     let b = net.start_node("b");
     let c = net.start_node("c");
 
-    // 1. Three nodes agree round after round, and the eval loss falls.
+    // 1. Three nodes agree round after round (the loss is checked at the end: over the first
+    // few 5-step rounds it sits on the unigram plateau, ~3.0, and may go up from one round to
+    // the next).
     let (r1, _) = net.wait_agree(&[a, b, c], 4, Duration::from_secs(240));
     let sa = status(a).unwrap();
     assert_eq!(sa["group_size"].as_u64(), Some(3), "{sa}");
-    let hist = sa["eval_history"].as_array().unwrap();
-    let first = hist.first().unwrap()[1].as_f64().unwrap();
-    let last = hist.last().unwrap()[1].as_f64().unwrap();
-    assert!(last < first, "eval loss did not fall: {hist:?}");
     let metrics = http_get(a, "/metrics").unwrap();
     assert!(metrics.contains("diloco_round"), "{metrics}");
-    println!("agreed at round {r1}; eval loss {first:.3} -> {last:.3}");
+    println!("agreed at round {r1}");
 
     // 2. SIGKILL node c mid-round: a and b finish the round and go on, identical.
     let c_index = net.nodes[2].0;
@@ -432,6 +430,21 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
     }
     assert!(dead.is_empty(), "nodes died: {dead:?}\n{}", net.logs());
     println!("after the attack: all agree at round {r5}; {rejected} messages rejected");
+
+    // 6. Through all of it the global model learned: a (alive throughout) evaluated it every
+    // round; the mean of the last three evals is below the first.
+    let sa = status(a).unwrap();
+    let hist: Vec<f64> = sa["eval_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[1].as_f64().unwrap())
+        .collect();
+    assert!(hist.len() >= 6, "eval history too short: {hist:?}");
+    let first = hist[0];
+    let recent = hist[hist.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(recent < first, "eval loss did not fall: {hist:?}");
+    println!("eval loss {first:.3} -> {recent:.3} (mean of the last three)");
 }
 
 /// Waits until `pred` holds for the status of every node in `which`.
