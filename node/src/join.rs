@@ -1406,10 +1406,13 @@ async fn run_node(
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => {
-                    tracing::error!("final checkpoint did not complete");
-                    final_error = Some(JoinError::FinalCheckpoint(
-                        "the checkpoint writer did not finish within 300 s".into(),
-                    ));
+                    let why = if deadline <= tokio::time::Instant::now() {
+                        "the checkpoint writer did not finish within 300 s"
+                    } else {
+                        "the checkpoint writer stopped before finishing"
+                    };
+                    tracing::error!("final checkpoint did not complete: {why}");
+                    final_error = Some(JoinError::FinalCheckpoint(why.into()));
                     break;
                 }
             }
