@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = ModelConfig::tiny();
     let device = backend::select(BackendChoice::Cpu)?.device;
     let layout = flat::layout(&model.init(&device));
-    let global = flat::init_values(&layout, model.n_layers, 0);
+    let global = flat::init_values(&layout, &model, 0);
     let inner = InnerConfig::new(3e-3, 40, 400, 0.1);
     let mut r = Replica::new(&model, &device, &global)?;
     let stream = Stream::new(&corpus, 0, 1, 0, 0, 16, 128);

@@ -209,6 +209,13 @@ fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
         .map_err(io(path))
 }
 
+/// Writes `params` (in `layout` order) as one safetensors file, tensor names as in
+/// `model.safetensors` of a checkpoint. Not atomic: for exports, not for checkpoints.
+pub fn write_params(path: &Path, layout: &[ParamInfo], params: &[f32]) -> std::io::Result<()> {
+    let bytes = to_safetensors(layout, &[("", params)]).map_err(std::io::Error::other)?;
+    fs::write(path, bytes)
+}
+
 /// Writes a checkpoint for `state.step` into `dir`; returns its directory.
 ///
 /// `optimizer` holds named flat vectors (`exp_avg`, `exp_avg_sq`, `outer_momentum`).

@@ -389,10 +389,40 @@ impl Batch {
     }
 }
 
+/// How `simulate` splits the training data over its replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Disjoint shards spread over the whole corpus: window start positions are cut into
+    /// blocks, and the blocks are dealt to the replicas in a seeded random order. Every replica
+    /// sees the same distribution (the papers' setting, and what `join` peers see).
+    Iid,
+    /// Replica `r` of `M` samples only from the `r`-th contiguous slice (non-i.i.d. when the
+    /// corpus changes along its length, as Shakespeare's plays do).
+    Contiguous,
+}
+
+/// Largest block of window start positions dealt to one replica by [`Sharding::Iid`].
+pub const IID_BLOCK: usize = 4096;
+
+/// Where one stream may start its windows.
+#[derive(Debug, Clone)]
+enum Region {
+    /// Any start in the range.
+    Range(std::ops::Range<usize>),
+    /// Starts in these blocks of `block` positions (block `b` covers `b*block..(b+1)*block`,
+    /// clipped to the `limit` valid starts).
+    Blocks {
+        blocks: std::sync::Arc<[u32]>,
+        block: usize,
+        limit: usize,
+    },
+}
+
 /// A replica's deterministic stream of training batches over its own shard.
 #[derive(Debug, Clone)]
 pub struct Stream {
-    shard: std::ops::Range<usize>,
+    region: Region,
     seed: u64,
     replica: u64,
     batch: usize,
@@ -400,8 +430,9 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// Stream for `replica` of `shards`, with `batch` windows of `seq` bytes per step.
-    /// `shard_key` identifies the replica in the seed (replica index, or a hash of a peer id).
+    /// Stream for `replica` of `shards` contiguous shards, with `batch` windows of `seq` bytes
+    /// per step. `shard_key` identifies the replica in the seed (replica index, or a hash of a
+    /// peer id).
     pub fn new(
         corpus: &Corpus,
         shard: usize,
@@ -414,7 +445,7 @@ impl Stream {
         let per = corpus.train.len() / shards.max(1);
         let start = per * shard;
         Self {
-            shard: start..start + per,
+            region: Region::Range(start..start + per.saturating_sub(seq)),
             seed,
             replica: shard_key,
             batch,
@@ -422,18 +453,90 @@ impl Stream {
         }
     }
 
-    /// The batch for global step `step` (pure function of the step).
-    pub fn batch(&self, corpus: &Corpus, step: u64) -> Batch {
+    /// Stream for `replica` of `replicas` i.i.d. shards ([`Sharding::Iid`]). With one replica
+    /// it is the same stream as [`Stream::new`] with one shard.
+    pub fn iid(
+        corpus: &Corpus,
+        replica: usize,
+        replicas: usize,
+        seed: u64,
+        batch: usize,
+        seq: usize,
+    ) -> Self {
+        if replicas <= 1 {
+            return Self::new(corpus, 0, 1, replica as u64, seed, batch, seq);
+        }
+        let limit = corpus.train.len().saturating_sub(seq); // valid starts: 0..limit
+        let block = (limit / (8 * replicas)).clamp(1, IID_BLOCK);
+        let n_blocks = limit.div_ceil(block);
+        let mut order: Vec<(blake3::Hash, u32)> = (0..n_blocks as u32)
+            .map(|b| {
+                let mut h = blake3::Hasher::new();
+                h.update(b"diloco-iid-shards");
+                h.update(&seed.to_le_bytes());
+                h.update(&b.to_le_bytes());
+                (h.finalize(), b)
+            })
+            .collect();
+        order.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let mut mine: Vec<u32> = order
+            .iter()
+            .skip(replica)
+            .step_by(replicas)
+            .map(|(_, b)| *b)
+            .collect();
+        mine.sort_unstable();
+        Self {
+            region: Region::Blocks {
+                blocks: mine.into(),
+                block,
+                limit,
+            },
+            seed,
+            replica: replica as u64,
+            batch,
+            seq,
+        }
+    }
+
+    /// Window start offsets of the batch for global step `step` (pure function of the step).
+    pub fn offsets(&self, step: u64) -> Vec<usize> {
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&self.seed.to_le_bytes());
         key[8..16].copy_from_slice(&self.replica.to_le_bytes());
         key[16..24].copy_from_slice(&step.to_le_bytes());
         key[24..].copy_from_slice(b"batches!");
         let mut rng = ChaCha8Rng::from_seed(key);
-        let span = (self.shard.len() - self.seq) as u64; // >= 1 after Corpus::check
-        let start = self.shard.start;
-        let offsets = (0..self.batch).map(move |_| start + (rng.next_u64() % span) as usize);
-        Batch::from_offsets(&corpus.train, offsets, self.seq)
+        match &self.region {
+            Region::Range(r) => {
+                let span = r.len().max(1) as u64; // >= 1 after Corpus::check
+                (0..self.batch)
+                    .map(|_| r.start + (rng.next_u64() % span) as usize)
+                    .collect()
+            }
+            Region::Blocks {
+                blocks,
+                block,
+                limit,
+            } => {
+                let span = (blocks.len() * block) as u64;
+                (0..self.batch)
+                    .map(|_| loop {
+                        // Only the corpus's last block can be partial: rejection is rare.
+                        let u = (rng.next_u64() % span) as usize;
+                        let start = blocks[u / block] as usize * block + u % block;
+                        if start < *limit {
+                            break start;
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The batch for global step `step` (pure function of the step).
+    pub fn batch(&self, corpus: &Corpus, step: u64) -> Batch {
+        Batch::from_offsets(&corpus.train, self.offsets(step).into_iter(), self.seq)
     }
 }
 
@@ -497,6 +600,60 @@ mod tests {
         let b = s0.batch(&c, 3);
         assert_eq!(b.inputs.len(), 64);
         assert_eq!(&b.inputs[1..16], &b.targets[..15]);
+    }
+
+    #[test]
+    fn iid_shards_are_disjoint_spread_and_cover_the_corpus() {
+        // 2 MB: ~490 blocks of 4 KiB, ~49 per tenth, so every replica owns some in each.
+        let text: String = (0..2_000_000)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        let c = corpus_of(&text);
+        let seq = 16;
+        let streams: Vec<Stream> = (0..3).map(|r| Stream::iid(&c, r, 3, 7, 8, seq)).collect();
+        let mut owner = vec![usize::MAX; c.train.len()];
+        for (r, s) in streams.iter().enumerate() {
+            for step in 0..400 {
+                for o in s.offsets(step) {
+                    assert!(o + seq < c.train.len());
+                    assert!(
+                        owner[o] == usize::MAX || owner[o] == r,
+                        "start {o} in two shards"
+                    );
+                    owner[o] = r;
+                }
+            }
+        }
+        // Every replica draws from every tenth of the corpus (interleaved, not contiguous).
+        for r in 0..3 {
+            for tenth in 0..10 {
+                let lo = tenth * c.train.len() / 10;
+                let hi = (tenth + 1) * c.train.len() / 10;
+                assert!(
+                    owner[lo..hi].contains(&r),
+                    "replica {r} never samples tenth {tenth}"
+                );
+            }
+        }
+        // Deterministic, and one replica is the plain whole-corpus stream.
+        assert_eq!(
+            streams[1].offsets(9),
+            Stream::iid(&c, 1, 3, 7, 8, seq).offsets(9)
+        );
+        assert_eq!(
+            Stream::iid(&c, 0, 1, 7, 8, seq).offsets(4),
+            Stream::new(&c, 0, 1, 0, 7, 8, seq).offsets(4)
+        );
+    }
+
+    #[test]
+    fn iid_shards_work_on_a_corpus_of_few_blocks() {
+        let c = corpus_of(&"abcdefghij".repeat(10));
+        c.check(8, 4).unwrap();
+        for r in 0..4 {
+            let s = Stream::iid(&c, r, 4, 1, 4, 8);
+            assert!(s.offsets(0).iter().all(|o| o + 8 < c.train.len()));
+        }
     }
 
     #[test]

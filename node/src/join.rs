@@ -1032,11 +1032,8 @@ impl Node {
                 founders = members.len(),
                 "no run found: founding it at round 0 (others join as they come)"
             );
-            let theta0 = flat::init_values(
-                &self.layout,
-                self.cfg.run.model.n_layers,
-                self.cfg.run.config.seed,
-            );
+            let theta0 =
+                flat::init_values(&self.layout, &self.cfg.run.model, self.cfg.run.config.seed);
             let proto = self.cfg.run.protocol(theta0.len());
             self.founder = Some(members[0]);
             let st = State::genesis(proto, self.key.clone(), theta0, members);
@@ -1212,7 +1209,7 @@ async fn run_node(
     // The trainer thread.
     let init = match &restored {
         Some((_, l)) => l.params.clone(),
-        None => flat::init_values(&layout, cfg.run.model.n_layers, cfg.run.config.seed),
+        None => flat::init_values(&layout, &cfg.run.model, cfg.run.config.seed),
     };
     let work = if synthetic > 0 {
         None
@@ -1500,7 +1497,7 @@ mod tests {
         let run = rc.validate(&corpus).unwrap();
         let device = Device::flex();
         let layout = flat::layout(&run.model.init(&device));
-        let init = flat::init_values(&layout, run.model.n_layers, 0);
+        let init = flat::init_values(&layout, &run.model, 0);
         let work = ModelWork {
             replica: Replica::new(&run.model, &device, &init).unwrap(),
             evaluator: Evaluator::new(&run.model, &device),

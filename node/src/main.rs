@@ -81,6 +81,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let span = tracing::info_span!("simulate", mode = ?cfg.mode, replicas = cfg.replicas);
             let _g = span.enter();
             tracing::info!(params = cfg.model.num_params(), model = %cfg.model.describe(), "starting");
+            if let Some(dir) = &args.dump_batches {
+                simulate::dump_inputs(&cfg, &corpus, &dev.device, dir)
+                    .with_context(|| format!("writing --dump-batches to {}", dir.display()))?;
+                tracing::info!(dir = %dir.display(), "wrote init.safetensors and batches.bin");
+            }
             let mut progress = diloco_node::progress::Progress::new(cfg.steps, 0);
             let report = simulate::run(&cfg, &corpus, &dev.device, &mut progress, &stop)?;
             progress.finish();

@@ -12,6 +12,7 @@
 //! ChaCha stream in the documented parameter order, so every backend and every peer starts from
 //! bit-identical parameters without any transfer.
 
+use crate::flat::InitScheme;
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
@@ -49,6 +50,16 @@ pub struct ModelConfig {
     pub context: usize,
     /// MLP hidden width as a multiple of `d_model`.
     pub mlp_ratio: usize,
+    /// Whether the MLP's two linear layers have biases.
+    #[serde(default = "yes")]
+    pub mlp_bias: bool,
+    /// How the initial parameters are drawn.
+    #[serde(default)]
+    pub init: InitScheme,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ModelConfig {
@@ -61,6 +72,8 @@ impl ModelConfig {
             n_heads: 4,
             context: 128,
             mlp_ratio: 4,
+            mlp_bias: true,
+            init: InitScheme::default(),
         }
     }
     /// `small`: ~25M parameters (d 512, 8 layers, 8 heads, context 256).
@@ -72,6 +85,8 @@ impl ModelConfig {
             n_heads: 8,
             context: 256,
             mlp_ratio: 4,
+            mlp_bias: true,
+            init: InitScheme::default(),
         }
     }
     /// `base`: ~128M parameters (d 768, 18 layers, 12 heads, context 1024).
@@ -83,6 +98,8 @@ impl ModelConfig {
             n_heads: 12,
             context: 1024,
             mlp_ratio: 4,
+            mlp_bias: true,
+            init: InitScheme::default(),
         }
     }
 
@@ -143,8 +160,14 @@ impl ModelConfig {
     /// Short, stable name used in logs and checkpoints.
     pub fn describe(&self) -> String {
         format!(
-            "d{}-l{}-h{}-c{}-v{}",
-            self.d_model, self.n_layers, self.n_heads, self.context, self.vocab
+            "d{}-l{}-h{}-c{}-v{}{}-init-{}",
+            self.d_model,
+            self.n_layers,
+            self.n_heads,
+            self.context,
+            self.vocab,
+            if self.mlp_bias { "" } else { "-nobias" },
+            self.init
         )
     }
 
@@ -157,8 +180,9 @@ impl ModelConfig {
             + 2 * (2 * hd) // q_norm, k_norm
             + d * 3 * d // qkv
             + d * d // proj
-            + d * hidden + hidden // fc1
-            + hidden * d + d; // fc2
+            + d * hidden // fc1
+            + hidden * d // fc2
+            + if self.mlp_bias { hidden + d } else { 0 };
         self.vocab * d + self.context * d + self.n_layers * block + 2 * d + d * self.vocab
     }
 
@@ -175,8 +199,12 @@ impl ModelConfig {
                 k_norm: LayerNormConfig::new(hd).init(device),
                 proj: LinearConfig::new(d, d).with_bias(false).init(device),
                 ln2: LayerNormConfig::new(d).init(device),
-                fc1: LinearConfig::new(d, hidden).init(device),
-                fc2: LinearConfig::new(hidden, d).init(device),
+                fc1: LinearConfig::new(d, hidden)
+                    .with_bias(self.mlp_bias)
+                    .init(device),
+                fc2: LinearConfig::new(hidden, d)
+                    .with_bias(self.mlp_bias)
+                    .init(device),
                 n_heads: self.n_heads,
             })
             .collect();
@@ -328,16 +356,23 @@ mod tests {
 
     #[test]
     fn module_parameter_count_matches_formula() {
-        let cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
+        let mut cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
         let model = cfg.init(&Device::flex());
         assert_eq!(model.num_params(), cfg.num_params());
+        cfg.mlp_bias = false;
+        let model = cfg.init(&Device::flex());
+        assert_eq!(model.num_params(), cfg.num_params());
+        assert_eq!(
+            ModelConfig::parse("d32-l2-h2-c16").unwrap().num_params() - cfg.num_params(),
+            2 * (4 * 32 + 32)
+        );
     }
 
     #[test]
     fn attention_is_causal() {
         let cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
         let device = Device::flex();
-        let model = crate::flat::init_params(cfg.init(&device), 2, 3);
+        let model = crate::flat::init_params(cfg.init(&device), &cfg, 3);
         let a: Vec<i64> = (0..8).map(|i| 40 + i).collect();
         let mut b = a.clone();
         b[5] = 200;

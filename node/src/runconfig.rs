@@ -9,6 +9,7 @@
 //! individual `join` flags; a flag given on the command line overrides the file.
 
 use crate::data::Corpus;
+use crate::flat::InitScheme;
 use crate::model::ModelConfig;
 use crate::trainer::InnerConfig;
 use diloco_protocol::averaging::{Config as ProtoConfig, Quorum};
@@ -73,6 +74,10 @@ pub struct RunConfig {
     pub quantize: String,
     /// Seed of the initial parameters (data order is keyed by peer id).
     pub seed: u64,
+    /// How the initial parameters are drawn: torch, gpt2, fanin or small.
+    pub init: InitScheme,
+    /// Biases in the MLP's linear layers.
+    pub mlp_bias: bool,
     /// Decision quorum: majority or two-thirds.
     pub quorum: String,
     /// Closer waits this long after the first READY for the others (ms).
@@ -106,6 +111,8 @@ impl Default for RunConfig {
             outer_momentum: 0.9,
             quantize: "int8".into(),
             seed: 0,
+            init: InitScheme::default(),
+            mlp_bias: true,
             quorum: "majority".into(),
             straggler_timeout_ms: 10_000,
             agg_timeout_ms: 10_000,
@@ -165,8 +172,10 @@ impl RunConfig {
     /// Checks every value and derives the run (id included) for `corpus`.
     pub fn validate(&self, corpus: &Corpus) -> Result<Run, RunConfigError> {
         let bad = |m: String| Err(RunConfigError::Invalid(m));
-        let model =
+        let mut model =
             ModelConfig::parse(&self.model).map_err(|e| RunConfigError::Invalid(e.to_string()))?;
+        model.init = self.init;
+        model.mlp_bias = self.mlp_bias;
         if self.inner_steps == 0 {
             return bad("inner_steps (H) must be at least 1".into());
         }

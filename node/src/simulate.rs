@@ -15,7 +15,7 @@
 //! gradients every H steps for DiLoCo (nominal bits; the codec's per-block scales and zstd are
 //! not counted, so the ratio is exactly `H × 32 / bits`).
 
-use crate::data::{eval_batches, Batch, Corpus, Stream};
+use crate::data::{eval_batches, Batch, Corpus, Sharding, Stream};
 use crate::flat::{self, ParamInfo};
 use crate::model::ModelConfig;
 use crate::progress::Progress;
@@ -83,6 +83,51 @@ pub struct SimConfig {
     pub eval_every: u64,
     /// Number of eval windows.
     pub eval_windows: usize,
+    /// How the training data is split over the replicas.
+    pub shards: Sharding,
+}
+
+/// The replicas' batch streams for `cfg`: replica `r` draws `batch / replicas` windows a step.
+pub fn streams(cfg: &SimConfig, corpus: &Corpus) -> Vec<Stream> {
+    let m = cfg.replicas;
+    let per = cfg.batch / m;
+    (0..m)
+        .map(|r| match cfg.shards {
+            Sharding::Iid => Stream::iid(corpus, r, m, cfg.seed, per, cfg.seq),
+            Sharding::Contiguous => Stream::new(corpus, r, m, r as u64, cfg.seed, per, cfg.seq),
+        })
+        .collect()
+}
+
+/// Writes what `cfg` will train on to `dir`: `init.safetensors` (the initial global
+/// parameters, tensor names as in checkpoints) and `batches.bin` (little-endian u32: replicas,
+/// windows per replica, seq; then for every step and replica its window start offsets into
+/// the training split), so another implementation can reproduce the run input for input.
+pub fn dump_inputs(
+    cfg: &SimConfig,
+    corpus: &Corpus,
+    device: &Device,
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
+    let init = flat::init_values(&layout, &cfg.model, cfg.seed);
+    crate::checkpoint::write_params(&dir.join("init.safetensors"), &layout, &init)?;
+    let streams = streams(cfg, corpus);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("batches.bin"))?);
+    let per = (cfg.batch / cfg.replicas) as u32;
+    for v in [cfg.replicas as u32, per, cfg.seq as u32] {
+        out.write_all(&v.to_le_bytes())?;
+    }
+    for step in 0..cfg.steps {
+        for s in &streams {
+            for o in s.offsets(step) {
+                out.write_all(&(o as u32).to_le_bytes())?;
+            }
+        }
+    }
+    out.flush()
 }
 
 /// One evaluation point.
@@ -171,12 +216,10 @@ pub fn run(
     let started = Instant::now();
     let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
     let n_params: usize = layout.iter().map(ParamInfo::len).sum();
-    let mut global = flat::init_values(&layout, cfg.model.n_layers, cfg.seed);
+    let mut global = flat::init_values(&layout, &cfg.model, cfg.seed);
     let m = cfg.replicas;
     let per = cfg.batch / m;
-    let streams: Vec<Stream> = (0..m)
-        .map(|r| Stream::new(corpus, r, m, r as u64, cfg.seed, per, cfg.seq))
-        .collect();
+    let streams = streams(cfg, corpus);
     let mut eval = Eval {
         evaluator: Evaluator::new(&cfg.model, device),
         batches: eval_batches(corpus, cfg.seq, per.max(1), cfg.eval_windows),
@@ -315,6 +358,7 @@ mod tests {
             model: ModelConfig::parse("d16-l1-h2-c16").unwrap(),
             eval_every: 0,
             eval_windows: 8,
+            shards: Sharding::Iid,
         }
     }
 
@@ -409,6 +453,39 @@ mod tests {
     }
 
     #[test]
+    fn dumped_inputs_are_the_batches_the_run_trains_on() {
+        let corpus = Corpus::load(&DataSpec {
+            eval_fraction: 0.05,
+            ..Default::default()
+        })
+        .unwrap();
+        let dev = Device::flex();
+        let c = cfg(Mode::Diloco, 2, 2, 3);
+        let dir = tempfile::tempdir().unwrap();
+        dump_inputs(&c, &corpus, &dev, dir.path()).unwrap();
+        let raw = std::fs::read(dir.path().join("batches.bin")).unwrap();
+        let words: Vec<u32> = raw
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(words[..3], [2, 2, 16]);
+        let streams = streams(&c, &corpus);
+        let mut want = Vec::new();
+        for step in 0..3 {
+            for s in &streams {
+                want.extend(s.offsets(step).into_iter().map(|o| o as u32));
+            }
+        }
+        assert_eq!(words[3..], want[..]);
+        let layout = flat::layout(&c.model.init(&dev));
+        let init = flat::init_values(&layout, &c.model, c.seed);
+        let bytes = std::fs::read(dir.path().join("init.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let emb = st.tensor("tok_emb.weight").unwrap();
+        assert_eq!(emb.data()[..4], init[0].to_le_bytes());
+    }
+
+    #[test]
     fn dropping_everything_leaves_global_unchanged() {
         let corpus = Corpus::load(&DataSpec {
             eval_fraction: 0.05,
@@ -422,7 +499,7 @@ mod tests {
         let r = run(&c, &corpus, &dev, &mut Progress::hidden(), &stop).unwrap();
         assert_eq!(r.dropped, 4);
         let layout = flat::layout(&c.model.init(&dev));
-        let init = flat::init_values(&layout, c.model.n_layers, c.seed);
+        let init = flat::init_values(&layout, &c.model, c.seed);
         assert_eq!(r.global_hash, outer::hash_f32(&init));
     }
 }

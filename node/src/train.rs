@@ -148,7 +148,7 @@ pub fn run(
                 Replica::new(
                     &cfg.model,
                     device,
-                    &flat::init_values(&layout, cfg.model.n_layers, cfg.seed),
+                    &flat::init_values(&layout, &cfg.model, cfg.seed),
                 )?
             }
         }
@@ -156,7 +156,7 @@ pub fn run(
         Replica::new(
             &cfg.model,
             device,
-            &flat::init_values(&layout, cfg.model.n_layers, cfg.seed),
+            &flat::init_values(&layout, &cfg.model, cfg.seed),
         )?
     };
     let stream = Stream::new(corpus, 0, 1, 0, cfg.seed, cfg.batch, cfg.seq);

@@ -379,7 +379,7 @@ mod tests {
     fn a_few_steps_reduce_the_loss() {
         let cfg = ModelConfig::parse("d32-l2-h2-c32").unwrap();
         let device = Device::flex();
-        let init = flat::init_values(&flat::layout(&cfg.init(&device)), cfg.n_layers, 1);
+        let init = flat::init_values(&flat::layout(&cfg.init(&device)), &cfg, 1);
         let mut r = Replica::new(&cfg, &device, &init).unwrap();
         let corpus = Corpus::load(&DataSpec::default()).unwrap();
         let stream = Stream::new(&corpus, 0, 1, 0, 1, 8, 32);
@@ -407,7 +407,7 @@ mod tests {
     fn adam_state_roundtrips_through_flat_vectors() {
         let cfg = ModelConfig::parse("d16-l1-h2-c16").unwrap();
         let device = Device::flex();
-        let init = flat::init_values(&flat::layout(&cfg.init(&device)), cfg.n_layers, 3);
+        let init = flat::init_values(&flat::layout(&cfg.init(&device)), &cfg, 3);
         let corpus = Corpus::load(&DataSpec::default()).unwrap();
         let stream = Stream::new(&corpus, 0, 1, 0, 1, 4, 16);
         let inner = InnerConfig::new(1e-3, 1, 10, 0.1);
@@ -435,7 +435,7 @@ mod eval_tests {
     fn untrained_model_scores_about_ln_256() {
         let cfg = ModelConfig::parse("d16-l1-h2-c16").unwrap();
         let device = Device::flex();
-        let init = flat::init_values(&flat::layout(&cfg.init(&device)), cfg.n_layers, 5);
+        let init = flat::init_values(&flat::layout(&cfg.init(&device)), &cfg, 5);
         let corpus = Corpus::load(&DataSpec {
             eval_fraction: 0.05,
             ..Default::default()

@@ -19,7 +19,7 @@ fn wgpu_trains_and_matches_cpu_closely() {
     eprintln!("wgpu adapter: {}", selected.description);
     let cfg = ModelConfig::parse("d32-l1-h2-c32").unwrap();
     let layout = flat::layout(&cfg.init(&Device::flex()));
-    let init = flat::init_values(&layout, cfg.n_layers, 11);
+    let init = flat::init_values(&layout, &cfg, 11);
     let corpus = Corpus::load(&DataSpec::default()).unwrap();
     let stream = Stream::new(&corpus, 0, 1, 0, 11, 4, 32);
     let inner = InnerConfig::new(1e-2, 1, 8, 0.0);
