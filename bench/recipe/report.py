@@ -1,53 +1,66 @@
 #!/usr/bin/env python3
-"""Summarises recipe-study results (JSON lines written by run_grid.sh) as a markdown table:
-one row per configuration (the grid line without its --seed), mean ± sample std of the final
-eval loss over seeds, the seeds' values, and the change against the DP row of the same
-implementation, initialisation and step count.
+"""Summarises recipe-study results (JSON lines written by run_grid.sh) as a markdown table.
 
-    python3 bench/recipe/report.py bench/recipe/*.jsonl
+One row per recipe (implementation and every flag except mode, replicas and seed), one column
+each for DP, DiLoCo M = 1 and M = 2: the mean final eval loss over seeds (± sample std when
+there are several, seed count in brackets), and each DiLoCo column's change against the DP mean
+of the same row.
+
+    python3 bench/recipe/report.py bench/recipe/node800.jsonl bench/recipe/torch800.jsonl
 """
 
 import json
-import re
+import shlex
 import statistics
 import sys
 from collections import OrderedDict
 
+VARYING = {"--mode", "--replicas", "--seed"}
+DIloco_ONLY = {"--inner-steps", "--outer-lr", "--outer-momentum"}
 
-def key_of(grid):
-    return re.sub(r"\s*--seed \d+", "", grid).strip()
 
-
-def dp_key(grid):
-    k = key_of(grid)
-    k = re.sub(r"--mode diloco", "--mode dp", k)
-    k = re.sub(r"\s*--replicas \d+", "", k)
-    k = re.sub(r"\s*--inner-steps \d+", "", k)
-    k = re.sub(r"\s*--outer-lr [0-9.]+", "", k)
-    k = re.sub(r"\s*--outer-momentum [0-9.]+", "", k)
-    return k
+def parse(grid):
+    words = shlex.split(grid)
+    impl, flags = words[0], {}
+    i = 1
+    while i < len(words):
+        k = words[i]
+        v = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else ""
+        flags[k] = v
+        i += 2 if v else 1
+    return impl, flags
 
 
 def main():
     rows = OrderedDict()
     for path in sys.argv[1:]:
         for line in open(path):
-            if line.strip():
-                r = json.loads(line)
-                rows.setdefault(key_of(r["grid"]), []).append(r)
-    means = {}
-    for k, rs in rows.items():
-        means[dp_key(k) if "--mode dp" in k else k] = statistics.mean(r["eval_loss"] for r in rs)
-    print("| configuration | seeds | eval loss (mean ± std) | per seed | vs DP |")
-    print("|---|---|---|---|---|")
-    for k, rs in rows.items():
-        vals = [r["eval_loss"] for r in sorted(rs, key=lambda r: r["seed"])]
-        mean = statistics.mean(vals)
-        std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        ref = means.get(dp_key(k)) if "--mode dp" not in k else None
-        vs = f"{100 * (mean / ref - 1):+.1f} %" if ref else ""
-        spread = f"{mean:.4f} ± {std:.4f}" if len(vals) > 1 else f"{mean:.4f}"
-        print(f"| `{k}` | {len(vals)} | {spread} | {', '.join(f'{v:.4f}' for v in vals)} | {vs} |")
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            impl, flags = parse(r["grid"])
+            mode = flags.get("--mode", "diloco")
+            col = "DP" if mode == "dp" else f"M={flags.get('--replicas', '1')}"
+            recipe = " ".join(f"{k} {v}".strip() for k, v in flags.items() if k not in VARYING)
+            key = f"{impl} {recipe}"
+            rows.setdefault(key, {}).setdefault(col, []).append((int(flags.get("--seed", 0)), r["eval_loss"]))
+    print("| recipe | DP | DiLoCo M = 1 | vs DP | DiLoCo M = 2 | vs DP |")
+    print("|---|---|---|---|---|---|")
+    for key, cols in rows.items():
+        def cell(c):
+            if c not in cols:
+                return "", None
+            vals = [v for _, v in sorted(cols[c])]
+            mean = statistics.mean(vals)
+            if len(vals) > 1:
+                return f"{mean:.4f} ± {statistics.stdev(vals):.4f} ({len(vals)})", mean
+            return f"{mean:.4f} (1)", mean
+        dp, dpm = cell("DP")
+        out = [dp]
+        for c in ("M=1", "M=2"):
+            txt, m = cell(c)
+            out += [txt, f"{100 * (m / dpm - 1):+.1f} %" if m is not None and dpm else ""]
+        print(f"| `{key}` | " + " | ".join(out) + " |")
 
 
 if __name__ == "__main__":
