@@ -95,12 +95,12 @@ def is_resid(name):
 def init_model(model, a, gen):
     """Initial parameters by scheme; every scheme sets LayerNorm gains 1 and shifts 0."""
     L = model.layers
+    modules = dict(model.named_modules())
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(dict(model.named_modules()).get(name.rsplit(".", 1)[0]), nn.LayerNorm):
+        if isinstance(modules.get(name.rsplit(".", 1)[0]), nn.LayerNorm):
             p.fill_(1.0 if leaf == "weight" else 0.0)
             continue
-        fan_in = p.shape[1] if p.dim() == 2 else None
         if name == "tok_emb.weight":
             std = {"gpt2": 0.02, "torch": 1.0, "fanin": 1.0, "small": math.sqrt(2 / (5 * p.shape[1]))}[a.init]
             if a.emb_std is not None:
@@ -114,7 +114,7 @@ def init_model(model, a, gen):
         elif leaf == "bias":
             if a.init == "torch":
                 # nn.Linear's bias: U(+-1/sqrt(fan_in)) of the layer it belongs to.
-                layer = dict(model.named_modules())[name.rsplit(".", 1)[0]]
+                layer = modules[name.rsplit(".", 1)[0]]
                 bound = 1 / math.sqrt(layer.in_features)
                 p.uniform_(-bound, bound, generator=gen)
             else:
