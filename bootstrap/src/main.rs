@@ -3,7 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use diloco_bootstrap::{addr, keys, server};
+use diloco_bootstrap::server;
+use diloco_p2p::{addr, keys};
 use std::io::Write;
 use std::path::PathBuf;
 

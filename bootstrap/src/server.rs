@@ -6,14 +6,13 @@
 //! reachable). It never trains, never joins a run and never sees protocol messages; a run keeps
 //! going when every bootstrap peer is gone.
 
-use crate::keys::Identity;
-use crate::{IDENTIFY_PROTOCOL, KAD_PROTOCOL};
+use diloco_p2p::keys::Identity;
+use diloco_p2p::IDENTIFY_PROTOCOL;
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    autonat, connection_limits, identify, kad, noise, ping, relay, tcp, yamux, Multiaddr,
-    StreamProtocol, Swarm,
+    autonat, connection_limits, identify, kad, noise, ping, relay, tcp, yamux, Multiaddr, Swarm,
 };
 use std::time::Duration;
 use thiserror::Error;
@@ -107,11 +106,7 @@ pub fn build(id: &Identity, cfg: &Config) -> Result<Swarm<Behaviour>, ServerErro
         .with_quic()
         .with_behaviour(|key| {
             let me = key.public().to_peer_id();
-            let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
-            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-            let mut kad =
-                kad::Behaviour::with_config(me, kad::store::MemoryStore::new(me), kad_cfg);
-            kad.set_mode(Some(kad::Mode::Server));
+            let kad = diloco_p2p::kademlia(me, Duration::from_secs(60));
             let limits = connection_limits::ConnectionLimits::default()
                 .with_max_established(Some(cfg.max_connections))
                 .with_max_established_per_peer(Some(4))
@@ -229,7 +224,7 @@ pub async fn run(
                         .take(16)
                         .map(|a| {
                             // An --external-addr may already end in /p2p/<this peer>.
-                            crate::addr::with_peer(a.clone(), me)
+                            diloco_p2p::addr::with_peer(a.clone(), me)
                                 .with(Protocol::P2pCircuit)
                                 .with(Protocol::P2p(src_peer_id))
                         })
@@ -240,13 +235,13 @@ pub async fn run(
                     tracing::debug!(peer = %src_peer_id, "relay reservation accepted");
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                    if info.protocol_version != IDENTIFY_PROTOCOL {
+                    if !diloco_p2p::is_diloco(&info) {
                         tracing::info!(peer = %peer_id, version = %info.protocol_version, "not a diloco peer; disconnecting");
                         let _ = swarm.disconnect_peer_id(peer_id);
                         continue;
                     }
                     tracing::info!(peer = %peer_id, agent = %info.agent_version, "peer identified");
-                    crate::learn_addresses(&mut swarm.behaviour_mut().kad, &peer_id, info);
+                    diloco_p2p::learn_addresses(&mut swarm.behaviour_mut().kad, &peer_id, info);
                 }
                 _ => {}
             }

@@ -38,9 +38,9 @@ fn prints_its_full_address_and_keeps_its_identity() {
     let key = dir.path().join("boot.key");
     let a = first_addr(&key);
     assert!(a.starts_with("/ip4/127.0.0.1/tcp/"), "{a}");
-    let (peer, _) = diloco_bootstrap::addr::parse_bootstrap(&a).unwrap();
+    let (peer, _) = diloco_p2p::addr::parse_bootstrap(&a).unwrap();
     let b = first_addr(&key);
-    let (peer2, _) = diloco_bootstrap::addr::parse_bootstrap(&b).unwrap();
+    let (peer2, _) = diloco_p2p::addr::parse_bootstrap(&b).unwrap();
     assert_eq!(peer, peer2, "the key file must keep the peer id");
 }
 

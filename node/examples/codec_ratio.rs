@@ -6,11 +6,11 @@
 //! `cargo run --release -p diloco-node --example codec_ratio -- [DATA] [H]`
 //! (default ../shared/data/shakespeare.txt, H = 50).
 
-use diloco_node::backend::{self, BackendChoice};
-use diloco_node::data::{Corpus, DataSpec, Stream};
-use diloco_node::flat;
-use diloco_node::model::ModelConfig;
-use diloco_node::trainer::{InnerConfig, Replica};
+use diloco_node::train::backend::{self, BackendChoice};
+use diloco_node::train::data::{Corpus, DataSpec, Stream};
+use diloco_node::train::flat;
+use diloco_node::train::inner::{InnerConfig, Replica};
+use diloco_node::train::model::ModelConfig;
 use diloco_protocol::codec::{self, ErrorFeedback, Quantization};
 use diloco_protocol::outer::outer_gradient;
 use std::path::PathBuf;

@@ -4,14 +4,14 @@
 //! Parsing (clap) and validation ([`TrainArgs::to_config`], [`SimulateArgs::to_config`]) are
 //! separate so every check lives in one place and produces one clear message.
 
-use crate::backend::BackendChoice;
-use crate::data::{DataSpec, Sharding};
-use crate::flat::InitScheme;
-use crate::model::ModelConfig;
 use crate::runconfig::RunConfig;
-use crate::simulate::{Mode, SimConfig};
-use crate::train::TrainConfig;
-use crate::trainer::InnerConfig;
+use crate::train::backend::BackendChoice;
+use crate::train::data::{DataSpec, Sharding};
+use crate::train::flat::InitScheme;
+use crate::train::inner::InnerConfig;
+use crate::train::model::ModelConfig;
+use crate::train::plain::TrainConfig;
+use crate::train::simulate::{Mode, SimulateConfig};
 use clap::{Args, Parser, Subcommand};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::outer::OuterConfig;
@@ -460,8 +460,8 @@ impl TrainArgs {
 }
 
 impl SimulateArgs {
-    /// Validates the flags into a [`SimConfig`].
-    pub fn to_config(&self) -> Result<SimConfig, UsageError> {
+    /// Validates the flags into a [`SimulateConfig`].
+    pub fn to_config(&self) -> Result<SimulateConfig, UsageError> {
         let (model, inner) = self.common.validate()?;
         let c = &self.common;
         if self.replicas == 0 {
@@ -505,7 +505,7 @@ impl SimulateArgs {
             .quantize
             .parse()
             .map_err(|e| UsageError(format!("--quantize: {e}")))?;
-        Ok(SimConfig {
+        Ok(SimulateConfig {
             mode: self.mode,
             replicas: self.replicas,
             inner_steps: self.inner_steps,
@@ -532,7 +532,7 @@ impl SimulateArgs {
 mod tests {
     use super::*;
 
-    fn sim(args: &[&str]) -> Result<SimConfig, UsageError> {
+    fn sim(args: &[&str]) -> Result<SimulateConfig, UsageError> {
         let mut v = vec!["diloco-node", "simulate"];
         v.extend_from_slice(args);
         match Cli::try_parse_from(v).unwrap().command {

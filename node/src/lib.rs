@@ -1,24 +1,21 @@
 //! diloco-node: a peer-to-peer DiLoCo training node.
 //!
-//! The library holds everything the binary glues together: the model ([`model`]), flat
-//! parameter vectors ([`flat`]), data ([`data`]), the inner loop ([`trainer`]), the in-process
-//! DiLoCo / data-parallel simulator ([`simulate`]), plain training with checkpoints ([`train`],
-//! [`checkpoint`]), device selection ([`backend`]) and the command line ([`cli`]); on the
-//! network, the libp2p swarm ([`net`]), the run definition ([`runconfig`]), the node's event
-//! loop ([`join`]) and its HTTP status page ([`status`]). Pure math and the averaging protocol
-//! live in the `diloco-protocol` crate.
+//! Three folders and some glue:
+//! * [`train`]: the model, flat parameter vectors, data, devices, the inner loop, evaluation,
+//!   checkpoints, the trainer worker thread, and the `train` and `simulate` commands. It knows
+//!   no network.
+//! * [`net`]: the libp2p swarm task and the typed [`net::Client`] the rest talks to it
+//!   through. It knows no model.
+//! * [`driver`]: `join`, the only place where training, the averaging protocol and the network
+//!   meet: the node's event loop, timers, vote record, restore, shutdown and its HTTP status
+//!   page.
+//!
+//! Glue: the command line ([`cli`]) and the run definition every peer of a run shares
+//! ([`runconfig`]). The averaging protocol (pure logic, no I/O) is the `diloco-protocol` crate;
+//! the network's conventions shared with the bootstrap peer are `diloco-p2p`.
 
-pub mod backend;
-pub mod checkpoint;
 pub mod cli;
-pub mod data;
-pub mod flat;
-pub mod join;
-pub mod model;
+pub mod driver;
 pub mod net;
-pub mod progress;
 pub mod runconfig;
-pub mod simulate;
-pub mod status;
 pub mod train;
-pub mod trainer;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use diloco_node::cli::{Cli, Command, CommonArgs};
-use diloco_node::{backend, data, simulate, train};
+use diloco_node::train::{backend, data, plain as train, simulate};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -86,7 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("writing --dump-batches to {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "wrote init.safetensors and batches.bin");
             }
-            let mut progress = diloco_node::progress::Progress::new(cfg.steps, 0);
+            let mut progress = diloco_node::train::progress::Progress::new(cfg.steps, 0);
             let report = simulate::run(&cfg, &corpus, &dev.device, &mut progress, &stop)?;
             progress.finish();
             emit(args.common.json, &report)
@@ -95,7 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
-    use diloco_bootstrap::{addr, keys};
+    use diloco_p2p::{addr, keys};
     args.validate()?;
     let rc = args.run_config()?;
     let bootstrap = args
@@ -136,7 +136,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
     println!("peer id {}", identity.peer_id());
     println!("run id {}", run.id_hex());
     let stop = stop_flag()?;
-    let cfg = diloco_node::join::JoinConfig {
+    let cfg = diloco_node::driver::JoinConfig {
         run,
         identity,
         listen,
@@ -156,7 +156,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = rt.block_on(diloco_node::join::run(
+    let report = rt.block_on(diloco_node::driver::run(
         cfg,
         std::sync::Arc::new(corpus),
         dev.device,
@@ -166,26 +166,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
 }
 
 fn health(args: diloco_node::cli::HealthArgs) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
     let t = std::time::Duration::from_secs_f64(args.timeout.clamp(0.1, 600.0));
-    let mut s = std::net::TcpStream::connect_timeout(&args.addr, t)
-        .with_context(|| format!("no node answers on {}", args.addr))?;
-    s.set_read_timeout(Some(t))?;
-    s.set_write_timeout(Some(t))?;
-    write!(
-        s,
-        "GET /status HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        args.addr
-    )?;
-    let mut buf = Vec::new();
-    s.take(1 << 20).read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("node answered: {}", head.lines().next().unwrap_or(""));
-    }
-    println!("{body}");
+    println!("{}", diloco_node::driver::status::fetch(args.addr, t)?);
     Ok(())
 }

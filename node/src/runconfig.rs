@@ -8,10 +8,10 @@
 //! A run config comes from `--run-config FILE` (JSON, unknown fields refused) and/or the
 //! individual `join` flags; a flag given on the command line overrides the file.
 
-use crate::data::Corpus;
-use crate::flat::InitScheme;
-use crate::model::ModelConfig;
-use crate::trainer::InnerConfig;
+use crate::train::data::Corpus;
+use crate::train::flat::InitScheme;
+use crate::train::inner::InnerConfig;
+use crate::train::model::ModelConfig;
 use diloco_protocol::averaging::{Config as ProtoConfig, Quorum};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::outer::OuterConfig;
@@ -249,12 +249,7 @@ impl RunConfig {
 impl Run {
     /// The run id as the hex string peers show and compare.
     pub fn id_hex(&self) -> String {
-        self.id
-            .0
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(&self.id.0[..16])
     }
 
     /// The averaging protocol's configuration for this run.

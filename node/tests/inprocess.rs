@@ -2,13 +2,14 @@
 //! three nodes of one run, and one node started with other run settings. The three agree on one
 //! global hash every round; the fourth is refused by them (and they by it) and trains alone.
 
-use diloco_bootstrap::{keys::Identity, server};
-use diloco_node::backend::{self, BackendChoice};
-use diloco_node::data::{Corpus, DataSpec};
-use diloco_node::join::{self, JoinConfig};
+use diloco_bootstrap::server;
+use diloco_node::driver::status::{Shared, Status};
+use diloco_node::driver::{self, JoinConfig};
 use diloco_node::net::NetStats;
 use diloco_node::runconfig::RunConfig;
-use diloco_node::status::{Shared, Status};
+use diloco_node::train::backend::{self, BackendChoice};
+use diloco_node::train::data::{Corpus, DataSpec};
+use diloco_p2p::keys::Identity;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +54,7 @@ async fn start_bootstrap() -> (libp2p::PeerId, libp2p::Multiaddr) {
         std::future::pending(),
     ));
     let boot_addr = addr_rx.recv().await.unwrap();
-    diloco_bootstrap::addr::parse_bootstrap(&boot_addr.to_string()).unwrap()
+    diloco_p2p::addr::parse_bootstrap(&boot_addr.to_string()).unwrap()
 }
 
 fn node(
@@ -124,7 +125,7 @@ fn nodes_in_one_process_agree_and_refuse_another_run() {
                 Duration::from_secs(2),
             );
             observers.push(shared);
-            tasks.push(tokio::spawn(join::run(
+            tasks.push(tokio::spawn(driver::run(
                 cfg,
                 corpus.clone(),
                 device.clone(),
@@ -200,7 +201,7 @@ fn two_histories_of_one_run_merge() {
         for _ in 0..2 {
             let (cfg, shared) = node(&rc, &corpus, &bootstrap, Duration::ZERO);
             observers.push(shared);
-            tasks.push(tokio::spawn(join::run(
+            tasks.push(tokio::spawn(driver::run(
                 cfg,
                 corpus.clone(),
                 device.clone(),

@@ -6,7 +6,7 @@
 //!
 //! Every wait has a deadline and prints every process's log when it fails.
 
-use diloco_node::net::{self, Command, NetConfig, NetEvent, Topic};
+use diloco_node::net::{self, NetConfig, NetEvent, Topic};
 use diloco_protocol::wire::{Direct, Envelope, Hash};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -223,6 +223,19 @@ impl Net {
     }
 }
 
+/// What the hostile peer sends through its swarm.
+enum Command {
+    Publish {
+        topic: Topic,
+        data: Vec<u8>,
+    },
+    Send {
+        to: libp2p::PeerId,
+        data: Vec<u8>,
+        sync: bool,
+    },
+}
+
 /// Captured protocol traffic, for the hostile peer to forge and replay.
 fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, usize) {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -231,9 +244,9 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
         .build()
         .unwrap();
     rt.block_on(async {
-        let id = diloco_bootstrap::keys::Identity::generate();
-        let (peer, addr) = diloco_bootstrap::addr::parse_bootstrap(bootstrap).unwrap();
-        let mut h = net::spawn(
+        let id = diloco_p2p::keys::Identity::generate();
+        let (peer, addr) = diloco_p2p::addr::parse_bootstrap(bootstrap).unwrap();
+        let (client, mut events) = net::spawn(
             &id.keypair,
             NetConfig {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
@@ -256,7 +269,7 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
                 topic: Topic::Avg,
                 data,
                 ..
-            })) = tokio::time::timeout(Duration::from_millis(500), h.events.recv()).await
+            })) = tokio::time::timeout(Duration::from_millis(500), events.recv()).await
             {
                 captured.push(data);
             }
@@ -339,13 +352,17 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
         }
         let total = cmds.len();
         for c in cmds {
-            if h.commands.send(c).await.is_ok() {
+            let ok = match c {
+                Command::Publish { topic, data } => client.publish(topic, data).is_ok(),
+                Command::Send { to, data, sync } => client.send(to, data, sync).is_ok(),
+            };
+            if ok {
                 sent += 1;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let _ = h.commands.send(Command::Shutdown).await;
+        client.shutdown().await;
         (sent, total)
     })
 }

@@ -11,8 +11,9 @@
 //! cut the connection) and the sender is told, while small messages still get through; with an
 //! operator's raised limits the same message arrives.
 
-use diloco_bootstrap::{keys::Identity, server};
-use diloco_node::net::{self, Command, NetConfig, NetEvent, NetHandle, NetStats, Topic};
+use diloco_bootstrap::server;
+use diloco_node::net::{self, Client, Events, NetConfig, NetEvent, NetStats, Topic};
+use diloco_p2p::keys::Identity;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{timeout_at, Instant};
@@ -41,12 +42,19 @@ async fn start_bootstrap(relay: server::RelayLimits) -> (libp2p::PeerId, libp2p:
         std::future::pending(),
     ));
     let addr = rx.recv().await.unwrap();
-    diloco_bootstrap::addr::parse_bootstrap(&addr.to_string()).unwrap()
+    diloco_p2p::addr::parse_bootstrap(&addr.to_string()).unwrap()
+}
+
+/// A swarm task's client and events.
+struct NetHandle {
+    client: Client,
+    events: Events,
+    peer_id: libp2p::PeerId,
 }
 
 fn relayed_node(boot: &(libp2p::PeerId, libp2p::Multiaddr)) -> (NetHandle, Identity) {
     let id = Identity::generate();
-    let h = net::spawn(
+    let (client, events) = net::spawn(
         &id.keypair,
         NetConfig {
             listen: vec![],
@@ -60,7 +68,15 @@ fn relayed_node(boot: &(libp2p::PeerId, libp2p::Multiaddr)) -> (NetHandle, Ident
         Arc::new(NetStats::default()),
     )
     .unwrap();
-    (h, id)
+    let peer_id = client.peer_id;
+    (
+        NetHandle {
+            client,
+            events,
+            peer_id,
+        },
+        id,
+    )
 }
 
 /// Drains `h` until `want` matches an event or the deadline passes; returns whether it matched
@@ -122,10 +138,7 @@ async fn relayed_pair(relay: server::RelayLimits, deadline: Instant) -> (NetHand
 }
 
 async fn send(from: &NetHandle, to: libp2p::PeerId, data: Vec<u8>, sync: bool) {
-    from.commands
-        .send(Command::Send { to, data, sync })
-        .await
-        .unwrap();
+    from.client.send(to, data, sync).unwrap();
 }
 
 #[test]
@@ -170,12 +183,8 @@ fn nodes_without_a_listening_socket_talk_through_the_relay() {
         // Gossip reaches the other node too (retried: the mesh forms after the connection).
         let mut got = false;
         while !got && Instant::now() < deadline {
-            a.commands
-                .send(Command::Publish {
-                    topic: Topic::Hello,
-                    data: b"gossip from A".to_vec(),
-                })
-                .await
+            a.client
+                .publish(Topic::Hello, b"gossip from A".to_vec())
                 .unwrap();
             let step = (Instant::now() + Duration::from_secs(2)).min(deadline);
             got = wait_for(
@@ -187,8 +196,8 @@ fn nodes_without_a_listening_socket_talk_through_the_relay() {
             .0;
         }
         assert!(got, "B never received A's gossip through the relay");
-        let _ = a.commands.send(Command::Shutdown).await;
-        let _ = b.commands.send(Command::Shutdown).await;
+        a.client.shutdown().await;
+        b.client.shutdown().await;
     });
 }
 
@@ -231,7 +240,7 @@ fn a_message_over_the_relay_limit_fails_cleanly_and_small_ones_still_pass() {
             got,
             "A never received a small message after the circuit was closed"
         );
-        let _ = a.commands.send(Command::Shutdown).await;
-        let _ = b.commands.send(Command::Shutdown).await;
+        a.client.shutdown().await;
+        b.client.shutdown().await;
     });
 }

@@ -2,11 +2,11 @@
 //! GPU) must lower the loss. Set `DILOCO_SKIP_WGPU=1` to skip on a machine with no Vulkan driver.
 
 use burn::prelude::Device;
-use diloco_node::backend::{select, BackendChoice};
-use diloco_node::data::{Corpus, DataSpec, Stream};
-use diloco_node::flat;
-use diloco_node::model::ModelConfig;
-use diloco_node::trainer::{InnerConfig, Replica};
+use diloco_node::train::backend::{select, BackendChoice};
+use diloco_node::train::data::{Corpus, DataSpec, Stream};
+use diloco_node::train::flat;
+use diloco_node::train::inner::{InnerConfig, Replica};
+use diloco_node::train::model::ModelConfig;
 
 #[test]
 fn wgpu_trains_and_matches_cpu_closely() {

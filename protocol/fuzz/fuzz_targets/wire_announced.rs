@@ -2,7 +2,7 @@
 //! against an announcement of the same bytes (so the hash and size checks pass and the decoder
 //! and signature checks run on arbitrary input).
 #![no_main]
-use diloco_protocol::wire::{self, Announce, Body, Envelope, Hash, PeerId, Signature, WIRE_VERSION};
+use diloco_protocol::wire::{self, Announce, Body, Envelope, Hash, PeerKey, Signature, WIRE_VERSION};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     // open_announced trusts the (already admitted) announcement; its signature is not needed.
     let ann = Envelope {
         version: WIRE_VERSION,
-        signer: PeerId([7; 32]),
+        signer: PeerKey([7; 32]),
         run: Hash::default(),
         round: 0,
         chain: Hash::default(),

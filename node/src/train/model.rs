@@ -8,11 +8,11 @@
 //! that keeps the softmax normaliser near zero, as in "Scaling Laws for DiLoCo".
 //!
 //! Initial parameters do not come from burn's initialisers: [`Transformer::new`] builds the
-//! module and then [`crate::flat::init_params`] overwrites every parameter from a seeded
+//! module and then [`crate::train::flat::init_params`] overwrites every parameter from a seeded
 //! ChaCha stream in the documented parameter order, so every backend and every peer starts from
 //! bit-identical parameters without any transfer.
 
-use crate::flat::InitScheme;
+use crate::train::flat::InitScheme;
 use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
@@ -186,7 +186,7 @@ impl ModelConfig {
         self.vocab * d + self.context * d + self.n_layers * block + 2 * d + d * self.vocab
     }
 
-    /// Builds the module on `device` (parameters still need [`crate::flat::init_params`]).
+    /// Builds the module on `device` (parameters still need [`crate::train::flat::init_params`]).
     pub fn init(&self, device: &Device) -> Transformer {
         let d = self.d_model;
         let hd = d / self.n_heads;
@@ -372,7 +372,7 @@ mod tests {
     fn attention_is_causal() {
         let cfg = ModelConfig::parse("d32-l2-h2-c16").unwrap();
         let device = Device::flex();
-        let model = crate::flat::init_params(cfg.init(&device), &cfg, 3);
+        let model = crate::train::flat::init_params(cfg.init(&device), &cfg, 3);
         let a: Vec<i64> = (0..8).map(|i| 40 + i).collect();
         let mut b = a.clone();
         b[5] = 200;

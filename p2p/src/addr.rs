@@ -24,15 +24,19 @@ pub enum AddrError {
     BadListen(String),
 }
 
+/// Parses any multiaddr.
+fn parse(s: &str) -> Result<Multiaddr, AddrError> {
+    s.trim()
+        .parse()
+        .map_err(|e: libp2p::multiaddr::Error| AddrError::Malformed {
+            addr: s.to_string(),
+            reason: e.to_string(),
+        })
+}
+
 /// Parses a bootstrap address: any dialable multiaddr ending in `/p2p/<peer id>`.
 pub fn parse_bootstrap(s: &str) -> Result<(PeerId, Multiaddr), AddrError> {
-    let addr: Multiaddr =
-        s.trim()
-            .parse()
-            .map_err(|e: libp2p::multiaddr::Error| AddrError::Malformed {
-                addr: s.to_string(),
-                reason: e.to_string(),
-            })?;
+    let addr = parse(s)?;
     match addr.iter().last() {
         Some(Protocol::P2p(peer)) => Ok((peer, addr)),
         _ => Err(AddrError::NoPeerId(s.to_string())),
@@ -41,13 +45,7 @@ pub fn parse_bootstrap(s: &str) -> Result<(PeerId, Multiaddr), AddrError> {
 
 /// Parses a listen address (TCP or QUIC over IPv4/IPv6).
 pub fn parse_listen(s: &str) -> Result<Multiaddr, AddrError> {
-    let addr: Multiaddr =
-        s.trim()
-            .parse()
-            .map_err(|e: libp2p::multiaddr::Error| AddrError::Malformed {
-                addr: s.to_string(),
-                reason: e.to_string(),
-            })?;
+    let addr = parse(s)?;
     let mut it = addr.iter();
     let ip = matches!(it.next(), Some(Protocol::Ip4(_) | Protocol::Ip6(_)));
     let ok = ip

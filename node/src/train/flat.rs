@@ -1,7 +1,7 @@
 //! Flat parameter vectors: every parameter of a module in one `Vec<f32>`, and back.
 //!
 //! **Order.** Parameters appear in module-tree order: struct fields in declaration order,
-//! `Vec` elements by index, depth first — for [`crate::model::Transformer`] that is
+//! `Vec` elements by index, depth first — for [`crate::train::model::Transformer`] that is
 //! `tok_emb.weight, pos_emb, blocks.0.ln1.gamma, blocks.0.ln1.beta, blocks.0.qkv.weight, ...,
 //! ln_f.gamma, ln_f.beta, head.weight`; each tensor's values are in row-major order. The same
 //! names (path components joined by `.`) label the tensors of a checkpoint. Peers only agree
@@ -10,7 +10,7 @@
 //! Writing a vector back maps each `Param` in place, which keeps its `ParamId`: the inner
 //! optimizer's state (keyed by id) stays attached across outer steps.
 
-use crate::model::ModelConfig;
+use crate::train::model::ModelConfig;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -358,7 +358,7 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ModelConfig;
+    use crate::train::model::ModelConfig;
 
     #[test]
     fn read_write_roundtrip_keeps_ids_and_order() {

@@ -17,7 +17,7 @@
 //! file against `state.json`, so a truncated or altered checkpoint is refused with a message
 //! instead of being trained on. The two newest checkpoints are kept.
 
-use crate::flat::ParamInfo;
+use crate::train::flat::ParamInfo;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

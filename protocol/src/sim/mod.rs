@@ -10,6 +10,10 @@
 //! Training is modeled: peer `i` pulls theta toward its own target, so the outer gradient is
 //! `delta_i = 0.1 * (theta_g - target_i)` with a fixed token count; the simulator can therefore
 //! recompute the centrally expected result.
+//!
+//! `net` holds the simulated network (latency, loss, duplication, partitions, byte counts) and
+//! `attacks` the malicious peers' behaviours; this file holds the configuration, the report,
+//! the event loop and the peers' lifecycle (crash, restart, churn, join).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
@@ -21,7 +25,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::averaging::{self, Config, InEvent, OutEvent, Reject, State, Time};
 use crate::codec;
-use crate::wire::{self, Body, Direct, Envelope, Hash, PeerId, Ready};
+use crate::wire::{Body, Direct, Envelope, Hash, PeerKey};
+
+mod attacks;
+mod net;
 
 /// A misbehaviour of a malicious peer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -196,7 +203,8 @@ pub struct Report {
     pub thetas: Vec<(usize, u64, Vec<f32>)>,
     /// Largest gossip message sent, in bytes (every gossip is serialized and decoded again).
     pub max_gossip_bytes: u64,
-    /// Gossip messages over [`wire::MAX_GOSSIP_BYTES`] (must stay 0).
+    /// Gossip messages over [`wire::MAX_GOSSIP_BYTES`](crate::wire::MAX_GOSSIP_BYTES) (must
+    /// stay 0).
     pub oversized_gossip: u64,
     /// Messages that failed to serialize or to decode again (must stay 0).
     pub wire_errors: u64,
@@ -258,11 +266,11 @@ enum Ev {
 }
 
 /// A decided state a peer held: (round, state hash, members, theta, momentum).
-type Snapshot = (u64, Hash, Vec<PeerId>, Vec<f32>, Vec<f32>);
+type Snapshot = (u64, Hash, Vec<PeerKey>, Vec<f32>, Vec<f32>);
 
 struct Peer {
     key: SigningKey,
-    id: PeerId,
+    id: PeerKey,
     state: Option<State>,
     epoch: u64,
     snapshots: Vec<Snapshot>,
@@ -286,7 +294,7 @@ pub struct Sim {
     queue: BinaryHeap<Reverse<(Time, u64, usize)>>,
     events: HashMap<u64, (usize, u64, Ev)>,
     peers: Vec<Peer>,
-    index: HashMap<PeerId, usize>,
+    index: HashMap<PeerKey, usize>,
     sig_cache: HashMap<Hash, bool>,
     report: Report,
     bytes: HashMap<(usize, u64), (u64, u64)>,
@@ -348,7 +356,7 @@ impl Sim {
             rng.fill_bytes(&mut b);
             keys.push(SigningKey::from_bytes(&b));
         }
-        let members: Vec<PeerId> = keys.iter().map(PeerId::of).collect();
+        let members: Vec<PeerKey> = keys.iter().map(PeerKey::of).collect();
         for key in keys {
             let mut st = State::genesis(
                 cfg.proto.clone(),
@@ -406,7 +414,7 @@ impl Sim {
 
     fn add_peer(&mut self, key: SigningKey) -> usize {
         let i = self.peers.len();
-        let id = PeerId::of(&key);
+        let id = PeerKey::of(&key);
         let target = det_vec(self.cfg.seed, 1000 + i as u64, self.cfg.len, 1.0);
         self.peers.push(Peer {
             key,
@@ -436,130 +444,12 @@ impl Sim {
         self.queue.push(Reverse((at, self.seq, peer)));
     }
 
-    fn latency(&mut self) -> Time {
-        let (a, b) = self.cfg.latency;
-        a + (self.rng.next_u64() % (b - a + 1))
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && (self.rng.next_u64() as f64 / u64::MAX as f64) < p
-    }
-
-    fn cut(&self, a: usize, b: usize) -> bool {
-        self.partitions.iter().any(|(side, from, until)| {
-            self.now >= *from && self.now < *until && side.contains(&a) != side.contains(&b)
-        })
-    }
-
     fn alive(&self, i: usize) -> bool {
         self.peers[i].state.is_some()
     }
 
     fn round_of(&self, i: usize) -> u64 {
         self.peers[i].state.as_ref().map_or(0, |s| s.round())
-    }
-
-    fn count_bytes(&mut self, i: usize, round: Option<u64>, data: u64, control: u64) {
-        let r = round.unwrap_or_else(|| self.round_of(i));
-        let e = self.bytes.entry((i, r)).or_default();
-        e.0 += data;
-        e.1 += control;
-    }
-
-    fn gossip_from(&mut self, from: usize, env: Arc<Envelope>) {
-        // Every gossip goes through the wire format and the cap, as on a real network.
-        let (size, env) = match env.to_bytes() {
-            Ok(b) => match Envelope::from_bytes(&b) {
-                Ok(back) => (b.len() as u64, Arc::new(back)),
-                Err(_) => {
-                    self.report.wire_errors += 1;
-                    (b.len() as u64, env)
-                }
-            },
-            Err(_) => {
-                self.report.oversized_gossip += 1;
-                (env.to_full_bytes().map_or(0, |b| b.len() as u64), env)
-            }
-        };
-        if matches!(env.body, Body::Announce(_)) {
-            self.report.announces += 1;
-        }
-        self.report.max_gossip_bytes = self.report.max_gossip_bytes.max(size);
-        self.count_bytes(from, Some(env.round), 0, size);
-        // Verify once for all receivers (cached by content and signature); receivers of an
-        // invalid signature check it themselves and reject it.
-        let key = Hash::of_parts(&[&env.id().0, &env.sig.0]);
-        let verified = match self.sig_cache.get(&key) {
-            Some(v) => *v,
-            None => {
-                let v = env.verify_signature();
-                if self.sig_cache.len() < 1 << 22 {
-                    self.sig_cache.insert(key, v);
-                }
-                v
-            }
-        };
-        for to in 0..self.peers.len() {
-            if to == from || !self.alive(to) || self.cut(from, to) || self.chance(self.cfg.loss) {
-                continue;
-            }
-            let at = self.now + self.latency();
-            let ev = InEvent::Gossip {
-                env: env.clone(),
-                verified,
-            };
-            self.schedule(at, to, Ev::In(ev.clone()));
-            if self.chance(self.cfg.dup) {
-                let at2 = at + self.latency();
-                self.schedule(at2, to, Ev::In(ev));
-            }
-        }
-    }
-
-    fn direct_from(&mut self, from: usize, to: PeerId, msg: Arc<Direct>) {
-        let (data, control, round) = match &*msg {
-            Direct::PushShard {
-                data, proof, round, ..
-            } => (
-                data.len() as u64,
-                48 + 32 * proof.len() as u64,
-                Some(*round),
-            ),
-            Direct::Data { data, round, .. } => (data.len() as u64, 48, Some(*round)),
-            Direct::State {
-                theta, momentum, ..
-            } => (0, (theta.len() + momentum.len()) as u64, None),
-            Direct::FullEnvelope { bytes, round } => (0, bytes.len() as u64, Some(*round)),
-            _ => (0, 64, None),
-        };
-        // Through the wire format, as on a real stream.
-        let msg = match msg.to_bytes().and_then(|b| Direct::from_bytes(&b)) {
-            Ok(back) => Arc::new(back),
-            Err(_) => {
-                self.report.wire_errors += 1;
-                msg
-            }
-        };
-        self.count_bytes(from, round, data, control);
-        let mut slow = 0;
-        match &*msg {
-            Direct::State { .. } => {
-                self.report.states_sent += 1;
-                slow = self.cfg.state_bandwidth.map_or(0, |b| control / b.max(1));
-            }
-            Direct::StateRequest => self.report.state_requests += 1,
-            _ => {}
-        }
-        let Some(&t) = self.index.get(&to) else {
-            return;
-        };
-        if !self.alive(t) || self.cut(from, t) {
-            return;
-        }
-        // Streams are reliable but slower for bulk data: latency + size / (100 MB/s).
-        let at = self.now + self.latency() + data / 100_000 + slow;
-        let me = self.peers[from].id;
-        self.schedule(at, t, Ev::In(InEvent::Direct { from: me, msg }));
     }
 
     fn dispatch(&mut self, i: usize, outs: Vec<OutEvent>) {
@@ -662,278 +552,11 @@ impl Sim {
         }
     }
 
-    fn send_gossip_with_attack(&mut self, i: usize, env: Arc<Envelope>) {
-        let attack = self.peers[i].attack;
-        let run = self.cfg.proto.run;
-        let key = self.peers[i].key.clone();
-        let env = match (attack, &env.body) {
-            (
-                Some(
-                    Attack::WrongLength
-                    | Attack::NonFinite
-                    | Attack::Scaled(_)
-                    | Attack::NormLie(_),
-                ),
-                Body::Ready(r),
-            ) => self.bad_ready(i, &env, r.clone()),
-            (Some(Attack::LyingOwner), Body::Agg(a)) => self.lying_agg(i, &env, a.clone()),
-            (Some(Attack::LyingOwner), Body::Audit(a)) => self.lying_audit(i, &env, a.clone()),
-            _ => env,
-        };
-        self.gossip_from(i, env.clone());
-        match attack {
-            Some(Attack::ForgedSignature) => {
-                let mut f = (*env).clone();
-                f.signer = self.peers[(i + 1) % self.cfg.n].id;
-                self.gossip_from(i, Arc::new(f));
-            }
-            Some(Attack::WrongRun) => {
-                let f = Envelope::sign(
-                    &key,
-                    Hash::of(b"other run"),
-                    env.round,
-                    env.chain,
-                    env.body.clone(),
-                );
-                self.gossip_from(i, Arc::new(f));
-            }
-            Some(Attack::Replay) => {
-                let old: Vec<Arc<Envelope>> = self.peers[i]
-                    .sent_envs
-                    .iter()
-                    .filter(|e| e.round + 2 == env.round)
-                    .cloned()
-                    .collect();
-                for e in old.into_iter().take(2) {
-                    self.gossip_from(i, e);
-                }
-                self.peers[i].sent_envs.push(env.clone());
-                let keep = env.round.saturating_sub(3);
-                self.peers[i].sent_envs.retain(|e| e.round >= keep);
-            }
-            Some(Attack::Equivocate) => {
-                if let Body::Ready(r) = &env.body {
-                    let mut r2 = r.clone();
-                    r2.tokens = r2.tokens.wrapping_add(1);
-                    let f = Envelope::sign(&key, run, env.round, env.chain, Body::Ready(r2));
-                    self.gossip_from(i, Arc::new(f));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Replaces a malicious peer's READY with one announcing bad shards.
-    fn bad_ready(&mut self, i: usize, env: &Envelope, r: Ready) -> Arc<Envelope> {
-        let Some(st) = self.peers[i].state.as_ref() else {
-            return Arc::new(env.clone());
-        };
-        let k = averaging::shard_count(st.config(), st.members().len());
-        let q = st.config().codec;
-        let delta = model_delta(st.theta(), &self.peers[i].target);
-        let attack = self.peers[i].attack;
-        let ranges = codec::shards(self.cfg.len, k);
-        let mut claimed = f32::from_bits(r.norm_bits);
-        let shards: Vec<Vec<u8>> = ranges
-            .iter()
-            .map(|rg| match attack {
-                Some(Attack::WrongLength) => codec::encode(q, &vec![0.01; rg.len() + 1]),
-                Some(Attack::NonFinite) => {
-                    let mut raw = Vec::new();
-                    for j in 0..rg.len() {
-                        let v = if j % 2 == 0 { f32::NAN } else { f32::INFINITY };
-                        raw.extend_from_slice(&v.to_le_bytes());
-                    }
-                    let mut b = vec![codec::FORMAT_VERSION, 0, 0, 0];
-                    b.extend_from_slice(&(rg.len() as u64).to_le_bytes());
-                    b.extend_from_slice(&zstd::bulk::compress(&raw, 1).unwrap_or_default());
-                    b
-                }
-                Some(Attack::Scaled(s) | Attack::NormLie(s)) => {
-                    let v: Vec<f32> = delta[rg.clone()].iter().map(|x| x * s).collect();
-                    codec::encode(q, &v)
-                }
-                _ => codec::encode(q, &delta[rg.clone()]),
-            })
-            .collect();
-        if let Some(Attack::Scaled(s)) = attack {
-            claimed *= s.abs();
-        }
-        let leaves: Vec<Hash> = shards.iter().map(|s| Hash::of(s)).collect();
-        let ready = Ready {
-            shard_root: wire::merkle_root(&leaves),
-            norm_bits: claimed.to_bits(),
-            ..r
-        };
-        self.peers[i].bad_shards = Some((env.round, shards, leaves));
-        Arc::new(Envelope::sign(
-            &self.peers[i].key,
-            env.run,
-            env.round,
-            env.chain,
-            Body::Ready(ready),
-        ))
-    }
-
-    /// Replaces an owner's AGG with one for the sign-flipped aggregate.
-    fn lying_agg(&mut self, i: usize, env: &Arc<Envelope>, mut a: wire::Agg) -> Arc<Envelope> {
-        let Some(st) = self.peers[i].state.as_ref() else {
-            return env.clone();
-        };
-        let k = averaging::shard_count(st.config(), st.members().len());
-        let Some(range) = codec::shards(self.cfg.len, k)
-            .get(a.shard as usize)
-            .cloned()
-        else {
-            return env.clone();
-        };
-        let Some(Ok(v)) = st.payload(&a.data).map(|d| codec::decode(d, range.len())) else {
-            return env.clone();
-        };
-        let lie: Vec<f32> = v.iter().map(|x| -x).collect();
-        let bytes = codec::encode(st.config().codec, &lie);
-        let honest = a.data;
-        a.data = Hash::of(&bytes);
-        self.peers[i].lie_map.insert(honest, a.data);
-        self.peers[i].fake_payloads.insert(a.data, bytes);
-        self.report.lies_told += 1;
-        Arc::new(Envelope::sign(
-            &self.peers[i].key,
-            env.run,
-            env.round,
-            env.chain,
-            Body::Agg(a),
-        ))
-    }
-
-    /// A lying owner also audits its own tampered aggregate (honestly projecting its own shard
-    /// for the tampered aggregate's seed), so only the projections can give it away.
-    fn lying_audit(&mut self, i: usize, env: &Arc<Envelope>, mut a: wire::Audit) -> Arc<Envelope> {
-        let Some(st) = self.peers[i].state.as_ref() else {
-            return env.clone();
-        };
-        let k = averaging::shard_count(st.config(), st.members().len());
-        let ranges = codec::shards(self.cfg.len, k);
-        let delta = codec::quantize_roundtrip(
-            st.config().codec,
-            &model_delta(st.theta(), &self.peers[i].target),
-        );
-        for e in &mut a.entries {
-            let (Some(fake), Some(r)) = (
-                self.peers[i].lie_map.get(&e.agg).copied(),
-                ranges.get(e.shard as usize),
-            ) else {
-                continue;
-            };
-            let seed = crate::audit::seed(&a.close, e.shard, &fake);
-            let proj =
-                crate::audit::project(&seed, &delta[r.clone()], crate::audit::AUDIT_PROJECTIONS);
-            e.agg = fake;
-            e.proj = proj.into_iter().map(f64::to_bits).collect();
-        }
-        Arc::new(Envelope::sign(
-            &self.peers[i].key,
-            env.run,
-            env.round,
-            env.chain,
-            Body::Audit(a),
-        ))
-    }
-
-    fn attack_push(&mut self, i: usize, msg: Arc<Direct>) -> Arc<Direct> {
-        let Direct::PushShard {
-            round,
-            close,
-            shard,
-            ..
-        } = &*msg
-        else {
-            return msg;
-        };
-        match &self.peers[i].bad_shards {
-            Some((r, shards, leaves)) if r == round => {
-                let s = *shard as usize;
-                match shards.get(s) {
-                    Some(d) => Arc::new(Direct::PushShard {
-                        round: *round,
-                        close: *close,
-                        shard: *shard,
-                        data: d.clone(),
-                        proof: wire::merkle_proof(leaves, s),
-                    }),
-                    None => msg,
-                }
-            }
-            _ => msg,
-        }
-    }
-
-    /// A fabricated State, validly signed by peer `i` alone.
-    fn fake_state(&mut self, i: usize) -> Option<Direct> {
-        let st = self.peers[i].state.as_ref()?;
-        let key = &self.peers[i].key;
-        let me = self.peers[i].id;
-        let round = st.round() + 2;
-        let chain = Hash::of(&round.to_le_bytes());
-        let k = averaging::shard_count(st.config(), 1);
-        let theta = det_vec(self.cfg.seed, 77, self.cfg.len, 5.0);
-        let momentum = vec![0f32; self.cfg.len];
-        let ready = Ready {
-            tokens: 1,
-            shard_root: Hash::default(),
-            norm_bits: 0,
-            can_serve: true,
-        };
-        let seal = wire::Seal {
-            close: wire::Close {
-                ballot: 0,
-                contributors: vec![wire::Contributor {
-                    peer: me,
-                    ready: Hash::default(),
-                    info: ready,
-                }],
-            },
-            close_id: Hash::default(),
-            shards: vec![None; k],
-            next_members: vec![me],
-        };
-        let seal_hash = seal.hash();
-        let run = self.cfg.proto.run;
-        let seal_env = Envelope::sign(
-            key,
-            run,
-            round,
-            chain,
-            Body::Seal(wire::Propose { ballot: 0, seal }),
-        );
-        let commit = Envelope::sign(
-            key,
-            run,
-            round,
-            chain,
-            Body::Commit(wire::Commit {
-                ballot: 0,
-                seal: seal_hash,
-                next_chain: Hash::of_parts(&[&chain.0, &seal_hash.0]),
-                state: averaging::state_hash(&theta, &momentum),
-            }),
-        );
-        Some(Direct::State {
-            round: round + 1,
-            proof: Box::new(wire::DecisionProof {
-                seal: seal_env,
-                commits: vec![commit],
-            }),
-            theta: codec::encode(codec::Quantization::F32, &theta),
-            momentum: codec::encode(codec::Quantization::F32, &momentum),
-        })
-    }
-
     fn restart(&mut self, i: usize, stale: Option<u64>) {
         if self.alive(i) {
             return;
         }
-        let contacts: Vec<PeerId> = (0..self.peers.len())
+        let contacts: Vec<PeerKey> = (0..self.peers.len())
             .filter(|j| *j != i)
             .map(|j| self.peers[j].id)
             .collect();
@@ -1188,7 +811,7 @@ pub fn central_reference(cfg: &SimConfig, rounds: u64) -> Vec<f32> {
     let mut theta = sim.theta0.clone();
     let mut m = vec![0f32; cfg.len];
     // Contributors are ordered by peer id, as in CLOSE.
-    let mut order: Vec<(PeerId, usize)> = sim
+    let mut order: Vec<(PeerKey, usize)> = sim
         .peers
         .iter()
         .enumerate()

@@ -15,11 +15,11 @@
 //! gradients every H steps for DiLoCo (nominal bits; the codec's per-block scales and zstd are
 //! not counted, so the ratio is exactly `H × 32 / bits`).
 
-use crate::data::{eval_batches, Batch, Corpus, Sharding, Stream};
-use crate::flat::{self, ParamInfo};
-use crate::model::ModelConfig;
-use crate::progress::Progress;
-use crate::trainer::{Evaluator, InnerConfig, Replica};
+use crate::train::data::{eval_batches, Batch, Corpus, Sharding, Stream};
+use crate::train::flat::{self, ParamInfo};
+use crate::train::inner::{Evaluator, InnerConfig, Replica, RoundError};
+use crate::train::model::ModelConfig;
+use crate::train::progress::Progress;
 use burn::prelude::Device;
 use diloco_protocol::codec::{quantize_roundtrip, Quantization};
 use diloco_protocol::outer::{self, OuterConfig};
@@ -50,11 +50,14 @@ pub enum SimError {
     /// The outer step was given inconsistent inputs.
     #[error(transparent)]
     Outer(#[from] outer::OuterError),
+    /// A replica's round of inner steps failed.
+    #[error(transparent)]
+    Round(#[from] RoundError),
 }
 
 /// Everything a simulation needs.
 #[derive(Debug, Clone)]
-pub struct SimConfig {
+pub struct SimulateConfig {
     /// DiLoCo or DP.
     pub mode: Mode,
     /// Number of replicas M.
@@ -88,7 +91,7 @@ pub struct SimConfig {
 }
 
 /// The replicas' batch streams for `cfg`: replica `r` draws `batch / replicas` windows a step.
-pub fn streams(cfg: &SimConfig, corpus: &Corpus) -> Vec<Stream> {
+pub fn streams(cfg: &SimulateConfig, corpus: &Corpus) -> Vec<Stream> {
     let m = cfg.replicas;
     let per = cfg.batch / m;
     (0..m)
@@ -104,7 +107,7 @@ pub fn streams(cfg: &SimConfig, corpus: &Corpus) -> Vec<Stream> {
 /// windows per replica, seq; then for every step and replica its window start offsets into
 /// the training split), so another implementation can reproduce the run input for input.
 pub fn dump_inputs(
-    cfg: &SimConfig,
+    cfg: &SimulateConfig,
     corpus: &Corpus,
     device: &Device,
     dir: &std::path::Path,
@@ -113,7 +116,7 @@ pub fn dump_inputs(
     std::fs::create_dir_all(dir)?;
     let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
     let init = flat::init_values(&layout, &cfg.model, cfg.seed);
-    crate::checkpoint::write_params(&dir.join("init.safetensors"), &layout, &init)?;
+    crate::train::checkpoint::write_params(&dir.join("init.safetensors"), &layout, &init)?;
     let streams = streams(cfg, corpus);
     let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("batches.bin"))?);
     let per = (cfg.batch / cfg.replicas) as u32;
@@ -207,7 +210,7 @@ impl Eval {
 
 /// Runs the simulation. `stop` ends it early at the next round boundary.
 pub fn run(
-    cfg: &SimConfig,
+    cfg: &SimulateConfig,
     corpus: &Corpus,
     device: &Device,
     progress: &mut Progress,
@@ -248,45 +251,47 @@ pub fn run(
         let round_steps = h.min(cfg.steps - step);
         let t0 = Instant::now();
         let mut loss_sum = 0.0f64;
-        for k in 0..round_steps {
-            let s = step + k;
-            let lr = cfg.inner.lr_at(s);
-            let mut step_loss = 0.0f64;
-            match cfg.mode {
-                Mode::Diloco => {
-                    for (r, stream) in replicas.iter_mut().zip(&streams) {
-                        step_loss +=
-                            r.step(&stream.batch(corpus, s), lr, &cfg.inner).loss as f64 / m as f64;
-                    }
-                }
-                Mode::Dp => {
-                    let parts: Vec<Batch> = streams.iter().map(|st| st.batch(corpus, s)).collect();
-                    step_loss = replicas[0]
-                        .step(&Batch::concat(&parts), lr, &cfg.inner)
-                        .loss as f64;
-                }
-            }
-            loss_sum += step_loss;
-            tokens += (per * m * cfg.seq) as u64;
-            let elapsed = train_time + t0.elapsed().as_secs_f64();
-            progress.update(s + 1, step_loss as f32, tokens as f64 / elapsed.max(1e-9));
-        }
-        step += round_steps;
-        last_loss = (loss_sum / round_steps as f64) as f32;
         match cfg.mode {
             Mode::Diloco => {
+                // Each replica trains its round in turn (they are independent); the progress
+                // line follows the last one, with the mean loss over replicas of each step.
+                let mut step_loss = vec![0.0f64; round_steps as usize];
                 let mut deltas = Vec::with_capacity(m);
                 let mut weights = Vec::with_capacity(m);
-                for r in replicas.iter_mut() {
-                    let d = outer::outer_gradient(&global, &r.params())?;
-                    let w = r.take_tokens() as f64;
+                for (i, (r, stream)) in replicas.iter_mut().zip(&streams).enumerate() {
+                    let last = i + 1 == m;
+                    let done = r.train_round(
+                        &global,
+                        step,
+                        round_steps,
+                        &cfg.inner,
+                        |s| stream.batch(corpus, s),
+                        None,
+                        |s, stats| {
+                            let k = (s - step) as usize;
+                            step_loss[k] += stats.loss as f64 / m as f64;
+                            if last {
+                                loss_sum += step_loss[k];
+                                tokens += (per * m * cfg.seq) as u64;
+                                let elapsed = train_time + t0.elapsed().as_secs_f64();
+                                progress.update(
+                                    s + 1,
+                                    step_loss[k] as f32,
+                                    tokens as f64 / elapsed.max(1e-9),
+                                );
+                            }
+                        },
+                    )?;
+                    let Some(done) = done else {
+                        unreachable!("a round without a stop flag always finishes")
+                    };
                     let lost = cfg.drop_prob > 0.0
                         && (drop_rng.next_u64() as f64 / u64::MAX as f64) < cfg.drop_prob;
                     if lost {
                         dropped += 1;
                     } else {
-                        deltas.push(quantize_roundtrip(cfg.quantize, &d));
-                        weights.push(w);
+                        deltas.push(quantize_roundtrip(cfg.quantize, &done.delta));
+                        weights.push(done.tokens as f64);
                     }
                 }
                 if !deltas.is_empty() {
@@ -294,16 +299,27 @@ pub fn run(
                     let delta = outer::weighted_mean(&views, &weights)?;
                     outer::nesterov_step(cfg.outer, &mut global, &mut momentum, &delta)?;
                 }
-                for r in replicas.iter_mut() {
-                    r.set_params(&global)?;
-                }
                 bytes += allreduce_bytes(n_params, bits, m);
             }
             Mode::Dp => {
+                for k in 0..round_steps {
+                    let s = step + k;
+                    let lr = cfg.inner.lr_at(s);
+                    let parts: Vec<Batch> = streams.iter().map(|st| st.batch(corpus, s)).collect();
+                    let step_loss = replicas[0]
+                        .step(&Batch::concat(&parts), lr, &cfg.inner)
+                        .loss as f64;
+                    loss_sum += step_loss;
+                    tokens += (per * m * cfg.seq) as u64;
+                    let elapsed = train_time + t0.elapsed().as_secs_f64();
+                    progress.update(s + 1, step_loss as f32, tokens as f64 / elapsed.max(1e-9));
+                }
                 global = replicas[0].params();
                 bytes += round_steps * allreduce_bytes(n_params, bits, m);
             }
         }
+        step += round_steps;
+        last_loss = (loss_sum / round_steps as f64) as f32;
         rounds += match cfg.mode {
             Mode::Diloco => 1,
             Mode::Dp => round_steps,
@@ -340,10 +356,10 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::DataSpec;
+    use crate::train::data::DataSpec;
 
-    fn cfg(mode: Mode, replicas: usize, h: u64, steps: u64) -> SimConfig {
-        SimConfig {
+    fn cfg(mode: Mode, replicas: usize, h: u64, steps: u64) -> SimulateConfig {
+        SimulateConfig {
             mode,
             replicas,
             inner_steps: h,

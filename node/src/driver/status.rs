@@ -20,6 +20,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
+/// What a node is doing, as `/status` reports it (lowercase in JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Looking for a run under way, or waiting to found one.
+    #[default]
+    Discovering,
+    /// Fetching the run's state from peers (a joiner, or restored and catching up).
+    Syncing,
+    /// Training this round's inner steps.
+    Training,
+    /// Trained; averaging with the others.
+    Averaging,
+    /// Shut down.
+    Stopped,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Discovering => "discovering",
+            Phase::Syncing => "syncing",
+            Phase::Training => "training",
+            Phase::Averaging => "averaging",
+            Phase::Stopped => "stopped",
+        })
+    }
+}
+
 /// A snapshot of the node, served as `/status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
@@ -27,8 +56,8 @@ pub struct Status {
     pub peer_id: String,
     /// Run id (hex).
     pub run_id: String,
-    /// `discovering`, `syncing`, `training`, `averaging` or `stopped`.
-    pub phase: String,
+    /// What the node is doing.
+    pub phase: Phase,
     /// Round in progress (all rounds below it are decided).
     pub round: u64,
     /// Global inner step at the start of the current round (`round × H`).
@@ -226,6 +255,49 @@ pub struct StatusError {
     pub addr: SocketAddr,
     /// Why.
     pub source: std::io::Error,
+}
+
+/// Why `health` got no status from a node.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// No connection, or the connection failed.
+    #[error("no node answers on {addr}")]
+    Connect {
+        /// The address asked.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The answer was not a successful HTTP response.
+    #[error("node answered: {0}")]
+    Status(String),
+    /// The answer was not HTTP.
+    #[error("malformed HTTP answer")]
+    Malformed,
+}
+
+/// `GET /status` from the node serving on `addr` (answers of at most 1 MiB): the JSON body.
+pub fn fetch(addr: SocketAddr, timeout: std::time::Duration) -> Result<String, FetchError> {
+    use std::io::{Read, Write};
+    let io = |source| FetchError::Connect { addr, source };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    write!(
+        s,
+        "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    let mut buf = Vec::new();
+    s.take(1 << 20).read_to_end(&mut buf).map_err(io)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(FetchError::Malformed)?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(FetchError::Status(head.lines().next().unwrap_or("").into()));
+    }
+    Ok(body.to_string())
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {

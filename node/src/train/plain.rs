@@ -5,12 +5,12 @@
 //! batches the interrupted one would have, and on the CPU backend ends with the same
 //! `global_hash` as a run that was never interrupted.
 
-use crate::checkpoint::{self, CheckpointError, State};
-use crate::data::{eval_batches, Corpus, Stream};
-use crate::flat::{self, ParamInfo};
-use crate::model::ModelConfig;
-use crate::progress::Progress;
-use crate::trainer::{AdamState, Evaluator, InnerConfig, Replica};
+use crate::train::checkpoint::{self, CheckpointError, State};
+use crate::train::data::{eval_batches, Corpus, Stream};
+use crate::train::flat::{self, ParamInfo};
+use crate::train::inner::{AdamState, Evaluator, InnerConfig, Replica};
+use crate::train::model::ModelConfig;
+use crate::train::progress::Progress;
 use burn::prelude::Device;
 use diloco_protocol::outer::hash_f32;
 use serde::Serialize;

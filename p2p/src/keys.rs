@@ -77,7 +77,7 @@ impl Identity {
     }
 }
 
-/// Parses the text of a key file.
+/// Parses the text of a key file: 64 hex digits (surrounding whitespace allowed).
 pub fn parse(text: &str) -> Result<[u8; 32], String> {
     let t = text.trim();
     if t.len() != 64 {
@@ -87,16 +87,8 @@ pub fn parse(text: &str) -> Result<[u8; 32], String> {
         ));
     }
     let mut out = [0u8; 32];
-    for (i, chunk) in t.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).map_err(|_| "not ASCII".to_string())?;
-        out[i] = u8::from_str_radix(s, 16).map_err(|_| format!("'{s}' is not hex"))?;
-    }
+    hex::decode_to_slice(t, &mut out).map_err(|e| e.to_string())?;
     Ok(out)
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loads the identity in `path`, creating the file with a new random key if it is absent.
@@ -139,7 +131,7 @@ pub fn load_or_create(path: &Path) -> Result<(Identity, bool), KeyError> {
                     opts.mode(0o600);
                 }
                 let mut f = opts.open(&tmp).map_err(io)?;
-                f.write_all(format!("{}\n", hex(&id.secret)).as_bytes())
+                f.write_all(format!("{}\n", hex::encode(id.secret)).as_bytes())
                     .map_err(io)?;
                 f.sync_all().map_err(io)?;
             }
@@ -188,6 +180,6 @@ mod tests {
     #[test]
     fn parse_roundtrips_hex() {
         let id = Identity::generate();
-        assert_eq!(parse(&hex(&id.secret)).unwrap(), id.secret);
+        assert_eq!(parse(&hex::encode(id.secret)).unwrap(), id.secret);
     }
 }

@@ -14,13 +14,15 @@
 //! and then follows a cosine to 5% of its peak, indexed by the global step (never reset per
 //! DiLoCo round).
 
-use crate::data::Batch;
-use crate::flat::{self, ParamInfo};
-use crate::model::{ModelConfig, Transformer};
+use crate::train::data::Batch;
+use crate::train::flat::{self, ParamInfo};
+use crate::train::model::{ModelConfig, Transformer};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use diloco_protocol::outer::{outer_gradient, OuterError};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Inner optimizer hyperparameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,6 +307,64 @@ impl Replica {
     pub fn take_tokens(&mut self) -> u64 {
         std::mem::take(&mut self.tokens)
     }
+
+    /// One DiLoCo round of this replica, as `join` and `simulate` both run it: sets the
+    /// parameters to the global ones `theta` (the AdamW state carries over), trains `steps`
+    /// inner steps at global steps `first..first + steps` on `batch(step)` with the schedule of
+    /// `cfg`, calling `on_step(step, stats)` after each, and returns the outer gradient
+    /// `theta − local` with the mean loss and the tokens trained on. `Ok(None)` when `stop` was
+    /// set before the round finished (the replica then holds a partly trained state).
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_round(
+        &mut self,
+        theta: &[f32],
+        first: u64,
+        steps: u64,
+        cfg: &InnerConfig,
+        mut batch: impl FnMut(u64) -> Batch,
+        stop: Option<&AtomicBool>,
+        mut on_step: impl FnMut(u64, &StepStats),
+    ) -> Result<Option<RoundResult>, RoundError> {
+        self.set_params(theta)?;
+        let mut loss = 0.0f64;
+        for step in first..first + steps {
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                return Ok(None);
+            }
+            let stats = self.step(&batch(step), cfg.lr_at(step), cfg);
+            loss += stats.loss as f64;
+            on_step(step, &stats);
+        }
+        let delta = outer_gradient(theta, &self.params())?;
+        Ok(Some(RoundResult {
+            delta,
+            loss: (loss / steps.max(1) as f64) as f32,
+            tokens: self.take_tokens(),
+        }))
+    }
+}
+
+/// What one replica's round of inner steps produced.
+#[derive(Debug, Clone)]
+pub struct RoundResult {
+    /// The outer gradient: global parameters minus the trained local ones.
+    pub delta: Vec<f32>,
+    /// Mean training loss over the round's steps.
+    pub loss: f32,
+    /// Tokens trained on (the replica's weight in the outer step).
+    pub tokens: u64,
+}
+
+/// Why a round of inner steps could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RoundError {
+    /// The global parameters do not fit the model.
+    #[error("the global parameters do not fit the model")]
+    Params(#[from] flat::FlatError),
+    /// The outer gradient could not be formed.
+    #[error("computing the outer gradient")]
+    Outer(#[from] OuterError),
 }
 
 fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
@@ -362,7 +422,7 @@ impl Evaluator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{Corpus, DataSpec, Stream};
+    use crate::train::data::{Corpus, DataSpec, Stream};
 
     #[test]
     fn schedule_warms_up_then_decays_to_five_percent() {
@@ -429,7 +489,7 @@ mod tests {
 #[cfg(test)]
 mod eval_tests {
     use super::*;
-    use crate::data::{eval_batches, Corpus, DataSpec};
+    use crate::train::data::{eval_batches, Corpus, DataSpec};
 
     #[test]
     fn untrained_model_scores_about_ln_256() {

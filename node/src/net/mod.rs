@@ -1,30 +1,37 @@
-//! The libp2p swarm of a training node, owned by one task.
+//! The libp2p swarm of a training node, owned by one task; it knows the averaging protocol's
+//! wire format (to encode and size-check what it sends) but no model.
 //!
-//! Everything else talks to it through a [`NetHandle`]: bounded command and event channels and
-//! shared counters. The swarm speaks TCP and QUIC with noise and yamux; identify, ping and
-//! Kademlia (through the bootstrap peers) for discovery; gossipsub for the control plane (the
-//! averaging protocol's small signed envelopes and node HELLOs); two request-response
-//! protocols for the data plane (`/diloco/shard/1` for shards and aggregates,
-//! `/diloco/sync/1` for decision proofs and state); AutoNAT, a relay client and DCUtR so that
-//! a peer behind NAT listens through a bootstrap relay and upgrades to direct connections; and
-//! connection limits.
+//! Everything else talks to it through a typed [`Client`] (bounded commands, never blocking
+//! the caller) and a bounded channel of [`NetEvent`]s. The swarm ([`behaviour`]) speaks TCP
+//! and QUIC with noise and yamux; identify, ping and Kademlia (through the bootstrap peers) for
+//! discovery; gossipsub for the control plane (the averaging protocol's small signed envelopes
+//! and node HELLOs); two request-response protocols for the data plane (`/diloco/shard/1` for
+//! shards and aggregates, `/diloco/sync/1` for decision proofs and state) with the frame codec
+//! ([`codec`]); AutoNAT, a relay client and DCUtR so that a peer behind NAT listens through a
+//! bootstrap relay and upgrades to direct connections ([`relay`]); and connection limits.
 //!
-//! The swarm never interprets protocol messages: it moves bytes, with every size checked
-//! before allocation. Peers that announce another run are refused at identify time.
+//! The swarm never interprets protocol messages it receives: it moves bytes, with every size
+//! checked before allocation. Peers that announce another run are refused at identify time.
 
-use diloco_bootstrap::addr::with_peer;
-use diloco_bootstrap::{learn_addresses, IDENTIFY_PROTOCOL, KAD_PROTOCOL};
-use diloco_protocol::wire::{self, Direct, MAX_GOSSIP_BYTES, SHARD_PROTOCOL, SYNC_PROTOCOL};
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
-use libp2p::multiaddr::Protocol;
-use libp2p::request_response::{self, ProtocolSupport};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{
-    autonat, connection_limits, dcutr, gossipsub, identify, kad, noise, ping, relay, tcp, yamux,
-    Multiaddr, PeerId, StreamProtocol, Swarm,
+pub mod behaviour;
+pub mod codec;
+pub mod peer;
+mod relay;
+
+use behaviour::{topic, Behaviour, BehaviourEvent};
+use diloco_p2p::addr::with_peer;
+use diloco_p2p::{agent_run, learn_addresses};
+use diloco_protocol::wire::{
+    Direct, Envelope, Hello, PeerKey, WireError, MAX_GOSSIP_BYTES, MAX_HELLO_BYTES,
 };
+use futures::StreamExt;
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{
+    autonat, dcutr, gossipsub, identify, kad, relay as p2p_relay, Multiaddr, PeerId, Swarm,
+};
+use relay::Links;
 use std::collections::{BTreeSet, HashMap};
-use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,29 +40,73 @@ use tokio::sync::mpsc;
 
 /// Capacity of the command and event channels.
 pub const CHANNEL_CAPACITY: usize = 4096;
-/// Largest HELLO accepted.
-pub const MAX_HELLO_BYTES: usize = 1024;
 /// Most connected peers (beyond it, inbound connections are refused).
 pub const MAX_PEERS: u32 = 256;
+/// Most protocol-key to peer-id conversions a [`Client`] caches.
+const PEER_CACHE: usize = 65_536;
 
 /// Errors starting the swarm.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum NetError {
     /// The transport could not be built.
-    #[error("building the network transport: {0}")]
-    Transport(String),
+    #[error("building the network transport")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A listen address was refused.
-    #[error("cannot listen on {addr}: {reason} (is the port in use? pick another with --listen)")]
+    #[error("cannot listen on {addr} (is the port in use? pick another with --listen)")]
     Listen {
         /// The address.
         addr: Multiaddr,
         /// Why.
-        reason: String,
+        #[source]
+        source: libp2p::TransportError<std::io::Error>,
     },
     /// The swarm task is gone.
     #[error("the network task stopped")]
     Closed,
+}
+
+/// Why a message was not handed to the swarm.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// It could not be encoded.
+    #[error("cannot encode the message")]
+    Encode(#[from] WireError),
+    /// It is larger than its topic or protocol carries.
+    #[error("a {bytes}-byte message exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The recipient's key is not an ed25519 public key libp2p accepts.
+    #[error("the recipient {0} has no libp2p peer id")]
+    NoPeerId(PeerKey),
+    /// The swarm's queue is full (it is overloaded; the protocol retries what matters).
+    #[error("the network queue is full")]
+    QueueFull,
+    /// The swarm task is gone.
+    #[error("the network task stopped")]
+    Closed,
+}
+
+/// Why a direct message was not delivered.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The recipient is reachable only through a relay too small for the message.
+    #[error("reachable only through a relay that carries {budget} bytes per circuit; a {bytes}-byte message waits for a direct connection")]
+    RelayBudget {
+        /// The relay's per-circuit byte limit.
+        budget: u64,
+        /// The message's size.
+        bytes: usize,
+    },
+    /// The request failed (timeout, refused, connection closed, ...).
+    #[error("the direct message was not delivered")]
+    Outbound(#[source] request_response::OutboundFailure),
 }
 
 /// Which gossip topic.
@@ -67,26 +118,28 @@ pub enum Topic {
     Hello,
 }
 
+impl Topic {
+    /// Largest message on this topic.
+    pub fn max_bytes(self) -> usize {
+        match self {
+            Topic::Avg => MAX_GOSSIP_BYTES,
+            Topic::Hello => MAX_HELLO_BYTES,
+        }
+    }
+}
+
 /// Requests to the swarm task.
 #[derive(Debug)]
-pub enum Command {
-    /// Publish on a topic.
+enum Command {
     Publish {
-        /// Topic.
         topic: Topic,
-        /// Payload (already size-checked by the sender).
         data: Vec<u8>,
     },
-    /// Send an encoded [`Direct`] message.
     Send {
-        /// Recipient.
         to: PeerId,
-        /// `Direct::to_bytes`.
         data: Vec<u8>,
-        /// Use the sync protocol (proofs, state) rather than the shard protocol.
         sync: bool,
     },
-    /// Stop the task.
     Shutdown,
 }
 
@@ -122,7 +175,7 @@ pub enum NetEvent {
         /// Recipient.
         to: PeerId,
         /// Why.
-        error: String,
+        error: SendError,
     },
 }
 
@@ -141,16 +194,75 @@ pub struct NetStats {
     pub refused: AtomicU64,
 }
 
-/// The node's side of the swarm task.
-pub struct NetHandle {
-    /// Commands to the swarm.
-    pub commands: mpsc::Sender<Command>,
-    /// Events from the swarm.
-    pub events: mpsc::Receiver<NetEvent>,
+/// The events of a swarm task.
+pub type Events = mpsc::Receiver<NetEvent>;
+
+/// The node's side of the swarm task. Every method returns at once: a full queue is an error,
+/// not a wait, so the caller's event loop never blocks on the network.
+pub struct Client {
+    commands: mpsc::Sender<Command>,
     /// Counters.
     pub stats: Arc<NetStats>,
     /// This peer's id.
     pub peer_id: PeerId,
+    peers: HashMap<PeerKey, PeerId>,
+}
+
+impl Client {
+    fn command(&self, cmd: Command) -> Result<(), ClientError> {
+        self.commands.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ClientError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+        })
+    }
+
+    /// Publishes raw bytes on a topic (at most [`Topic::max_bytes`]).
+    pub fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), ClientError> {
+        if data.len() > topic.max_bytes() {
+            return Err(ClientError::TooLarge {
+                bytes: data.len(),
+                max: topic.max_bytes(),
+            });
+        }
+        self.command(Command::Publish { topic, data })
+    }
+
+    /// Publishes a signed protocol envelope on the run's averaging topic.
+    pub fn publish_envelope(&self, env: &Envelope) -> Result<(), ClientError> {
+        self.publish(Topic::Avg, env.to_bytes()?)
+    }
+
+    /// Publishes a HELLO on the run's hello topic.
+    pub fn publish_hello(&self, hello: &Hello) -> Result<(), ClientError> {
+        self.publish(Topic::Hello, hello.to_bytes()?)
+    }
+
+    /// Sends raw bytes to `to` on the shard protocol, or the sync protocol with `sync`.
+    pub fn send(&self, to: PeerId, data: Vec<u8>, sync: bool) -> Result<(), ClientError> {
+        self.command(Command::Send { to, data, sync })
+    }
+
+    /// Sends a direct protocol message to the peer with protocol key `to`, on the protocol its
+    /// kind goes on ([`is_sync`]).
+    pub fn send_direct(&mut self, to: &PeerKey, msg: &Direct) -> Result<(), ClientError> {
+        let peer = match self.peers.get(to) {
+            Some(p) => *p,
+            None => {
+                let p = peer::libp2p_peer(to).ok_or(ClientError::NoPeerId(*to))?;
+                if self.peers.len() >= PEER_CACHE {
+                    self.peers.clear();
+                }
+                self.peers.insert(*to, p);
+                p
+            }
+        };
+        self.send(peer, msg.to_bytes()?, is_sync(msg))
+    }
+
+    /// Stops the swarm task (waits for room in its queue).
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
 }
 
 /// Settings of the swarm.
@@ -174,238 +286,14 @@ pub struct NetConfig {
     pub private_network: bool,
 }
 
-/// Length-prefixed request-response codec: a u32 LE length checked against the cap before
-/// anything is allocated, then the bytes. Responses are a bare acknowledgement.
-#[derive(Debug, Clone)]
-pub struct FrameCodec {
-    max: usize,
-}
-
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("message of {len} bytes exceeds the {max}-byte limit"),
-        ));
-    }
-    // Grow as bytes arrive: a peer that announces a large frame and stalls costs nothing.
-    let mut buf = Vec::with_capacity(len.min(1 << 20));
-    io.take(len as u64).read_to_end(&mut buf).await?;
-    if buf.len() != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "truncated message",
-        ));
-    }
-    Ok(buf)
-}
-
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, data: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(data.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))?;
-    io.write_all(&len.to_le_bytes()).await?;
-    io.write_all(data).await?;
-    io.close().await
-}
-
-impl request_response::Codec for FrameCodec {
-    type Protocol = StreamProtocol;
-    type Request = Vec<u8>;
-    type Response = Vec<u8>;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io, self.max).await
-    }
-
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
-    where
-        T: AsyncRead + Unpin + Send,
-    {
-        read_frame(io, 64).await
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &req).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Vec<u8>,
-    ) -> io::Result<()>
-    where
-        T: AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &res).await
-    }
-}
-
-/// All behaviours of a node.
-#[derive(NetworkBehaviour)]
-pub struct Behaviour {
-    limits: connection_limits::Behaviour,
-    relay: relay::client::Behaviour,
-    identify: identify::Behaviour,
-    ping: ping::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
-    gossipsub: gossipsub::Behaviour,
-    shard: request_response::Behaviour<FrameCodec>,
-    sync: request_response::Behaviour<FrameCodec>,
-    autonat: autonat::Behaviour,
-    dcutr: dcutr::Behaviour,
-}
-
-fn topic(kind: Topic, run: &str) -> gossipsub::IdentTopic {
-    match kind {
-        Topic::Avg => gossipsub::IdentTopic::new(format!("{}/{run}", wire::AVG_PROTOCOL)),
-        Topic::Hello => gossipsub::IdentTopic::new(format!("/diloco/hello/1/{run}")),
-    }
-}
-
-/// Agent string carrying the run id; peers compare it at identify time.
-pub fn agent_version(run: &str) -> String {
-    format!("diloco-node/{} run={run}", env!("CARGO_PKG_VERSION"))
-}
-
-fn agent_run(agent: &str) -> Option<&str> {
-    agent
-        .strip_prefix("diloco-node/")?
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("run="))
-}
-
-fn build(key: &libp2p::identity::Keypair, cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
-    let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
-    let max_direct = cfg.max_direct;
-    let timeout = cfg.request_timeout;
-    let run = cfg.run.clone();
-    let private_network = cfg.private_network;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key.clone())
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| transport(&e))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| transport(&e))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| transport(&e))?
-        .with_behaviour(|key, relay| {
-            let me = key.public().to_peer_id();
-            let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
-            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(30)));
-            let mut kad =
-                kad::Behaviour::with_config(me, kad::store::MemoryStore::new(me), kad_cfg);
-            kad.set_mode(Some(kad::Mode::Server));
-            let gs_cfg = gossipsub::ConfigBuilder::default()
-                .max_transmit_size(MAX_GOSSIP_BYTES + 4096)
-                .heartbeat_interval(Duration::from_millis(500))
-                .validation_mode(gossipsub::ValidationMode::Strict)
-                .validate_messages()
-                .message_id_fn(|m: &gossipsub::Message| {
-                    gossipsub::MessageId::from(&blake3::hash(&m.data).as_bytes()[..20])
-                })
-                .build()
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            let gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gs_cfg,
-            )
-            .map_err(io::Error::other)?;
-            let rr_cfg = request_response::Config::default()
-                .with_request_timeout(timeout)
-                .with_max_concurrent_streams(16);
-            let rr = |name: &'static str| {
-                request_response::Behaviour::with_codec(
-                    FrameCodec { max: max_direct },
-                    [(StreamProtocol::new(name), ProtocolSupport::Full)],
-                    rr_cfg.clone(),
-                )
-            };
-            let limits = connection_limits::ConnectionLimits::default()
-                .with_max_established(Some(MAX_PEERS))
-                .with_max_established_per_peer(Some(4))
-                .with_max_pending_incoming(Some(64));
-            Ok(Behaviour {
-                limits: connection_limits::Behaviour::new(limits),
-                relay,
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
-                        .with_agent_version(agent_version(&run))
-                        // A relayed address appears after the first identify exchange: push it,
-                        // or the bootstrap peer's Kademlia would learn it only at the next
-                        // periodic identify (5 minutes), and nobody could find this node.
-                        // A push arrives as an ordinary `Received` on the other side.
-                        .with_push_listen_addr_updates(true),
-                ),
-                ping: ping::Behaviour::new(ping::Config::new()),
-                kad,
-                gossipsub,
-                shard: rr(SHARD_PROTOCOL),
-                sync: rr(SYNC_PROTOCOL),
-                autonat: autonat::Behaviour::new(
-                    me,
-                    autonat::Config {
-                        only_global_ips: !private_network,
-                        // First probe 5 s after start rather than 15: a node behind NAT
-                        // should be reachable through a relay soon after it starts.
-                        boot_delay: Duration::from_secs(5),
-                        ..autonat::Config::default()
-                    },
-                ),
-                dcutr: dcutr::Behaviour::new(me),
-            })
-        })
-        .map_err(|e| transport(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
-    for kind in [Topic::Avg, Topic::Hello] {
-        swarm
-            .behaviour_mut()
-            .gossipsub
-            .subscribe(&topic(kind, &cfg.run))
-            .map_err(|e| transport(&e))?;
-    }
-    for addr in &cfg.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| NetError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
-    }
-    for (peer, addr) in &cfg.bootstrap {
-        swarm.behaviour_mut().kad.add_address(peer, addr.clone());
-    }
-    Ok(swarm)
-}
-
 /// Starts the swarm task on the current tokio runtime.
 /// `stats` receives the traffic counters (shared with the status page).
 pub fn spawn(
     key: &libp2p::identity::Keypair,
     cfg: NetConfig,
     stats: Arc<NetStats>,
-) -> Result<NetHandle, NetError> {
-    let swarm = build(key, &cfg)?;
+) -> Result<(Client, Events), NetError> {
+    let swarm = behaviour::build(key, &cfg)?;
     let peer_id = *swarm.local_peer_id();
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -427,14 +315,16 @@ pub fn spawn(
         task.run(cmd_rx),
         tracing::Span::current(),
     ));
-    Ok(NetHandle {
+    let client = Client {
         commands: cmd_tx,
-        events: ev_rx,
         stats,
         peer_id,
-    })
+        peers: HashMap::new(),
+    };
+    Ok((client, ev_rx))
 }
 
+/// The swarm task's state.
 struct Task {
     swarm: Swarm<Behaviour>,
     cfg: NetConfig,
@@ -457,13 +347,6 @@ struct Task {
     /// Bytes a relayed circuit may carry, as the relay last told (`u64::MAX`: no limit;
     /// `None`: no relayed circuit seen yet).
     circuit_bytes: Option<u64>,
-}
-
-/// Open connections to one peer.
-#[derive(Debug, Default, Clone, Copy)]
-struct Links {
-    direct: u32,
-    relayed: u32,
 }
 
 impl Task {
@@ -551,10 +434,10 @@ impl Task {
                     );
                     self.emit(NetEvent::SendFailed {
                         to,
-                        error: format!(
-                            "reachable only through a relay that carries {budget} bytes per circuit; a {}-byte message waits for a direct connection",
-                            data.len()
-                        ),
+                        error: SendError::RelayBudget {
+                            budget,
+                            bytes: data.len(),
+                        },
                     });
                     return;
                 }
@@ -657,7 +540,7 @@ impl Task {
     fn on_behaviour(&mut self, ev: BehaviourEvent) {
         match ev {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                if info.protocol_version != IDENTIFY_PROTOCOL {
+                if !diloco_p2p::is_diloco(&info) {
                     tracing::info!(peer = %peer_id, version = %info.protocol_version, "not a diloco peer; disconnecting");
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
@@ -739,9 +622,9 @@ impl Task {
                 }
             }
             BehaviourEvent::Relay(
-                relay::client::Event::ReservationReqAccepted { limit, .. }
-                | relay::client::Event::OutboundCircuitEstablished { limit, .. }
-                | relay::client::Event::InboundCircuitEstablished { limit, .. },
+                p2p_relay::client::Event::ReservationReqAccepted { limit, .. }
+                | p2p_relay::client::Event::OutboundCircuitEstablished { limit, .. }
+                | p2p_relay::client::Event::InboundCircuitEstablished { limit, .. },
             ) => {
                 self.circuit_bytes =
                     Some(limit.and_then(|l| l.data_in_bytes()).unwrap_or(u64::MAX));
@@ -758,55 +641,6 @@ impl Task {
                 }
             },
             _ => {}
-        }
-    }
-
-    /// Whether every open connection to `peer` goes through a relay.
-    fn relayed_only(&self, peer: PeerId) -> bool {
-        self.links
-            .get(&peer)
-            .is_some_and(|l| l.direct == 0 && l.relayed > 0)
-    }
-
-    /// The relay's per-circuit byte limit, if a message of `len` bytes to `peer` (reachable only
-    /// through a relay) would take more than half of it.
-    fn over_relay_budget(&self, peer: PeerId, len: usize) -> Option<u64> {
-        let budget = self.circuit_bytes?;
-        (self.relayed_only(peer) && len as u64 > budget / 2).then_some(budget)
-    }
-
-    /// Logs (at most once a minute) that a message could not go over a relayed connection.
-    fn warn_relay(&mut self, peer: PeerId, why: &str) {
-        let now = tokio::time::Instant::now();
-        if self
-            .relay_warned
-            .is_some_and(|t| now < t + Duration::from_secs(60))
-        {
-            return;
-        }
-        self.relay_warned = Some(now);
-        tracing::warn!(
-            %peer, why,
-            "a direct message cannot go over a relayed connection: relays limit what each circuit carries (128 KiB by default), too little for outer gradients; this needs a direct connection (hole punching, a reachable --listen address) or a bootstrap peer with a raised --relay-max-circuit-bytes"
-        );
-    }
-
-    /// Listens through the relay of every bootstrap peer (once): peers then reach this node
-    /// through a relayed connection, which DCUtR tries to upgrade to a direct one.
-    fn listen_via_relays(&mut self, why: &str) {
-        if self.relayed {
-            return;
-        }
-        self.relayed = true;
-        for (peer, addr) in self.cfg.bootstrap.clone() {
-            // The relay client needs the relay's peer id in the address.
-            let circuit = with_peer(addr, peer).with(Protocol::P2pCircuit);
-            match self.swarm.listen_on(circuit) {
-                Ok(_) => {
-                    tracing::info!(relay = %peer, why, "listening through the bootstrap relay")
-                }
-                Err(e) => tracing::warn!(relay = %peer, error = %e, "cannot listen through relay"),
-            }
         }
     }
 
@@ -868,7 +702,7 @@ impl Task {
                 }
                 self.emit(NetEvent::SendFailed {
                     to: peer,
-                    error: error.to_string(),
+                    error: SendError::Outbound(error),
                 });
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -890,48 +724,4 @@ pub fn is_sync(msg: &Direct) -> bool {
             | Direct::State { .. }
             | Direct::NotFound
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agent_versions_carry_the_run() {
-        let a = agent_version("abcd");
-        assert_eq!(agent_run(&a), Some("abcd"));
-        assert_eq!(agent_run("diloco-bootstrap/0.1.0"), None);
-        assert_eq!(agent_run("rust-libp2p/0.1"), None);
-    }
-
-    #[test]
-    fn frames_are_size_checked_before_allocation() {
-        futures::executor::block_on(async {
-            let mut buf = Vec::new();
-            write_frame(&mut futures::io::Cursor::new(&mut buf), b"hello")
-                .await
-                .unwrap();
-            let got = read_frame(&mut futures::io::Cursor::new(&buf), 16)
-                .await
-                .unwrap();
-            assert_eq!(got, b"hello");
-            // Over the cap: refused from the prefix alone.
-            let err = read_frame(&mut futures::io::Cursor::new(&buf), 4)
-                .await
-                .unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-            // A huge announced length with no body: error, no 4 GiB allocation.
-            let lie = u32::MAX.to_le_bytes().to_vec();
-            let err = read_frame(&mut futures::io::Cursor::new(&lie), usize::MAX)
-                .await
-                .unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-            // Truncated body.
-            let mut t = buf.clone();
-            t.truncate(6);
-            assert!(read_frame(&mut futures::io::Cursor::new(&t), 16)
-                .await
-                .is_err());
-        });
-    }
 }

@@ -1,0 +1,528 @@
+//! The node's event loop state and one named handler per source: the network
+//! ([`Node::on_net`]), the trainer thread ([`Node::on_done`]), protocol timers
+//! ([`Node::fire_timers`]) and the one-second discovery tick ([`Node::on_tick`]). Each feeds
+//! the averaging state machine or discovery and carries out what they ask for; none blocks.
+
+use super::status::{Phase, Shared};
+use super::timers::Timers;
+use super::votes::VoteLog;
+use super::{report, JoinConfig, JoinError};
+use crate::net::{peer, Client, ClientError, NetEvent, Topic};
+use crate::train::checkpoint::NetCheckpoint;
+use crate::train::flat::{self, ParamInfo};
+use crate::train::worker::{Done, Job, SaveJob};
+use diloco_protocol::averaging::{InEvent, OutEvent, State};
+use diloco_protocol::discovery::{self, Action, Discovery, Local, Wait};
+use diloco_protocol::outer::hash_f32;
+use diloco_protocol::wire::{Body, Direct, Envelope, Hash, Hello};
+use ed25519_dalek::SigningKey;
+use libp2p::PeerId;
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The trainer thread as the event loop sees it.
+pub(super) struct Trainer {
+    /// Where jobs go.
+    pub(super) jobs: std::sync::mpsc::Sender<Job>,
+    /// The round being trained.
+    pub(super) training: Option<u64>,
+    /// A round to train once the current one is done.
+    pub(super) pending: Option<u64>,
+    /// An eval is running.
+    pub(super) eval_busy: bool,
+    /// When training last finished, and for which round.
+    pub(super) trained_at: Option<(u64, Instant)>,
+}
+
+/// What the node has done, for `/status` and the final report.
+#[derive(Default)]
+pub(super) struct Tally {
+    pub(super) rounds_decided: u64,
+    pub(super) rejected: u64,
+    pub(super) last_decided: Option<Instant>,
+    /// blake3 of the global parameters, hex (recomputed only when the state changes).
+    pub(super) global_hash: String,
+    /// Hash of the agreed state (parameters and momentum), hex.
+    pub(super) state_hash: String,
+    pub(super) last_checkpoint: Option<PathBuf>,
+}
+
+/// One node.
+pub(super) struct Node {
+    pub(super) cfg: JoinConfig,
+    pub(super) key: SigningKey,
+    pub(super) layout: Vec<ParamInfo>,
+    pub(super) discovery: Discovery,
+    /// The averaging state machine, once the node founded, joined or restored a run.
+    pub(super) state: Option<Box<State>>,
+    pub(super) net: Client,
+    pub(super) timers: Timers,
+    pub(super) rng: ChaCha8Rng,
+    pub(super) trainer: Trainer,
+    pub(super) shared: Arc<Shared>,
+    pub(super) votes: VoteLog,
+    pub(super) tally: Tally,
+}
+
+impl Node {
+    fn local(&self) -> Option<Local> {
+        self.state.as_ref().map(|st| Local {
+            synced: st.is_synced(),
+            round: st.round(),
+            members: st.members().len(),
+        })
+    }
+
+    /// Starts the averaging state machine `st`.
+    pub(super) fn start_state(&mut self, st: State) -> Result<(), JoinError> {
+        let now = self.timers.now();
+        let mut st = Box::new(st);
+        let outs = st.start(now);
+        self.state = Some(st);
+        self.refresh_hash();
+        self.dispatch(outs)
+    }
+
+    fn feed(&mut self, ev: InEvent) -> Result<(), JoinError> {
+        let now = self.timers.now();
+        let Some(st) = &mut self.state else {
+            return Ok(());
+        };
+        let outs = st.handle(now, ev, &mut self.rng);
+        self.dispatch(outs)
+    }
+
+    fn net_error(&self, what: &str, e: ClientError) {
+        match e {
+            // The swarm task drains its queue continuously; a full queue means it is
+            // overloaded, and the protocol recovers lost messages through its retries.
+            ClientError::QueueFull => tracing::warn!("network queue full; {what} dropped"),
+            e => tracing::error!(error = %report(&e), "{what} not sent"),
+        }
+    }
+
+    fn dispatch(&mut self, outs: Vec<OutEvent>) -> Result<(), JoinError> {
+        for out in outs {
+            match out {
+                OutEvent::Gossip(env) => self.publish(&env)?,
+                OutEvent::Direct { to, msg } => {
+                    if let Err(e) = self.net.send_direct(&to, &msg) {
+                        self.net_error("direct message", e);
+                    }
+                }
+                OutEvent::SetTimer { at, timer } => self.timers.set(at, timer),
+                OutEvent::Train { round } => {
+                    if self.trainer.training.is_some() {
+                        self.trainer.pending = Some(round);
+                    } else {
+                        self.start_training(round);
+                    }
+                }
+                OutEvent::Decided { round, seal, state } => self.on_decided(round, seal, state),
+                OutEvent::Rejected { from, kind, reason } => {
+                    self.tally.rejected += 1;
+                    tracing::warn!(from = %hex::encode(&from.0[..8]), kind, %reason, "message rejected");
+                }
+                OutEvent::Banned { peer } => {
+                    tracing::warn!(peer = %hex::encode(&peer.0[..8]), "peer banned on equivocation evidence");
+                }
+            }
+        }
+        self.update_status();
+        Ok(())
+    }
+
+    fn publish(&mut self, env: &Envelope) -> Result<(), JoinError> {
+        // A node restarted from disk may redo work of a round it already signed messages in
+        // (a READY after retraining, a CLOSE, an AGG...); a second, different message for the
+        // same round would be equivocation. Stay silent (except JOIN) up to the last round it
+        // signed in before the restart, and record every round it signs in from now on.
+        if !self
+            .votes
+            .may_sign(env.round, matches!(env.body, Body::Join))?
+        {
+            tracing::debug!(
+                kind = env.body.kind(),
+                round = env.round,
+                "not signing again in a round signed before the restart"
+            );
+            return Ok(());
+        }
+        if let Err(e) = self.net.publish_envelope(env) {
+            self.net_error(env.body.kind(), e);
+        }
+        Ok(())
+    }
+
+    fn start_training(&mut self, round: u64) {
+        let Some(st) = &self.state else { return };
+        let theta = st.theta().to_vec();
+        self.trainer.training = Some(round);
+        tracing::info!(
+            round,
+            "training {} inner steps",
+            self.cfg.run.config.inner_steps
+        );
+        let _ = self.trainer.jobs.send(Job::Train { round, theta });
+    }
+
+    /// Recomputes the hashes of the agreed state; called only when that state changes (start,
+    /// decisions), never per event: each hashes every parameter.
+    fn refresh_hash(&mut self) {
+        if let Some(st) = &self.state {
+            let (global, state) = if st.is_synced() {
+                (hash_f32(st.theta()), hex::encode(st.state_hash().0))
+            } else {
+                (String::new(), String::new())
+            };
+            self.tally.global_hash = global;
+            self.tally.state_hash = state;
+        }
+    }
+
+    fn on_decided(&mut self, round: u64, seal: Hash, state: Hash) {
+        self.tally.rounds_decided += 1;
+        self.refresh_hash();
+        let elapsed = self.tally.last_decided.map(|t| t.elapsed().as_secs_f64());
+        self.tally.last_decided = Some(Instant::now());
+        let (members, next) = match &self.state {
+            Some(st) => (st.members().len(), st.round()),
+            None => (0, round + 1),
+        };
+        let g = &self.tally.global_hash;
+        tracing::info!(
+            round,
+            members,
+            seal = %hex::encode(&seal.0[..8]),
+            state = %hex::encode(&state.0[..8]),
+            global_hash = %&g[..16.min(g.len())],
+            round_s = elapsed.unwrap_or(0.0),
+            "round decided"
+        );
+        let averaging = self
+            .trainer
+            .trained_at
+            .filter(|(r, _)| *r == round)
+            .map(|(_, t)| t.elapsed().as_secs_f64());
+        self.shared.update(|s| {
+            s.last_round_s = elapsed;
+            if averaging.is_some() {
+                s.last_averaging_s = averaging;
+            }
+        });
+        let eval = self.cfg.eval_windows > 0 && self.cfg.run.config.synthetic_params == 0;
+        if eval && !self.trainer.eval_busy {
+            if let Some(st) = &self.state {
+                let theta = st.theta().to_vec();
+                self.trainer.eval_busy = true;
+                let _ = self.trainer.jobs.send(Job::Eval { round: next, theta });
+            }
+        }
+        if self.cfg.checkpoint_every > 0 && next % self.cfg.checkpoint_every == 0 {
+            self.save_checkpoint();
+        }
+    }
+
+    /// Asks the trainer thread for a checkpoint of the agreed state; false if there is none
+    /// to write (no directory, not synced).
+    pub(super) fn save_checkpoint(&mut self) -> bool {
+        let Some(dir) = self.cfg.checkpoint_dir.clone() else {
+            return false;
+        };
+        let Some(st) = &self.state else { return false };
+        if !st.is_synced() {
+            return false;
+        }
+        let job = SaveJob {
+            dir,
+            round: st.round(),
+            theta: st.theta().to_vec(),
+            momentum: st.momentum().to_vec(),
+            net: NetCheckpoint {
+                chain: hex::encode(st.chain().0),
+                members: st.members().iter().map(|p| hex::encode(p.0)).collect(),
+                founder: self
+                    .discovery
+                    .founder()
+                    .map(|f| hex::encode(f.0))
+                    .unwrap_or_default(),
+            },
+            run: self.cfg.run.json(),
+        };
+        self.trainer.jobs.send(Job::Save(Box::new(job))).is_ok()
+    }
+
+    pub(super) fn update_status(&self) {
+        let (phase, round, members, member, banned) = match &self.state {
+            None => (Phase::Discovering, 0, 0, false, 0),
+            Some(st) => {
+                let phase = if !st.is_synced() {
+                    Phase::Syncing
+                } else if self.trainer.training.is_some() {
+                    Phase::Training
+                } else {
+                    Phase::Averaging
+                };
+                (
+                    phase,
+                    st.round(),
+                    st.members().len(),
+                    st.is_member(),
+                    st.banned().len(),
+                )
+            }
+        };
+        let h = self.cfg.run.config.inner_steps;
+        let t = &self.tally;
+        let (hash, state_hash) = (t.global_hash.clone(), t.state_hash.clone());
+        let (decided, rejected) = (t.rounds_decided, t.rejected);
+        self.shared.update(|s| {
+            s.phase = phase;
+            s.round = round;
+            s.step = round * h;
+            s.group_size = members;
+            s.member = member;
+            s.banned = banned;
+            s.global_hash = hash;
+            s.state_hash = state_hash;
+            s.rounds_decided = decided;
+            s.rejected = rejected;
+        });
+    }
+
+    /// Handles what the swarm reports.
+    pub(super) fn on_net(&mut self, ev: NetEvent) -> Result<(), JoinError> {
+        match ev {
+            NetEvent::Listening(addr) => {
+                println!("listening on {addr}");
+            }
+            NetEvent::Gossip {
+                from,
+                topic: Topic::Hello,
+                data,
+            } => self.on_hello(from, &data)?,
+            NetEvent::Gossip {
+                from,
+                topic: Topic::Avg,
+                data,
+            } => match Envelope::from_bytes(&data) {
+                Ok(env) => {
+                    self.feed(InEvent::Gossip {
+                        env: Arc::new(env),
+                        verified: false,
+                    })?;
+                }
+                Err(e) => {
+                    self.tally.rejected += 1;
+                    tracing::warn!(peer = %from, error = %e, "malformed gossip message dropped");
+                }
+            },
+            NetEvent::Direct { from, data } => {
+                let Some(sender) = peer::proto_peer(&from) else {
+                    tracing::warn!(peer = %from, "direct message from a non-ed25519 peer dropped");
+                    return Ok(());
+                };
+                match Direct::from_bytes(&data) {
+                    Ok(msg) => self.feed(InEvent::Direct {
+                        from: sender,
+                        msg: Arc::new(msg),
+                    })?,
+                    Err(e) => {
+                        self.tally.rejected += 1;
+                        tracing::warn!(peer = %from, error = %e, "malformed direct message dropped");
+                    }
+                }
+            }
+            NetEvent::PeerJoined(p) => {
+                if let Some(pp) = peer::proto_peer(&p) {
+                    self.feed(InEvent::Contact(pp))?;
+                }
+            }
+            NetEvent::PeerLeft(p) => tracing::info!(peer = %p, "peer disconnected"),
+            NetEvent::Bootstrapped => self.discover(discovery::Event::Bootstrapped)?,
+            NetEvent::SendFailed { to, error } => {
+                tracing::debug!(peer = %to, error = %report(&error), "direct message not delivered (the protocol retries)")
+            }
+        }
+        Ok(())
+    }
+
+    fn on_hello(&mut self, from: PeerId, data: &[u8]) -> Result<(), JoinError> {
+        let hello = match Hello::from_bytes(data) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!(peer = %from, error = %e, "malformed HELLO dropped");
+                return Ok(());
+            }
+        };
+        let Some(sender) = peer::proto_peer(&from) else {
+            return Ok(());
+        };
+        if sender.0 != hello.peer {
+            tracing::warn!(peer = %from, "HELLO signed by one peer for another; dropped");
+            return Ok(());
+        }
+        self.discover(discovery::Event::Hello {
+            from: sender,
+            hello,
+        })
+    }
+
+    /// The one-second tick: gossip this node's HELLO, then let discovery act on time.
+    pub(super) fn on_tick(&mut self) -> Result<(), JoinError> {
+        let hello = self.discovery.hello(self.local());
+        if let Err(e) = self.net.publish_hello(&hello) {
+            self.net_error("HELLO", e);
+        }
+        self.discover(discovery::Event::Tick)
+    }
+
+    /// Feeds discovery and carries out what it decides.
+    fn discover(&mut self, ev: discovery::Event) -> Result<(), JoinError> {
+        let now = self.timers.now();
+        let local = self.local();
+        let actions = self.discovery.handle(now, ev, local);
+        for a in actions {
+            self.on_discovery(a)?;
+        }
+        Ok(())
+    }
+
+    fn on_discovery(&mut self, action: Action) -> Result<(), JoinError> {
+        match action {
+            Action::Started => tracing::info!(
+                wait_s = self.cfg.genesis_wait.as_secs_f64(),
+                "looking for a run under way"
+            ),
+            Action::Waiting(Wait::ForFounder(f)) => tracing::info!(
+                founder = %hex::encode(&f.0[..8]),
+                "waiting for the peers with the lowest ids to found the run"
+            ),
+            Action::Waiting(Wait::ForPeers { heard, need }) => tracing::info!(
+                heard,
+                founders = need,
+                "waiting for enough peers to found the run together (--founders)"
+            ),
+            Action::Found { founders } => {
+                tracing::info!(
+                    founders = founders.len(),
+                    "no run found: founding it at round 0 (others join as they come)"
+                );
+                let theta0 =
+                    flat::init_values(&self.layout, &self.cfg.run.model, self.cfg.run.config.seed);
+                let proto = self.cfg.run.protocol(theta0.len());
+                let st = State::genesis(proto, self.key.clone(), theta0, founders);
+                self.start_state(st)?;
+            }
+            Action::Join {
+                contacts,
+                founder,
+                abandon,
+                round,
+                members,
+            } => {
+                if abandon {
+                    tracing::warn!(
+                        their_round = round, their_members = members,
+                        founder = %hex::encode(&founder.0[..8]),
+                        "another history of this run is ahead of ours: abandoning ours and joining it"
+                    );
+                    // Votes cast in the abandoned history say nothing about the new one.
+                    self.votes.reset()?;
+                    self.shared.update(|s| s.forks_abandoned += 1);
+                    self.timers.clear();
+                    self.trainer.pending = None;
+                }
+                tracing::info!(
+                    round,
+                    members,
+                    "found the run under way: joining (fetching its state from peers)"
+                );
+                let proto = self.cfg.run.protocol(self.layout_len());
+                let st = State::joiner(proto, self.key.clone(), contacts);
+                self.start_state(st)?;
+            }
+            Action::Contact(p) => self.feed(InEvent::Contact(p))?,
+            Action::GiveUp { silent_ms } => {
+                tracing::warn!(
+                    silent_s = silent_ms / 1000,
+                    "no peer holding the run's state heard from: back to discovery"
+                );
+                self.timers.clear();
+                self.trainer.pending = None;
+                self.state = None;
+                self.update_status();
+            }
+        }
+        Ok(())
+    }
+
+    fn layout_len(&self) -> usize {
+        self.layout.iter().map(ParamInfo::len).sum()
+    }
+
+    /// Handles what the trainer thread reports.
+    pub(super) fn on_done(&mut self, done: Done) -> Result<(), JoinError> {
+        match done {
+            Done::Trained {
+                round,
+                delta,
+                tokens,
+                loss,
+                secs,
+            } => {
+                self.trainer.training = None;
+                self.trainer.trained_at = Some((round, Instant::now()));
+                let tok_s = tokens as f64 / secs.max(1e-9);
+                tracing::info!(
+                    round,
+                    loss,
+                    tokens_per_s = tok_s as u64,
+                    "local training done"
+                );
+                self.shared.update(|s| s.last_loss = Some(loss));
+                self.feed(InEvent::Trained {
+                    round,
+                    delta,
+                    tokens,
+                })?;
+                if let Some(r) = self.trainer.pending.take() {
+                    self.start_training(r);
+                }
+            }
+            Done::Aborted => self.trainer.training = None,
+            Done::Evaluated { round, loss } => {
+                self.trainer.eval_busy = false;
+                tracing::info!(round, eval_loss = loss, "eval of the global parameters");
+                self.shared.update(|s| {
+                    s.eval_loss = Some(loss);
+                    if s.eval_history.len() < 10_000 {
+                        s.eval_history.push((round, loss));
+                    }
+                });
+            }
+            Done::Saved { round, result } => match result {
+                Ok(path) => {
+                    tracing::info!(round, path = %path.display(), "checkpoint written");
+                    self.tally.last_checkpoint = Some(path);
+                }
+                Err(e) => {
+                    tracing::error!(round, error = %report(&e), "checkpoint failed; training continues")
+                }
+            },
+            Done::Failed(e) => return Err(JoinError::Trainer(e)),
+        }
+        self.update_status();
+        Ok(())
+    }
+
+    /// Feeds every protocol timer that is due.
+    pub(super) fn fire_timers(&mut self) -> Result<(), JoinError> {
+        while let Some(t) = self.timers.pop_due() {
+            self.feed(InEvent::Timer(t))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! Ballots and SEAL: the leader collects and fetches aggregates and seals one per shard; on
+//! failover the next ballot's leader runs Paxos phase 1 (PREPARE / PROMISE); every peer checks
+//! a SEAL before it applies it. Also the timers that drive all this (what each [`Timer`] does
+//! when it fires) and the periodic retry (JOIN, missing envelopes and payloads, state
+//! requests).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rand_chacha::rand_core::RngCore;
+
+use crate::codec;
+use crate::wire::{
+    Agg, Body, Direct, Envelope, Hash, PeerKey, Promise, Propose, Seal, SealedShard,
+};
+
+use super::aggregate::{norm, norm_bound};
+use super::{bit, now_ge, Leading, Reject, Rule, State, Timer};
+
+impl State {
+    pub(super) fn leader_progress(&mut self) {
+        let Some(Leading::Collecting { close_id, .. }) = &self.r.leading else {
+            return;
+        };
+        let close_id = *close_id;
+        let k = self.k();
+        let complete = (0..k as u32).all(|s| self.r.aggs.contains_key(&(close_id, s)));
+        // Fetch every candidate we do not hold yet.
+        let mut wanted = Vec::new();
+        for s in 0..k as u32 {
+            for (owner, a) in self.r.aggs.get(&(close_id, s)).into_iter().flatten() {
+                if !self.store.contains_key(&a.data) && !self.r.fetch_pending.contains_key(&a.data)
+                {
+                    wanted.push((a.data, *owner));
+                }
+            }
+        }
+        for (h, owner) in wanted {
+            self.r.fetch_pending.insert(h, (vec![owner], self.now));
+            self.send(
+                owner,
+                Direct::Fetch {
+                    round: self.round,
+                    hash: h,
+                },
+            );
+        }
+        if complete && self.r.fetch_pending.is_empty() && self.audits_complete(close_id) {
+            if let Some(Leading::Collecting { ballot, .. }) = self.r.leading {
+                self.seal_deadline(ballot);
+            }
+        }
+    }
+
+    pub(super) fn seal_deadline(&mut self, ballot: u32) {
+        let Some(Leading::Collecting {
+            ballot: b,
+            close_id,
+        }) = &self.r.leading
+        else {
+            return;
+        };
+        if *b != ballot {
+            return;
+        }
+        let close_id = *close_id;
+        let Some(info) = self.r.closes.get(&close_id).cloned() else {
+            return;
+        };
+        let k = self.k();
+        let mut shards = Vec::with_capacity(k);
+        for s in 0..k {
+            let range = self.shard_range(s);
+            let mut cands: Vec<(u64, usize, Hash, PeerKey, Agg)> = self
+                .r
+                .aggs
+                .get(&(close_id, s as u32))
+                .into_iter()
+                .flatten()
+                .map(|(p, a)| {
+                    let rank = info.owners[s]
+                        .iter()
+                        .position(|o| o == p)
+                        .unwrap_or(usize::MAX);
+                    (u64::MAX - a.weight, rank, a.data, *p, a.clone())
+                })
+                .collect();
+            cands.sort_by_key(|x| (x.0, x.1, x.2));
+            let mut pick = None;
+            for (_, _, h, p, a) in cands {
+                let Some((_, data)) = self.store.get(&h) else {
+                    continue;
+                };
+                let Ok(v) = codec::decode(data, range.len()) else {
+                    continue;
+                };
+                if v.len() != range.len() {
+                    continue;
+                }
+                let claims = info
+                    .close
+                    .contributors
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bit(&a.included, *i))
+                    .map(|(_, c)| f32::from_bits(c.info.norm_bits));
+                // A (weighted) mean is no longer than its longest input; a coordinate-wise
+                // trimmed mean is bounded by the root of the sum of squared input norms.
+                let max_in = match self.cfg.rule {
+                    Rule::TrimmedMean { .. } => claims.map(|c| c * c).sum::<f32>().sqrt(),
+                    _ => claims.fold(0f32, f32::max),
+                };
+                if norm(&v) > norm_bound(self.cfg.codec, max_in, v.len()) {
+                    self.reject(
+                        p,
+                        "AGG",
+                        Reject::NormTooLarge {
+                            got: norm(&v),
+                            bound: max_in,
+                        },
+                    );
+                    continue;
+                }
+                if let Some(Err(why)) = self.audit_check(&info, close_id, s as u32, p, &a, &v) {
+                    self.reject(p, "AGG", why);
+                    continue;
+                }
+                pick = Some(SealedShard {
+                    owner: p,
+                    data: h,
+                    included: a.included.clone(),
+                    weight: a.weight,
+                });
+                break;
+            }
+            shards.push(pick);
+        }
+        let round = self.round;
+        let evict = self.cfg.evict_after_rounds;
+        let mut next: Vec<PeerKey> = self
+            .members
+            .iter()
+            .filter(|p| {
+                **p == self.me
+                    || self
+                        .last_heard
+                        .get(p)
+                        .is_some_and(|r| r.saturating_add(evict) > round)
+            })
+            .chain(self.r.joins.iter())
+            .filter(|p| !self.verifier.banned.contains(p))
+            .copied()
+            .collect();
+        next.sort();
+        next.dedup();
+        let seal = Seal {
+            close: info.close,
+            close_id,
+            shards,
+            next_members: next,
+        };
+        self.r.leading = Some(Leading::Proposed);
+        self.gossip(Body::Seal(Propose { ballot, seal }));
+    }
+
+    pub(super) fn on_prepare(&mut self, signer: PeerKey, b: u32) {
+        if Some(signer) != self.leader(b) {
+            self.reject(signer, "PREPARE", Reject::NotAllowed("PREPARE"));
+            return;
+        }
+        if b > self.r.promised && self.round >= self.vote_from {
+            self.r.promised = b;
+            let accepted = self.r.accepted.clone();
+            self.gossip(Body::Promise(Promise {
+                ballot: b,
+                accepted,
+            }));
+        }
+    }
+
+    pub(super) fn on_promise(&mut self, signer: PeerKey, p: Promise) {
+        let q = self.quorum();
+        let Some(Leading::Preparing { ballot, promises }) = &mut self.r.leading else {
+            return;
+        };
+        if p.ballot != *ballot {
+            return;
+        }
+        let ballot = *ballot;
+        promises.insert(signer, p);
+        if promises.len() < q {
+            return;
+        }
+        let best = promises
+            .values()
+            .filter_map(|p| p.accepted.clone())
+            .max_by_key(|a| a.ballot);
+        match best {
+            Some(prev) => {
+                self.r.leading = Some(Leading::Proposed);
+                self.gossip(Body::Seal(Propose {
+                    ballot,
+                    seal: prev.seal,
+                }));
+            }
+            None => {
+                self.r.leading = None;
+                self.do_close(ballot);
+            }
+        }
+    }
+
+    pub(super) fn on_seal(&mut self, env: Arc<Envelope>, ballot: u32) {
+        let Body::Seal(p) = &env.body else { return };
+        if Some(env.signer) != self.leader(ballot) {
+            self.reject(env.signer, "SEAL", Reject::NotAllowed("SEAL"));
+            return;
+        }
+        if let Err(why) = self.check_seal(&p.seal) {
+            self.reject(env.signer, "SEAL", Reject::Malformed(why));
+            return;
+        }
+        self.r.proposals.insert(ballot, env.clone());
+        if ballot < self.r.promised {
+            return;
+        }
+        self.start_apply(env);
+    }
+
+    pub(super) fn check_seal(&self, seal: &Seal) -> Result<(), &'static str> {
+        let n = seal.close.contributors.len();
+        if seal.shards.len() != self.k() {
+            return Err("shard count");
+        }
+        if n == 0
+            || !seal
+                .close
+                .contributors
+                .windows(2)
+                .all(|w| w[0].peer < w[1].peer)
+        {
+            return Err("contributors");
+        }
+        if seal.next_members.is_empty() || !seal.next_members.windows(2).all(|w| w[0] < w[1]) {
+            return Err("member list");
+        }
+        if seal
+            .shards
+            .iter()
+            .flatten()
+            .any(|s| s.included.len() != n.div_ceil(8))
+        {
+            return Err("bitmap");
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_timer(&mut self, t: Timer, rng: &mut dyn RngCore) {
+        match t {
+            Timer::Straggler(r)
+                if r == self.round
+                    && self.r.leading.is_none()
+                    && self.leader(0) == Some(self.me) =>
+            {
+                if self.r.readies.is_empty() {
+                    self.set_timer(self.now + self.cfg.straggler_timeout, Timer::Straggler(r));
+                } else {
+                    self.do_close(0);
+                }
+            }
+            Timer::OwnerDeadline(r) if r == self.round => {
+                let keys: Vec<(Hash, u32)> = self.r.owned.keys().copied().collect();
+                for (c, s) in keys {
+                    self.maybe_finish_shard(c, s, true);
+                }
+            }
+            Timer::BackupCheck(r) if r == self.round => self.backup_check(),
+            Timer::AuditFlush(r) if r == self.round => self.flush_audits(),
+            Timer::SealDeadline(r, b) if r == self.round => self.seal_deadline(b),
+            Timer::Attempt(r, b) if r == self.round => {
+                let n = self.members.len().max(1) as u32;
+                self.set_timer(
+                    self.now + u64::from(n) * self.cfg.attempt_timeout,
+                    Timer::Attempt(r, b.saturating_add(n)),
+                );
+                if self.r.decide_target.is_none() && self.leader(b) == Some(self.me) {
+                    self.r.leading = Some(Leading::Preparing {
+                        ballot: b,
+                        promises: BTreeMap::new(),
+                    });
+                    self.gossip(Body::Prepare(b));
+                }
+            }
+            Timer::Retry(_) => {
+                let round = self.round;
+                self.set_timer(self.now + self.cfg.retry, Timer::Retry(round));
+                self.retry(rng);
+            }
+            _ => {}
+        }
+    }
+
+    fn retry(&mut self, rng: &mut dyn RngCore) {
+        if !self.synced {
+            self.lone_state_timeout();
+            if !self.synced {
+                self.request_state();
+            }
+            return;
+        }
+        if !self.is_member() {
+            self.gossip(Body::Join);
+        }
+        // Re-ask for announced envelopes still missing: the signer first, then random members
+        // (everyone who fetched one serves it too).
+        let (t_now, t_retry) = (self.now, self.cfg.retry);
+        let mut stale: Vec<(Hash, PeerKey, u64)> = self
+            .announced
+            .iter_mut()
+            .filter(|(_, (_, t))| now_ge(t_now, *t, t_retry))
+            .map(|(h, (a, t))| {
+                *t = t_now;
+                (*h, a.signer, a.round)
+            })
+            .collect();
+        stale.sort(); // HashMap order is not deterministic; the simulator's traces must be
+        for (hash, signer, round) in stale {
+            let to = if self.members.is_empty() || rng.next_u32().is_multiple_of(2) {
+                signer
+            } else {
+                self.members[rng.next_u32() as usize % self.members.len()]
+            };
+            self.send(to, Direct::FetchEnvelope { round, hash });
+        }
+        // Re-ask for payloads still missing, rotating through the known holders.
+        let now = self.now;
+        let retry = self.cfg.retry;
+        let pending: Vec<(Hash, Vec<PeerKey>)> = self
+            .r
+            .fetch_pending
+            .iter_mut()
+            .filter(|(_, (_, t))| now >= *t + retry)
+            .map(|(h, (v, t))| {
+                *t = now;
+                (*h, v.clone())
+            })
+            .collect();
+        for (h, sources) in pending {
+            if sources.is_empty() {
+                continue;
+            }
+            let to = sources[(rng.next_u32() as usize) % sources.len()];
+            self.send(
+                to,
+                Direct::Fetch {
+                    round: self.round,
+                    hash: h,
+                },
+            );
+        }
+    }
+}

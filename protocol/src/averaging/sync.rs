@@ -1,0 +1,453 @@
+//! Catch-up and state sync: asking for decision proofs or the full state, verifying them,
+//! cross-checking donors, and adopting a state.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::codec;
+use crate::wire::{Body, Commit, DecisionProof, Direct, PeerKey, Propose};
+
+use super::{
+    state_hash, OutEvent, Reject, RoundState, State, StateCandidate, Time, LONE_STATE_RETRIES,
+    MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS,
+    STATE_PATIENCE_RETRIES,
+};
+
+impl State {
+    pub(super) fn maybe_sync(&mut self, from: PeerKey) {
+        let due = self
+            .last_sync
+            .is_none_or(|t| self.now >= t + self.cfg.retry);
+        if due {
+            self.last_sync = Some(self.now);
+            self.state_wanted = true;
+            self.send(from, Direct::SyncRequest { from: self.round });
+        }
+    }
+
+    pub(super) fn request_state(&mut self) {
+        let due = self
+            .last_sync
+            .is_none_or(|t| self.now >= t + self.cfg.retry);
+        if !due {
+            return;
+        }
+        self.last_sync = Some(self.now);
+        self.state_wanted = true;
+        // Two requests in flight while no state is held, one once a state is held (a second,
+        // independent donor is what the cross-check needs; the lone-state timeout waits for
+        // it). A request is in flight until answered or for the patience window, and nobody is
+        // asked twice within that window. Contacts that have not sent a state held now come
+        // first; chosen by time so that successive retries ask different contacts.
+        let patience = self.state_patience();
+        let now = self.now;
+        let recent = |t: &Time| now < t.saturating_add(patience);
+        let in_flight = self.state_requests_in_flight();
+        let want: usize = if self.candidates.is_empty() { 2 } else { 1 };
+        let need = want.saturating_sub(in_flight);
+        let ready: Vec<PeerKey> = self
+            .contacts
+            .iter()
+            .filter(|p| self.state_asked.get(p).is_none_or(|(t, _)| !recent(t)))
+            .copied()
+            .collect();
+        let held = |p: &PeerKey| self.candidates.iter().any(|c| c.donors.contains(p));
+        let fresh: Vec<PeerKey> = ready.iter().filter(|p| !held(p)).copied().collect();
+        let pick = if fresh.is_empty() { ready } else { fresh };
+        if pick.is_empty() || need == 0 {
+            return;
+        }
+        let i = need * (self.now / self.cfg.retry.max(1)) as usize;
+        for j in 0..need.min(pick.len()) {
+            let p = pick[(i + j) % pick.len()];
+            self.state_asked.insert(p, (now, false));
+            self.send(p, Direct::StateRequest);
+        }
+        if self.state_asked.len() > 4 * MAX_BUFFERED {
+            self.state_asked.retain(|_, (t, _)| recent(t));
+        }
+    }
+
+    /// The window of [`STATE_PATIENCE_RETRIES`] retry periods.
+    fn state_patience(&self) -> Time {
+        STATE_PATIENCE_RETRIES * self.cfg.retry
+    }
+
+    /// State requests sent less than the patience window ago and not answered yet.
+    fn state_requests_in_flight(&self) -> usize {
+        let patience = self.state_patience();
+        self.state_asked
+            .values()
+            .filter(|(t, answered)| !answered && self.now < t.saturating_add(patience))
+            .count()
+    }
+
+    /// Whether a full state may be sent to `to` now (see [`STATE_PATIENCE_RETRIES`]); records
+    /// it if so.
+    pub(super) fn may_serve_state(&mut self, to: PeerKey) -> bool {
+        let window = self.state_patience();
+        let now = self.now;
+        self.state_served
+            .retain(|_, t| now < t.saturating_add(window));
+        if self.state_served.contains_key(&to) || self.state_served.len() >= MAX_STATES_SERVED {
+            return false;
+        }
+        self.state_served.insert(to, now);
+        true
+    }
+
+    pub(super) fn on_sync_request(&mut self, from: PeerKey, first: u64) {
+        if !self.synced || first >= self.round {
+            return;
+        }
+        let proof = self
+            .history
+            .iter()
+            .find(|(r, _)| *r == first)
+            .map(|(_, p)| p.clone());
+        match proof {
+            Some(p) if self.round - first <= REPLAY_MAX_ROUNDS => {
+                self.send(from, Direct::SyncProofs(vec![p]));
+            }
+            // Too far behind to replay quickly (or older than the proofs kept): send the state.
+            _ => self.on_direct(from, Arc::new(Direct::StateRequest)),
+        }
+    }
+
+    fn verify_proof(&self, proof: &DecisionProof) -> Result<(Propose, Commit), &'static str> {
+        let seal = &proof.seal;
+        let Body::Seal(p) = &seal.body else {
+            return Err("not a SEAL");
+        };
+        if seal.run != self.cfg.run || seal.round != self.round || seal.chain != self.chain {
+            return Err("SEAL for another round or chain");
+        }
+        if Some(seal.signer) != self.leader(p.ballot) || !seal.verify_signature() {
+            return Err("SEAL signer");
+        }
+        self.check_seal(&p.seal)?;
+        if proof.commits.len() > self.members.len() {
+            return Err("more COMMITs than members");
+        }
+        let seal_hash = p.seal.hash();
+        let mut signers = BTreeSet::new();
+        let mut agreed: Option<Commit> = None;
+        for c in &proof.commits {
+            let Body::Commit(cm) = &c.body else {
+                return Err("not a COMMIT");
+            };
+            if c.round != self.round || c.chain != self.chain || c.run != self.cfg.run {
+                return Err("COMMIT for another round");
+            }
+            if cm.seal != seal_hash || cm.ballot != p.ballot || agreed.is_some_and(|a| a != *cm) {
+                return Err("COMMITs disagree");
+            }
+            if self.members.binary_search(&c.signer).is_err() || !c.verify_signature() {
+                return Err("COMMIT signer");
+            }
+            signers.insert(c.signer);
+            agreed = Some(*cm);
+        }
+        match agreed {
+            Some(c) if signers.len() >= self.quorum() => Ok((p.clone(), c)),
+            _ => Err("no quorum"),
+        }
+    }
+
+    pub(super) fn on_proof(&mut self, from: PeerKey, proof: DecisionProof) {
+        if !self.synced || proof.seal.round != self.round || self.r.decide_target.is_some() {
+            return;
+        }
+        match self.verify_proof(&proof) {
+            Ok((p, c)) => {
+                let env = Arc::new(proof.seal.clone());
+                for ce in &proof.commits {
+                    // A member whose COMMIT decided this round was active in it, even if its
+                    // gossip never reached us: it must not be evicted as silent.
+                    self.last_heard.insert(ce.signer, self.round);
+                    self.r
+                        .commits
+                        .entry((c.ballot, c.seal, c.state))
+                        .or_default()
+                        .insert(ce.signer, Arc::new(ce.clone()));
+                }
+                self.r.proposals.insert(p.ballot, env.clone());
+                self.r.decide_target = Some((c.ballot, c.seal, c.state));
+                self.start_apply(env);
+                // The peer that sent the proof holds the aggregates too.
+                for (v, _) in self.r.fetch_pending.values_mut() {
+                    if !v.contains(&from) {
+                        v.insert(0, from);
+                    }
+                }
+            }
+            Err(why) => self.reject(from, "SYNC", Reject::BadDecision(why)),
+        }
+    }
+
+    pub(super) fn on_state(
+        &mut self,
+        from: PeerKey,
+        round: u64,
+        proof: &DecisionProof,
+        theta: &[u8],
+        momentum: &[u8],
+    ) {
+        if self.synced && (round <= self.round + REPLAY_MAX_ROUNDS || !self.state_wanted) {
+            return; // proofs are enough when this close behind; unasked-for states are ignored
+        }
+        let c = match self.check_state(round, proof, theta, momentum) {
+            Ok(c) => c,
+            Err(reason) => return self.reject(from, "STATE", reason),
+        };
+        if self.synced {
+            // A peer that is merely behind holds agreed state: it adopts a later state whose
+            // COMMITs a quorum of its own members signed (membership changes slowly, and a
+            // minority of them cannot forge it). Otherwise (the membership changed while it was
+            // away) two donors must agree, as for a joiner; a lone state is never accepted by a
+            // synced peer.
+            if signed_by(&c.signers, &self.members) >= self.quorum() {
+                self.adopt_state(c);
+            } else {
+                self.cross_check(from, c);
+            }
+            return;
+        }
+        if self.contacts.len() <= 1 {
+            // A joiner that knows a single contact: nobody to compare with.
+            self.adopt_state(c);
+            return;
+        }
+        self.cross_check(from, c);
+    }
+
+    /// Validates a State: payload lengths, and a quorum (of the SEAL's next member list) of
+    /// validly signed COMMITs for the SEAL whose state hash matches the bytes received.
+    fn check_state(
+        &self,
+        round: u64,
+        proof: &DecisionProof,
+        theta: &[u8],
+        momentum: &[u8],
+    ) -> Result<StateCandidate, Reject> {
+        if round == 0 {
+            return Err(Reject::BadDecision("state for round 0"));
+        }
+        let (Ok(t), Ok(m)) = (
+            codec::decode(theta, self.cfg.len),
+            codec::decode(momentum, self.cfg.len),
+        ) else {
+            return Err(Reject::BadDecision("state payload"));
+        };
+        if t.len() != self.cfg.len || m.len() != self.cfg.len {
+            return Err(Reject::WrongLength {
+                got: t.len(),
+                expected: self.cfg.len,
+            });
+        }
+        let Body::Seal(p) = &proof.seal.body else {
+            return Err(Reject::BadDecision("not a SEAL"));
+        };
+        let seal_hash = p.seal.hash();
+        let sh = state_hash(&t, &m);
+        let members = &p.seal.next_members;
+        if members.is_empty() || !members.windows(2).all(|w| w[0] < w[1]) {
+            return Err(Reject::BadDecision("member list"));
+        }
+        // COMMITs come from the round's members, which differ a little from the next ones.
+        if proof.commits.len() > 2 * members.len() + 8 {
+            return Err(Reject::BadDecision("more COMMITs than members"));
+        }
+        let mut signers = BTreeSet::new();
+        let mut next_chain = None;
+        for c in &proof.commits {
+            let Body::Commit(cm) = &c.body else { continue };
+            if cm.seal == seal_hash
+                && cm.state == sh
+                && c.round.checked_add(1) == Some(round)
+                && c.run == self.cfg.run
+                && next_chain.is_none_or(|n| n == cm.next_chain)
+                && members.binary_search(&c.signer).is_ok()
+                && c.verify_signature()
+            {
+                signers.insert(c.signer);
+                next_chain = Some(cm.next_chain);
+            }
+        }
+        let Some(next_chain) = next_chain else {
+            return Err(Reject::BadDecision("no matching COMMIT"));
+        };
+        if signers.len()
+            < self
+                .cfg
+                .quorum
+                .size(members.len())
+                .min(proof.commits.len())
+                .max(1)
+        {
+            return Err(Reject::BadDecision("no quorum"));
+        }
+        Ok(StateCandidate {
+            round,
+            state: sh,
+            seal: seal_hash,
+            next_chain,
+            members: members.clone(),
+            signers,
+            proof: proof.clone(),
+            theta: t,
+            momentum: m,
+            donors: BTreeSet::new(),
+            since: self.now,
+        })
+    }
+
+    /// A joiner's cross-check: it accepts a State once two donors vouch for the same (round,
+    /// state hash); when they disagree it prefers the later round if that round's COMMIT
+    /// signers include more than a third of the earlier state's members (so a donor that
+    /// fabricates a history signed by keys of its own cannot win), and reports the other.
+    /// A lone state is accepted after `LONE_STATE_RETRIES * retry` if no other donor answered
+    /// by then (two more contacts are asked every `retry`).
+    fn cross_check(&mut self, from: PeerKey, mut c: StateCandidate) {
+        let key = (c.round, c.state);
+        if let Some(i) = self
+            .candidates
+            .iter()
+            .position(|x| (x.round, x.state) == key)
+        {
+            self.candidates[i].donors.insert(from);
+            if self.candidates[i].donors.len() >= 2 {
+                let c = self.candidates.swap_remove(i);
+                self.adopt_state(c);
+            }
+            return;
+        }
+        c.donors.insert(from);
+        let mut adopt: Option<(StateCandidate, Vec<PeerKey>)> = None;
+        let mut conflicts: Vec<PeerKey> = Vec::new();
+        // Candidates that `c` replaces (same donors, an earlier round), and whether `c` itself
+        // is an earlier round of a candidate already held from the same donors.
+        let mut replaced: Vec<usize> = Vec::new();
+        let mut stale = false;
+        for (i, o) in self.candidates.iter().enumerate() {
+            let (hi, lo) = if c.round >= o.round { (&c, o) } else { (o, &c) };
+            if hi.round > lo.round && linked(hi, lo) {
+                if hi.donors.is_subset(&lo.donors) {
+                    // The same donor moved on a round or more: no independent evidence (a
+                    // liar's fabricated states link to each other), and no conflict either.
+                    // Keep only its latest state, and its age, so that a lone honest donor is
+                    // still accepted after the lone-state timeout while the group advances.
+                    if c.round > o.round {
+                        replaced.push(i);
+                    } else {
+                        stale = true;
+                    }
+                    continue;
+                }
+                let losers: Vec<PeerKey> = lo.donors.iter().copied().collect();
+                adopt = Some((hi.clone(), losers));
+                break;
+            }
+            conflicts.extend(o.donors.iter().copied());
+        }
+        if let Some((hi, losers)) = adopt {
+            for p in losers {
+                self.reject(
+                    p,
+                    "STATE",
+                    Reject::BadDecision("state superseded by a later proven round"),
+                );
+            }
+            self.adopt_state(hi);
+            return;
+        }
+        if !conflicts.is_empty() {
+            conflicts.push(from);
+            conflicts.sort();
+            conflicts.dedup();
+            for p in conflicts {
+                self.reject(
+                    p,
+                    "STATE",
+                    Reject::BadDecision("donors disagree on the state"),
+                );
+            }
+            // Ask someone else now rather than at the next retry.
+            self.last_sync = None;
+            self.request_state();
+        }
+        if stale {
+            return;
+        }
+        for i in replaced.into_iter().rev() {
+            let old = self.candidates.remove(i);
+            c.since = c.since.min(old.since);
+        }
+        if self.candidates.len() >= MAX_STATE_CANDIDATES {
+            // Keep the memory bounded: drop the oldest candidate.
+            self.candidates.remove(0);
+        }
+        self.candidates.push(c);
+    }
+
+    /// Accepts a lone State that nobody contradicted within `LONE_STATE_RETRIES * retry`, once
+    /// no request to another contact is still in flight (its answer could contradict it).
+    pub(super) fn lone_state_timeout(&mut self) {
+        if self.synced || self.candidates.len() != 1 || self.state_requests_in_flight() > 0 {
+            return;
+        }
+        if self.now
+            >= self.candidates[0]
+                .since
+                .saturating_add(LONE_STATE_RETRIES * self.cfg.retry)
+        {
+            if let Some(c) = self.candidates.pop() {
+                self.adopt_state(c);
+            }
+        }
+    }
+
+    fn adopt_state(&mut self, c: StateCandidate) {
+        let round = c.round;
+        self.theta = c.theta;
+        self.momentum = c.momentum;
+        self.round = round;
+        self.chain = c.next_chain;
+        self.members = c.members;
+        self.reset_heard();
+        self.synced = true;
+        self.state_wanted = false;
+        self.carry = None;
+        self.candidates.clear();
+        self.state_asked.clear();
+        self.r = RoundState::default();
+        self.future.clear();
+        self.history.clear();
+        self.history.push_back((round - 1, c.proof));
+        self.out.push(OutEvent::Decided {
+            round: round - 1,
+            seal: c.seal,
+            state: c.state,
+        });
+        if self.is_member() {
+            self.out.push(OutEvent::Train { round });
+        } else {
+            self.gossip(Body::Join);
+        }
+    }
+}
+
+/// Whether the later state `hi` extends the history of `lo` as far as a joiner can tell: more
+/// than a third of `lo`'s members signed `hi`'s decision (membership changes slowly; a donor
+/// controlling fewer than a third of the members cannot forge this).
+fn linked(hi: &StateCandidate, lo: &StateCandidate) -> bool {
+    signed_by(&hi.signers, &lo.members) * 3 > lo.members.len()
+}
+
+/// How many of the (sorted) `members` are among `signers`.
+fn signed_by(signers: &BTreeSet<PeerKey>, members: &[PeerKey]) -> usize {
+    signers
+        .iter()
+        .filter(|p| members.binary_search(p).is_ok())
+        .count()
+}

@@ -1,0 +1,280 @@
+//! Malicious peers: what each [`Attack`] does to the gossip and direct messages its peer
+//! sends (bad shards behind a valid READY, lying aggregates and audits, forged signatures,
+//! replays, equivocation, fabricated states).
+
+use std::sync::Arc;
+
+use crate::averaging;
+use crate::codec;
+use crate::wire::{self, Body, Direct, Envelope, Hash, Ready};
+
+use super::{det_vec, model_delta, Attack, Sim};
+
+impl Sim {
+    pub(super) fn send_gossip_with_attack(&mut self, i: usize, env: Arc<Envelope>) {
+        let attack = self.peers[i].attack;
+        let run = self.cfg.proto.run;
+        let key = self.peers[i].key.clone();
+        let env = match (attack, &env.body) {
+            (
+                Some(
+                    Attack::WrongLength
+                    | Attack::NonFinite
+                    | Attack::Scaled(_)
+                    | Attack::NormLie(_),
+                ),
+                Body::Ready(r),
+            ) => self.bad_ready(i, &env, r.clone()),
+            (Some(Attack::LyingOwner), Body::Agg(a)) => self.lying_agg(i, &env, a.clone()),
+            (Some(Attack::LyingOwner), Body::Audit(a)) => self.lying_audit(i, &env, a.clone()),
+            _ => env,
+        };
+        self.gossip_from(i, env.clone());
+        match attack {
+            Some(Attack::ForgedSignature) => {
+                let mut f = (*env).clone();
+                f.signer = self.peers[(i + 1) % self.cfg.n].id;
+                self.gossip_from(i, Arc::new(f));
+            }
+            Some(Attack::WrongRun) => {
+                let f = Envelope::sign(
+                    &key,
+                    Hash::of(b"other run"),
+                    env.round,
+                    env.chain,
+                    env.body.clone(),
+                );
+                self.gossip_from(i, Arc::new(f));
+            }
+            Some(Attack::Replay) => {
+                let old: Vec<Arc<Envelope>> = self.peers[i]
+                    .sent_envs
+                    .iter()
+                    .filter(|e| e.round + 2 == env.round)
+                    .cloned()
+                    .collect();
+                for e in old.into_iter().take(2) {
+                    self.gossip_from(i, e);
+                }
+                self.peers[i].sent_envs.push(env.clone());
+                let keep = env.round.saturating_sub(3);
+                self.peers[i].sent_envs.retain(|e| e.round >= keep);
+            }
+            Some(Attack::Equivocate) => {
+                if let Body::Ready(r) = &env.body {
+                    let mut r2 = r.clone();
+                    r2.tokens = r2.tokens.wrapping_add(1);
+                    let f = Envelope::sign(&key, run, env.round, env.chain, Body::Ready(r2));
+                    self.gossip_from(i, Arc::new(f));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Replaces a malicious peer's READY with one announcing bad shards.
+    fn bad_ready(&mut self, i: usize, env: &Envelope, r: Ready) -> Arc<Envelope> {
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return Arc::new(env.clone());
+        };
+        let k = averaging::shard_count(st.config(), st.members().len());
+        let q = st.config().codec;
+        let delta = model_delta(st.theta(), &self.peers[i].target);
+        let attack = self.peers[i].attack;
+        let ranges = codec::shards(self.cfg.len, k);
+        let mut claimed = f32::from_bits(r.norm_bits);
+        let shards: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|rg| match attack {
+                Some(Attack::WrongLength) => codec::encode(q, &vec![0.01; rg.len() + 1]),
+                Some(Attack::NonFinite) => {
+                    let mut raw = Vec::new();
+                    for j in 0..rg.len() {
+                        let v = if j % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                        raw.extend_from_slice(&v.to_le_bytes());
+                    }
+                    let mut b = vec![codec::FORMAT_VERSION, 0, 0, 0];
+                    b.extend_from_slice(&(rg.len() as u64).to_le_bytes());
+                    b.extend_from_slice(&zstd::bulk::compress(&raw, 1).unwrap_or_default());
+                    b
+                }
+                Some(Attack::Scaled(s) | Attack::NormLie(s)) => {
+                    let v: Vec<f32> = delta[rg.clone()].iter().map(|x| x * s).collect();
+                    codec::encode(q, &v)
+                }
+                _ => codec::encode(q, &delta[rg.clone()]),
+            })
+            .collect();
+        if let Some(Attack::Scaled(s)) = attack {
+            claimed *= s.abs();
+        }
+        let leaves: Vec<Hash> = shards.iter().map(|s| Hash::of(s)).collect();
+        let ready = Ready {
+            shard_root: wire::merkle_root(&leaves),
+            norm_bits: claimed.to_bits(),
+            ..r
+        };
+        self.peers[i].bad_shards = Some((env.round, shards, leaves));
+        Arc::new(Envelope::sign(
+            &self.peers[i].key,
+            env.run,
+            env.round,
+            env.chain,
+            Body::Ready(ready),
+        ))
+    }
+
+    /// Replaces an owner's AGG with one for the sign-flipped aggregate.
+    fn lying_agg(&mut self, i: usize, env: &Arc<Envelope>, mut a: wire::Agg) -> Arc<Envelope> {
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return env.clone();
+        };
+        let k = averaging::shard_count(st.config(), st.members().len());
+        let Some(range) = codec::shards(self.cfg.len, k)
+            .get(a.shard as usize)
+            .cloned()
+        else {
+            return env.clone();
+        };
+        let Some(Ok(v)) = st.payload(&a.data).map(|d| codec::decode(d, range.len())) else {
+            return env.clone();
+        };
+        let lie: Vec<f32> = v.iter().map(|x| -x).collect();
+        let bytes = codec::encode(st.config().codec, &lie);
+        let honest = a.data;
+        a.data = Hash::of(&bytes);
+        self.peers[i].lie_map.insert(honest, a.data);
+        self.peers[i].fake_payloads.insert(a.data, bytes);
+        self.report.lies_told += 1;
+        Arc::new(Envelope::sign(
+            &self.peers[i].key,
+            env.run,
+            env.round,
+            env.chain,
+            Body::Agg(a),
+        ))
+    }
+
+    /// A lying owner also audits its own tampered aggregate (honestly projecting its own shard
+    /// for the tampered aggregate's seed), so only the projections can give it away.
+    fn lying_audit(&mut self, i: usize, env: &Arc<Envelope>, mut a: wire::Audit) -> Arc<Envelope> {
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return env.clone();
+        };
+        let k = averaging::shard_count(st.config(), st.members().len());
+        let ranges = codec::shards(self.cfg.len, k);
+        let delta = codec::quantize_roundtrip(
+            st.config().codec,
+            &model_delta(st.theta(), &self.peers[i].target),
+        );
+        for e in &mut a.entries {
+            let (Some(fake), Some(r)) = (
+                self.peers[i].lie_map.get(&e.agg).copied(),
+                ranges.get(e.shard as usize),
+            ) else {
+                continue;
+            };
+            let seed = crate::audit::seed(&a.close, e.shard, &fake);
+            let proj =
+                crate::audit::project(&seed, &delta[r.clone()], crate::audit::AUDIT_PROJECTIONS);
+            e.agg = fake;
+            e.proj = proj.into_iter().map(f64::to_bits).collect();
+        }
+        Arc::new(Envelope::sign(
+            &self.peers[i].key,
+            env.run,
+            env.round,
+            env.chain,
+            Body::Audit(a),
+        ))
+    }
+
+    pub(super) fn attack_push(&mut self, i: usize, msg: Arc<Direct>) -> Arc<Direct> {
+        let Direct::PushShard {
+            round,
+            close,
+            shard,
+            ..
+        } = &*msg
+        else {
+            return msg;
+        };
+        match &self.peers[i].bad_shards {
+            Some((r, shards, leaves)) if r == round => {
+                let s = *shard as usize;
+                match shards.get(s) {
+                    Some(d) => Arc::new(Direct::PushShard {
+                        round: *round,
+                        close: *close,
+                        shard: *shard,
+                        data: d.clone(),
+                        proof: wire::merkle_proof(leaves, s),
+                    }),
+                    None => msg,
+                }
+            }
+            _ => msg,
+        }
+    }
+
+    /// A fabricated State, validly signed by peer `i` alone.
+    pub(super) fn fake_state(&mut self, i: usize) -> Option<Direct> {
+        let st = self.peers[i].state.as_ref()?;
+        let key = &self.peers[i].key;
+        let me = self.peers[i].id;
+        let round = st.round() + 2;
+        let chain = Hash::of(&round.to_le_bytes());
+        let k = averaging::shard_count(st.config(), 1);
+        let theta = det_vec(self.cfg.seed, 77, self.cfg.len, 5.0);
+        let momentum = vec![0f32; self.cfg.len];
+        let ready = Ready {
+            tokens: 1,
+            shard_root: Hash::default(),
+            norm_bits: 0,
+            can_serve: true,
+        };
+        let seal = wire::Seal {
+            close: wire::Close {
+                ballot: 0,
+                contributors: vec![wire::Contributor {
+                    peer: me,
+                    ready: Hash::default(),
+                    info: ready,
+                }],
+            },
+            close_id: Hash::default(),
+            shards: vec![None; k],
+            next_members: vec![me],
+        };
+        let seal_hash = seal.hash();
+        let run = self.cfg.proto.run;
+        let seal_env = Envelope::sign(
+            key,
+            run,
+            round,
+            chain,
+            Body::Seal(wire::Propose { ballot: 0, seal }),
+        );
+        let commit = Envelope::sign(
+            key,
+            run,
+            round,
+            chain,
+            Body::Commit(wire::Commit {
+                ballot: 0,
+                seal: seal_hash,
+                next_chain: Hash::of_parts(&[&chain.0, &seal_hash.0]),
+                state: averaging::state_hash(&theta, &momentum),
+            }),
+        );
+        Some(Direct::State {
+            round: round + 1,
+            proof: Box::new(wire::DecisionProof {
+                seal: seal_env,
+                commits: vec![commit],
+            }),
+            theta: codec::encode(codec::Quantization::F32, &theta),
+            momentum: codec::encode(codec::Quantization::F32, &momentum),
+        })
+    }
+}
