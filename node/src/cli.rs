@@ -39,9 +39,23 @@ pub struct Cli {
         default_value = "info,libp2p_gossipsub=error,libp2p_kad=error"
     )]
     pub log: String,
+    /// Log format: `text` (for people) or `json` (one JSON object a line with its span fields,
+    /// for log collectors).
+    #[arg(long, global = true, env = "DILOCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How logs are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colours on a terminal).
+    Text,
+    /// One JSON object a line: timestamp, level, target, message, fields, and the current span
+    /// and its parents (peer id, run, round) as fields.
+    Json,
 }
 
 /// Subcommands.
@@ -56,6 +70,29 @@ pub enum Command {
     /// Ask a running node for its /status (exit 0 when it answers): a healthcheck that needs
     /// no curl in the image.
     Health(HealthArgs),
+    /// Show the state of one or more running nodes side by side: round, phase, group, loss and
+    /// global hash, flagging nodes at one round whose hashes differ (exit 1 then, or when a
+    /// node does not answer).
+    Status(StatusArgs),
+}
+
+/// `status` flags.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Status addresses of the nodes (their --status-addr), comma-separated or repeated.
+    #[arg(
+        long,
+        required = true,
+        value_delimiter = ',',
+        env = "DILOCO_STATUS_ADDRS"
+    )]
+    pub addr: Vec<std::net::SocketAddr>,
+    /// Seconds to wait for each node's answer.
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `health` flags.

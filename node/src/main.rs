@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use diloco_node::cli::{Cli, Command, CommonArgs};
+use diloco_node::cli::{Cli, Command, CommonArgs, LogFormat};
 use diloco_node::train::{backend, data, plain as train, simulate};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,12 +12,20 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
         // Colours only on a terminal: log files and `docker logs` get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -74,6 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Join(args) => join(args),
         Command::Health(args) => health(args),
+        Command::Status(args) => status(args),
         Command::Simulate(args) => {
             let cfg = args.to_config()?;
             let (corpus, dev) = prepare(&args.common, cfg.seq, cfg.replicas)?;
@@ -168,5 +177,19 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
 fn health(args: diloco_node::cli::HealthArgs) -> anyhow::Result<()> {
     let t = std::time::Duration::from_secs_f64(args.timeout.clamp(0.1, 600.0));
     println!("{}", diloco_node::driver::status::fetch(args.addr, t)?);
+    Ok(())
+}
+
+fn status(args: diloco_node::cli::StatusArgs) -> anyhow::Result<()> {
+    let t = std::time::Duration::from_secs_f64(args.timeout.clamp(0.1, 600.0));
+    let survey = diloco_node::driver::status::Survey::take(&args.addr, t);
+    if args.json {
+        println!("{}", serde_json::to_string(&survey)?);
+    } else {
+        print!("{}", survey.table());
+    }
+    if !survey.ok() {
+        std::process::exit(1);
+    }
     Ok(())
 }

@@ -333,3 +333,53 @@ fn ctrl_c_stops_train_at_a_safe_point_with_a_checkpoint() {
     assert_eq!(resumed["resumed_from"].as_u64(), Some(steps), "{resumed}");
     assert_eq!(resumed["steps"].as_u64(), Some(steps + 2), "{resumed}");
 }
+
+/// `--log-format json`: every log line is one JSON object with level, message and fields; the
+/// default stays plain text.
+#[test]
+fn json_logs_are_one_object_a_line() {
+    let mut args = vec!["--log-format", "json", "simulate", "--steps", "2", "--inner-steps", "1"];
+    args.extend_from_slice(SMALL);
+    let out = Command::new(BIN)
+        .args(&args)
+        .env("DILOCO_LOG", "info")
+        .output()
+        .expect("spawn diloco-node");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "no JSON log lines in: {stderr}");
+    for l in &lines {
+        assert!(
+            l["level"].is_string() && l["fields"]["message"].is_string(),
+            "{l}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "data loaded"),
+        "{stderr}"
+    );
+    // Plain text by default.
+    let mut args = vec!["simulate", "--steps", "2", "--inner-steps", "1"];
+    args.extend_from_slice(SMALL);
+    let out = Command::new(BIN)
+        .args(&args)
+        .env("DILOCO_LOG", "info")
+        .output()
+        .expect("spawn diloco-node");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("data loaded") && !stderr.contains("{\"timestamp\""),
+        "{stderr}"
+    );
+}

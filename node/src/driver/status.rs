@@ -14,14 +14,14 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 /// What a node is doing, as `/status` reports it (lowercase in JSON).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Looking for a run under way, or waiting to found one.
@@ -50,7 +50,8 @@ impl std::fmt::Display for Phase {
 }
 
 /// A snapshot of the node, served as `/status`.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Status {
     /// libp2p peer id.
     pub peer_id: String,
@@ -300,6 +301,121 @@ pub fn fetch(addr: SocketAddr, timeout: std::time::Duration) -> Result<String, F
     Ok(body.to_string())
 }
 
+/// One node's answer in a [`Survey`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    /// The address asked.
+    pub addr: SocketAddr,
+    /// Its status, if it answered with one.
+    pub status: Option<Status>,
+    /// Why not, if it did not.
+    pub error: Option<String>,
+}
+
+/// The status of several nodes, side by side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Survey {
+    /// Every node asked, in order.
+    pub nodes: Vec<Answer>,
+    /// Rounds at which nodes report different global hashes.
+    pub disagree: Vec<u64>,
+}
+
+impl Survey {
+    /// Asks every address for its `/status` (each within `timeout`).
+    pub fn take(addrs: &[SocketAddr], timeout: std::time::Duration) -> Self {
+        let nodes = addrs
+            .iter()
+            .map(|&addr| {
+                let got = fetch(addr, timeout)
+                    .map_err(|e| crate::driver::report(&e))
+                    .and_then(|b| {
+                        serde_json::from_str::<Status>(&b)
+                            .map_err(|e| format!("not a diloco-node status: {e}"))
+                    });
+                match got {
+                    Ok(s) => Answer {
+                        addr,
+                        status: Some(s),
+                        error: None,
+                    },
+                    Err(e) => Answer {
+                        addr,
+                        status: None,
+                        error: Some(e),
+                    },
+                }
+            })
+            .collect();
+        Self::of(nodes)
+    }
+
+    /// The survey of these answers: which rounds have nodes with different hashes.
+    pub fn of(nodes: Vec<Answer>) -> Self {
+        let mut by_round: std::collections::BTreeMap<u64, std::collections::BTreeSet<&str>> =
+            Default::default();
+        for s in nodes.iter().filter_map(|a| a.status.as_ref()) {
+            if !s.global_hash.is_empty() {
+                by_round.entry(s.round).or_default().insert(&s.global_hash);
+            }
+        }
+        let disagree = by_round
+            .into_iter()
+            .filter(|(_, h)| h.len() > 1)
+            .map(|(r, _)| r)
+            .collect();
+        Survey { nodes, disagree }
+    }
+
+    /// Every node answered and no two at one round disagree.
+    pub fn ok(&self) -> bool {
+        self.disagree.is_empty() && self.nodes.iter().all(|a| a.status.is_some())
+    }
+
+    /// A table: one line per node, then what is wrong, if anything.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<21} {:<11} {:>6} {:>6} {:>9} {:>9} {:<16} {}\n",
+            "node", "phase", "round", "group", "loss", "eval", "global hash", "peer"
+        );
+        let loss = |l: Option<f32>| l.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into());
+        for a in &self.nodes {
+            match &a.status {
+                Some(s) => {
+                    let flag = if self.disagree.contains(&s.round) {
+                        " DIFFERS"
+                    } else {
+                        ""
+                    };
+                    let hash = &s.global_hash[..16.min(s.global_hash.len())];
+                    let peer = &s.peer_id[s.peer_id.len().saturating_sub(8)..];
+                    out.push_str(&format!(
+                        "{:<21} {:<11} {:>6} {:>6} {:>9} {:>9} {:<16} {peer}{flag}\n",
+                        a.addr.to_string(),
+                        s.phase.to_string(),
+                        s.round,
+                        s.group_size,
+                        loss(s.last_loss),
+                        loss(s.eval_loss),
+                        if hash.is_empty() { "-" } else { hash },
+                    ));
+                }
+                None => out.push_str(&format!(
+                    "{:<21} no answer: {}\n",
+                    a.addr.to_string(),
+                    a.error.as_deref().unwrap_or("")
+                )),
+            }
+        }
+        for r in &self.disagree {
+            out.push_str(&format!(
+                "nodes at round {r} report different global parameters\n"
+            ));
+        }
+        out
+    }
+}
+
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Status> {
     Json(shared.snapshot())
 }
@@ -341,4 +457,88 @@ pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, 
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(port: u16, round: u64, hash: &str) -> Answer {
+        Answer {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            status: Some(Status {
+                round,
+                global_hash: hash.into(),
+                phase: Phase::Averaging,
+                ..Default::default()
+            }),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_survey_flags_different_hashes_at_one_round_only() {
+        let same = Survey::of(vec![
+            answer(1, 4, "aa"),
+            answer(2, 4, "aa"),
+            answer(3, 5, "bb"),
+        ]);
+        assert!(same.ok(), "{}", same.table());
+        let forked = Survey::of(vec![
+            answer(1, 4, "aa"),
+            answer(2, 4, "cc"),
+            answer(3, 5, "bb"),
+        ]);
+        assert_eq!(forked.disagree, vec![4]);
+        assert!(!forked.ok());
+        assert!(forked.table().contains("DIFFERS"), "{}", forked.table());
+        // A node that is still syncing has no hash to compare.
+        assert!(Survey::of(vec![answer(1, 4, "aa"), answer(2, 4, "")]).ok());
+        let mut silent = answer(9, 0, "");
+        silent.status = None;
+        silent.error = Some("no node answers".into());
+        let s = Survey::of(vec![answer(1, 4, "aa"), silent]);
+        assert!(!s.ok());
+        assert!(
+            s.table().contains("no answer: no node answers"),
+            "{}",
+            s.table()
+        );
+    }
+
+    #[test]
+    fn a_survey_reads_what_a_node_serves() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = Shared::new(Status::default(), Arc::new(NetStats::default()));
+        shared.update(|s| {
+            s.round = 7;
+            s.phase = Phase::Training;
+            s.global_hash = "0123456789abcdef0123".into();
+        });
+        let addr = rt
+            .block_on(serve("127.0.0.1:0".parse().unwrap(), shared))
+            .unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        let survey = rt.block_on(async {
+            tokio::task::spawn_blocking(move || {
+                Survey::take(&[addr, gone], std::time::Duration::from_secs(5))
+            })
+            .await
+            .unwrap()
+        });
+        let s = survey.nodes[0].status.as_ref().expect("the node answered");
+        assert_eq!((s.round, s.phase), (7, Phase::Training));
+        assert!(survey.nodes[1].status.is_none());
+        assert!(!survey.ok());
+        assert!(
+            survey.table().contains("0123456789abcdef"),
+            "{}",
+            survey.table()
+        );
+    }
 }
