@@ -234,7 +234,8 @@ impl Shared {
         s
     }
 
-    fn render_metrics(&self) -> Result<String, std::fmt::Error> {
+    /// The Prometheus text of `/metrics`.
+    pub fn render_metrics(&self) -> Result<String, std::fmt::Error> {
         let s = self.snapshot();
         let m = &self.metrics;
         m.bytes_sent.set(s.bytes_sent as i64);
