@@ -338,7 +338,15 @@ fn ctrl_c_stops_train_at_a_safe_point_with_a_checkpoint() {
 /// default stays plain text.
 #[test]
 fn json_logs_are_one_object_a_line() {
-    let mut args = vec!["--log-format", "json", "simulate", "--steps", "2", "--inner-steps", "1"];
+    let mut args = vec![
+        "--log-format",
+        "json",
+        "simulate",
+        "--steps",
+        "2",
+        "--inner-steps",
+        "1",
+    ];
     args.extend_from_slice(SMALL);
     let out = Command::new(BIN)
         .args(&args)
