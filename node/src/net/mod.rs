@@ -650,19 +650,15 @@ impl Task {
         let Some(from) = m.source else {
             return (false, None);
         };
-        let kind = if m.topic == topic(Topic::Avg, &self.cfg.run).hash() {
-            if m.data.len() > MAX_GOSSIP_BYTES {
-                return (false, None);
-            }
-            Topic::Avg
-        } else if m.topic == topic(Topic::Hello, &self.cfg.run).hash() {
-            if m.data.len() > MAX_HELLO_BYTES {
-                return (false, None);
-            }
-            Topic::Hello
-        } else {
+        let Some(kind) = [Topic::Avg, Topic::Hello]
+            .into_iter()
+            .find(|&k| m.topic == topic(k, &self.cfg.run).hash())
+        else {
             return (false, None);
         };
+        if m.data.len() > kind.max_bytes() {
+            return (false, None);
+        }
         (
             true,
             Some(NetEvent::Gossip {
