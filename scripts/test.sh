@@ -3,7 +3,9 @@
 # multi-process tests in release mode, then the Python checkpoint test.
 # Needs: cargo; python3 with pip; for the wgpu smoke test a Vulkan driver (on Debian without a
 # GPU: mesa-vulkan-drivers, which provides lavapipe). Set DILOCO_SKIP_WGPU=1 to skip that test
-# on a machine with no Vulkan at all.
+# on a machine with no Vulkan at all. The dashboard's browser test needs a headless Chromium
+# (Debian: chromium-headless-shell); without one it is skipped with a notice, unless
+# DILOCO_REQUIRE_BROWSER=1 (as in .ci/run), which makes a missing browser a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/diloco-target}"
@@ -18,3 +20,14 @@ echo "== python checkpoint test"
 # `cargo test` above already built the binary (integration tests use it); building it again with
 # `cargo build` would pick other feature unifications and recompile burn.
 DILOCO_BIN="$CARGO_TARGET_DIR/release/diloco-node" python3 tests/python/test_checkpoint.py
+
+echo "== dashboard in headless Chromium (demo --nodes 3)"
+if command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null; then
+  python3 tests/browser/dashboard.py --bin-dir "$CARGO_TARGET_DIR/release" \
+      --artifacts "${DILOCO_ARTIFACTS:-$HOME/.cache/diloco-artifacts}"
+elif [ "${DILOCO_REQUIRE_BROWSER:-0}" = 1 ]; then
+  echo "no Chromium found and DILOCO_REQUIRE_BROWSER=1: apt-get install chromium-headless-shell" >&2
+  exit 1
+else
+  echo "SKIPPED: no Chromium (apt-get install chromium-headless-shell to run it)"
+fi

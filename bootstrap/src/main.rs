@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use diloco_bootstrap::server;
+use diloco_bootstrap::{server, status};
 use diloco_p2p::{addr, keys};
 use std::io::Write;
 use std::path::PathBuf;
@@ -50,6 +50,10 @@ struct Cli {
     /// their AutoNAT probes over private IPs too.
     #[arg(long, env = "DILOCO_PRIVATE_NETWORK")]
     private_network: bool,
+    /// Serve the dashboard page and `/status`, `/peers`, `/history` JSON on this address
+    /// (e.g. 127.0.0.1:8480; port 0 picks one). Off by default.
+    #[arg(long, env = "DILOCO_STATUS_ADDR")]
+    status_addr: Option<std::net::SocketAddr>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "DILOCO_LOG", default_value = "info,libp2p_kad=error")]
     log: String,
@@ -109,6 +113,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         };
         let swarm = server::build(&id, &cfg)?;
         tracing::info!(peer_id = %id.peer_id(), "bootstrap peer started");
+        let book = std::sync::Arc::new(std::sync::Mutex::new(status::Book::new(id.peer_id())));
+        if let Some(addr) = cli.status_addr {
+            let bound = status::serve(addr, book.clone()).await?;
+            println!("dashboard on http://{bound}/");
+            let _ = std::io::stdout().flush();
+        }
         let shutdown = async {
             let mut term =
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -124,8 +134,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down");
         };
-        server::run(
+        server::run_with(
             swarm,
+            book,
             |a| {
                 println!("{a}");
                 let _ = std::io::stdout().flush();

@@ -6,6 +6,7 @@
 //! reachable). It never trains, never joins a run and never sees protocol messages; a run keeps
 //! going when every bootstrap peer is gone.
 
+use crate::status::{lock, Book};
 use diloco_p2p::keys::Identity;
 use diloco_p2p::IDENTIFY_PROTOCOL;
 use futures::StreamExt;
@@ -14,6 +15,7 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     autonat, connection_limits, identify, kad, noise, ping, relay, tcp, yamux, Multiaddr, Swarm,
 };
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -170,11 +172,24 @@ fn is_loopback(addr: &Multiaddr) -> bool {
 /// Drives the swarm until `shutdown` resolves. Each listen address is reported through
 /// `on_listen` as a full multiaddr ending in `/p2p/<peer id>`.
 pub async fn run(
+    swarm: Swarm<Behaviour>,
+    on_listen: impl FnMut(Multiaddr),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let book = Arc::new(Mutex::new(Book::new(*swarm.local_peer_id())));
+    run_with(swarm, book, on_listen, shutdown).await
+}
+
+/// [`run`], recording connections, peers and relay use in `book` (what the status server
+/// shows).
+pub async fn run_with(
     mut swarm: Swarm<Behaviour>,
+    book: crate::status::Shared,
     mut on_listen: impl FnMut(Multiaddr),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let me = *swarm.local_peer_id();
+    let mut sample = tokio::time::interval(crate::status::SAMPLE_EVERY);
     // Without explicit external addresses, announce the ones it listens on: the relay hands
     // its external addresses to clients in their reservations, and a client with none gets no
     // relayed address at all.
@@ -183,6 +198,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            _ = sample.tick() => lock(&book).sample(),
             ev = swarm.select_next_some() => match ev {
                 SwarmEvent::NewListenAddr { address, .. } => {
                     if auto_external {
@@ -199,7 +215,9 @@ pub async fn run(
                             swarm.add_external_address(address.clone());
                         }
                     }
-                    on_listen(address.with(Protocol::P2p(me)));
+                    let full = address.with(Protocol::P2p(me));
+                    lock(&book).listening(full.to_string());
+                    on_listen(full);
                 }
                 SwarmEvent::ListenerError { error, .. } => {
                     tracing::warn!(%error, "listener error");
@@ -209,12 +227,29 @@ pub async fn run(
                     return Err(ServerError::Listen { addr, reason: e.to_string() });
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                    lock(&book).connected(peer_id, endpoint.get_remote_address().to_string());
                     tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                 }
                 SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                    lock(&book).disconnected(peer_id);
                     tracing::debug!(peer = %peer_id, "disconnected");
                 }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::Event::ReservationReqAccepted { src_peer_id, renewed: true })) => {
+                    lock(&book).reservation(src_peer_id, true);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(
+                    relay::Event::ReservationClosed { src_peer_id } | relay::Event::ReservationTimedOut { src_peer_id },
+                )) => {
+                    lock(&book).reservation(src_peer_id, false);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::Event::CircuitReqAccepted { .. })) => {
+                    lock(&book).circuit(true);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::Event::CircuitClosed { .. })) => {
+                    lock(&book).circuit(false);
+                }
                 SwarmEvent::Behaviour(BehaviourEvent::Relay(relay::Event::ReservationReqAccepted { src_peer_id, renewed: false })) => {
+                    lock(&book).reservation(src_peer_id, true);
                     // The peer is now reachable through this relay: peers that look it up must
                     // get that address at once, not when its identify push (or the next periodic
                     // identify, minutes later) tells the same.
@@ -241,6 +276,7 @@ pub async fn run(
                         continue;
                     }
                     tracing::info!(peer = %peer_id, agent = %info.agent_version, "peer identified");
+                    lock(&book).identified(peer_id, &info.agent_version);
                     diloco_p2p::learn_addresses(&mut swarm.behaviour_mut().kad, &peer_id, info);
                 }
                 _ => {}

@@ -74,6 +74,50 @@ pub enum Command {
     /// global hash, flagging nodes at one round whose hashes differ (exit 1 then, or when a
     /// node does not answer).
     Status(StatusArgs),
+    /// Start a bootstrap peer and N nodes on this machine (loopback, built-in corpus unless
+    /// --data), print their dashboard addresses and follow the run until Ctrl+C, which stops
+    /// every process cleanly (final checkpoints written).
+    Demo(DemoArgs),
+}
+
+/// `demo` flags. Flags after `--` are passed to every node's `join`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Nodes to start (1 to 16).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nodes: u16,
+    /// Folder for each process's log, key and checkpoints (default: a new folder under the
+    /// system's temporary directory; it is kept after the demo so the checkpoints stay).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Dashboard port of the bootstrap peer; node i gets port + i. 0 lets the system pick free
+    /// ports.
+    #[arg(long, default_value_t = 8480)]
+    pub port: u16,
+    /// Training text (default: the built-in corpus).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Inner steps per round (small, so rounds come every few seconds).
+    #[arg(long, default_value_t = 10)]
+    pub inner_steps: u64,
+    /// Sequences per inner step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Stop after this many rounds (0: run until Ctrl+C).
+    #[arg(long, default_value_t = 0)]
+    pub rounds: u64,
+    /// Compute backend of the nodes.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+    pub backend: BackendChoice,
+    /// The `diloco-bootstrap` binary (default: the one beside this binary, then $PATH).
+    #[arg(long, env = "DILOCO_BOOTSTRAP_BIN")]
+    pub bootstrap_bin: Option<PathBuf>,
+    /// More `join` flags for every node.
+    #[arg(last = true)]
+    pub join_args: Vec<String>,
 }
 
 /// `status` flags.

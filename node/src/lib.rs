@@ -10,11 +10,13 @@
 //!   meet: the node's event loop, timers, vote record, restore, shutdown and its HTTP status
 //!   page.
 //!
-//! Glue: the command line ([`cli`]) and the run definition every peer of a run shares
-//! ([`runconfig`]). The averaging protocol (pure logic, no I/O) is the `diloco-protocol` crate;
+//! Glue: the command line ([`cli`]), the run definition every peer of a run shares
+//! ([`runconfig`]) and `demo` ([`demo`]: a bootstrap peer and N nodes as child processes on
+//! loopback). The averaging protocol (pure logic, no I/O) is the `diloco-protocol` crate;
 //! the network's conventions shared with the bootstrap peer are `diloco-p2p`.
 
 pub mod cli;
+pub mod demo;
 pub mod driver;
 pub mod net;
 pub mod runconfig;

@@ -83,6 +83,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Join(args) => join(args),
         Command::Health(args) => health(args),
         Command::Status(args) => status(args),
+        Command::Demo(args) => {
+            let stop = stop_flag()?;
+            diloco_node::demo::run(&args, &stop)?;
+            Ok(())
+        }
         Command::Simulate(args) => {
             let cfg = args.to_config()?;
             let (corpus, dev) = prepare(&args.common, cfg.seq, cfg.replicas)?;

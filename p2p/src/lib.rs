@@ -4,6 +4,7 @@
 //! every diloco peer uses, and the Kademlia/identify setup both kinds of peer share.
 
 pub mod addr;
+pub mod dashboard;
 pub mod keys;
 
 use libp2p::{identify, kad, PeerId, StreamProtocol};

@@ -19,6 +19,7 @@
 //! Signed statements are durable ([`votes`]): before any protocol message but JOIN leaves the
 //! node, its round is written to `VOTED` in the checkpoint directory.
 
+pub mod history;
 mod node;
 pub mod restore;
 pub mod status;
@@ -295,7 +296,8 @@ async fn run_node(
     if let Some(addr) = cfg.status_addr {
         let bound = status::serve(addr, shared.clone()).await?;
         println!("status on http://{bound}/status");
-        tracing::info!(addr = %bound, "serving /status and /metrics");
+        println!("dashboard on http://{bound}/");
+        tracing::info!(addr = %bound, "serving the dashboard, /status, /history, /peers and /metrics");
     }
 
     let timers = Timers::new();

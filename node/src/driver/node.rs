@@ -3,6 +3,7 @@
 //! ([`Node::fire_timers`]) and the one-second discovery tick ([`Node::on_tick`]). Each feeds
 //! the averaging state machine or discovery and carries out what they ask for; none blocks.
 
+use super::history::RoundRecord;
 use super::status::{Phase, Shared};
 use super::timers::Timers;
 use super::votes::VoteLog;
@@ -11,10 +12,10 @@ use crate::net::{peer, Client, ClientError, NetEvent, Topic};
 use crate::train::checkpoint::NetCheckpoint;
 use crate::train::flat::{self, ParamInfo};
 use crate::train::worker::{Done, Job, SaveJob};
-use diloco_protocol::averaging::{InEvent, OutEvent, State};
+use diloco_protocol::averaging::{leader_order, InEvent, OutEvent, State};
 use diloco_protocol::discovery::{self, Action, Discovery, Local, Wait};
 use diloco_protocol::outer::hash_f32;
-use diloco_protocol::wire::{Body, Direct, Envelope, Hash, Hello};
+use diloco_protocol::wire::{Body, Direct, Envelope, Hash, Hello, PeerKey};
 use ed25519_dalek::SigningKey;
 use libp2p::PeerId;
 use rand_chacha::ChaCha8Rng;
@@ -46,7 +47,16 @@ pub(super) struct Tally {
     pub(super) global_hash: String,
     /// Hash of the agreed state (parameters and momentum), hex.
     pub(super) state_hash: String,
+    /// Whether this node leads the current round (first in its leader order).
+    pub(super) leader: bool,
     pub(super) last_checkpoint: Option<PathBuf>,
+}
+
+/// The libp2p peer id of a protocol key, as the dashboard shows it.
+fn peer_name(p: &PeerKey) -> String {
+    peer::libp2p_peer(p)
+        .map(|id| id.to_string())
+        .unwrap_or_else(|| hex::encode(p.0))
 }
 
 /// One node.
@@ -123,6 +133,8 @@ impl Node {
                 OutEvent::Decided { round, seal, state } => self.on_decided(round, seal, state),
                 OutEvent::Rejected { from, kind, reason } => {
                     self.tally.rejected += 1;
+                    let now = self.shared.now_s();
+                    self.shared.peers(|b| b.rejected(&peer_name(&from), now));
                     tracing::warn!(from = %hex::encode(&from.0[..8]), kind, %reason, "message rejected");
                 }
                 OutEvent::Banned { peer } => {
@@ -179,6 +191,8 @@ impl Node {
             };
             self.tally.global_hash = global;
             self.tally.state_hash = state;
+            self.tally.leader =
+                st.is_member() && leader_order(&st.chain(), st.members()).first() == Some(&st.id());
         }
     }
 
@@ -212,6 +226,7 @@ impl Node {
                 s.last_averaging_s = averaging;
             }
         });
+        self.record_round(round, members, elapsed, averaging);
         let eval = self.cfg.eval_windows > 0 && self.cfg.run.config.synthetic_params == 0;
         if eval && !self.trainer.eval_busy {
             if let Some(st) = &self.state {
@@ -223,6 +238,58 @@ impl Node {
         if self.cfg.checkpoint_every > 0 && next % self.cfg.checkpoint_every == 0 {
             self.save_checkpoint();
         }
+    }
+
+    /// Adds the decided `round` to the dashboard's history and peer table.
+    fn record_round(
+        &self,
+        round: u64,
+        members: usize,
+        round_s: Option<f64>,
+        averaging_s: Option<f64>,
+    ) {
+        let Some(st) = &self.state else { return };
+        let me = st.id();
+        // The contributors are in the SEAL of the decision just made (the newest proof).
+        let all: Vec<PeerKey> = st
+            .decisions()
+            .last()
+            .filter(|p| p.seal.round == round)
+            .and_then(|p| match &p.seal.body {
+                Body::Seal(prop) => Some(&prop.seal.close.contributors),
+                _ => None,
+            })
+            .map(|cs| cs.iter().map(|c| c.peer).collect())
+            .unwrap_or_default();
+        // The peer table lists the others; this node is in the cards.
+        let others = |ps: &[PeerKey]| -> Vec<String> {
+            ps.iter().filter(|p| **p != me).map(peer_name).collect()
+        };
+        let contributors = others(&all);
+        let next = others(st.members());
+        let now = self.shared.now_s();
+        let rec = RoundRecord {
+            round,
+            at_s: now,
+            members,
+            contributors: all.len(),
+            round_s,
+            averaging_s,
+            ..RoundRecord::default()
+        };
+        let net = &self.shared.net;
+        let sent = net.bytes_sent.load(std::sync::atomic::Ordering::Relaxed);
+        let received = net
+            .bytes_received
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.shared.history(|h| h.decided(rec, sent, received));
+        self.shared.peers(|b| b.decided(&contributors, &next, now));
+    }
+
+    /// Heard from `from` (which says it is in `round`, if the message says).
+    fn seen(&self, from: &PeerId, round: Option<u64>) {
+        let now = self.shared.now_s();
+        self.shared.peers(|b| b.seen(&from.to_string(), now, round));
     }
 
     /// Asks the trainer thread for a checkpoint of the agreed state; false if there is none
@@ -278,8 +345,16 @@ impl Node {
         let t = &self.tally;
         let (hash, state_hash) = (t.global_hash.clone(), t.state_hash.clone());
         let (decided, rejected) = (t.rounds_decided, t.rejected);
+        let role = match phase {
+            Phase::Discovering | Phase::Stopped => phase.to_string(),
+            Phase::Syncing => "syncing".to_string(),
+            _ if member && t.leader => "leader".to_string(),
+            _ if member => "member".to_string(),
+            _ => "observer".to_string(),
+        };
         self.shared.update(|s| {
             s.phase = phase;
+            s.role = role;
             s.round = round;
             s.step = round * h;
             s.group_size = members;
@@ -309,6 +384,9 @@ impl Node {
                 data,
             } => match Envelope::from_bytes(&data) {
                 Ok(env) => {
+                    // The round counts only when the gossip's (authenticated) source signed it.
+                    let own = peer::proto_peer(&from) == Some(env.signer);
+                    self.seen(&from, own.then_some(env.round));
                     self.feed(InEvent::Gossip {
                         env: Arc::new(env),
                         verified: false,
@@ -316,6 +394,8 @@ impl Node {
                 }
                 Err(e) => {
                     self.tally.rejected += 1;
+                    let now = self.shared.now_s();
+                    self.shared.peers(|b| b.rejected(&from.to_string(), now));
                     tracing::warn!(peer = %from, error = %e, "malformed gossip message dropped");
                 }
             },
@@ -324,6 +404,7 @@ impl Node {
                     tracing::warn!(peer = %from, "direct message from a non-ed25519 peer dropped");
                     return Ok(());
                 };
+                self.seen(&from, None);
                 match Direct::from_bytes(&data) {
                     Ok(msg) => self.feed(InEvent::Direct {
                         from: sender,
@@ -331,11 +412,14 @@ impl Node {
                     })?,
                     Err(e) => {
                         self.tally.rejected += 1;
+                        let now = self.shared.now_s();
+                        self.shared.peers(|b| b.rejected(&from.to_string(), now));
                         tracing::warn!(peer = %from, error = %e, "malformed direct message dropped");
                     }
                 }
             }
             NetEvent::PeerJoined(p) => {
+                self.seen(&p, None);
                 if let Some(pp) = peer::proto_peer(&p) {
                     self.feed(InEvent::Contact(pp))?;
                 }
@@ -364,6 +448,7 @@ impl Node {
             tracing::warn!(peer = %from, "HELLO signed by one peer for another; dropped");
             return Ok(());
         }
+        self.seen(&from, hello.synced.then_some(hello.round));
         self.discover(discovery::Event::Hello {
             from: sender,
             hello,
@@ -482,6 +567,7 @@ impl Node {
                     tokens_per_s = tok_s as u64,
                     "local training done"
                 );
+                self.shared.history(|h| h.trained(round, loss, tok_s));
                 self.shared.update(|s| s.last_loss = Some(loss));
                 self.feed(InEvent::Trained {
                     round,
@@ -501,6 +587,10 @@ impl Node {
                     if s.eval_history.len() < 10_000 {
                         s.eval_history.push((round, loss));
                     }
+                });
+                // The eval job is named for the round after the decision it evaluates.
+                self.shared.history(|h| {
+                    h.evaluated(round.saturating_sub(1), loss);
                 });
             }
             Done::Saved { round, result } => match result {

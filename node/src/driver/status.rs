@@ -1,11 +1,14 @@
-//! The node's HTTP status endpoint (axum): `GET /status` as JSON and `GET /metrics` in the
+//! The node's HTTP status server (axum): the live dashboard at `GET /` (one page embedded in
+//! the binary, [`diloco_p2p::dashboard`]), `GET /status` as JSON, `GET /history` (the last
+//! rounds, [`super::history`]), `GET /peers` (the peer table) and `GET /metrics` in the
 //! Prometheus text format (prometheus-client).
 //!
 //! The training loop writes a [`Status`] snapshot after every change; the server only reads it,
 //! so a slow or hostile HTTP client can never stall training.
 
+use super::history::{History, PeerBook, PeerRow, RoundRecord, MAX_PAGE};
 use crate::net::NetStats;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
@@ -17,7 +20,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use thiserror::Error;
 
 /// What a node is doing, as `/status` reports it (lowercase in JSON).
@@ -71,6 +74,9 @@ pub struct Status {
     pub group_size: usize,
     /// Whether this node is a member of the current round.
     pub member: bool,
+    /// This node's part in the current round: `leader` (first in the round's leader order),
+    /// `member`, `observer` (synced, not a member yet), `syncing` or `discovering`.
+    pub role: String,
     /// Mean training loss of this node's last round.
     pub last_loss: Option<f32>,
     /// Eval loss of the global parameters after the last decided round.
@@ -122,9 +128,21 @@ pub struct Shared {
     pub status: RwLock<Status>,
     /// Network counters (read at request time).
     pub net: Arc<NetStats>,
+    /// The last rounds, for `/history`.
+    pub history: Mutex<History>,
+    /// The peers heard from, for `/peers`.
+    pub peers: Mutex<PeerBook>,
     metrics: Metrics,
     registry: Registry,
     started: std::time::Instant,
+}
+
+/// Locks `m` even if a panicking holder poisoned it (the data are plain records).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -187,6 +205,8 @@ impl Shared {
         Arc::new(Self {
             status: RwLock::new(status),
             net,
+            history: Mutex::new(History::default()),
+            peers: Mutex::new(PeerBook::default()),
             metrics,
             registry,
             started: std::time::Instant::now(),
@@ -219,6 +239,31 @@ impl Shared {
             .inc_by(s.rounds_decided.saturating_sub(decided_before));
         m.rejected
             .inc_by(s.rejected.saturating_sub(rejected_before));
+    }
+
+    /// Seconds since the node started (the time base of history and peer rows).
+    pub fn now_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Applies `f` to the round history.
+    pub fn history(&self, f: impl FnOnce(&mut History)) {
+        f(&mut lock(&self.history));
+    }
+
+    /// Applies `f` to the peer table.
+    pub fn peers(&self, f: impl FnOnce(&mut PeerBook)) {
+        f(&mut lock(&self.peers));
+    }
+
+    /// Records of the rounds after `since`, at most [`MAX_PAGE`].
+    pub fn history_after(&self, since: Option<u64>) -> Vec<RoundRecord> {
+        lock(&self.history).after(since, MAX_PAGE)
+    }
+
+    /// The peer table, heard from most recently first.
+    pub fn peer_rows(&self) -> Vec<PeerRow> {
+        lock(&self.peers).rows()
     }
 
     /// The current snapshot with live network counters.
@@ -282,6 +327,15 @@ pub enum FetchError {
 
 /// `GET /status` from the node serving on `addr` (answers of at most 1 MiB): the JSON body.
 pub fn fetch(addr: SocketAddr, timeout: std::time::Duration) -> Result<String, FetchError> {
+    fetch_path(addr, "/status", timeout)
+}
+
+/// `GET path` from the server on `addr` (answers of at most 1 MiB): the body.
+pub fn fetch_path(
+    addr: SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<String, FetchError> {
     use std::io::{Read, Write};
     let io = |source| FetchError::Connect { addr, source };
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
@@ -289,7 +343,7 @@ pub fn fetch(addr: SocketAddr, timeout: std::time::Duration) -> Result<String, F
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     write!(
         s,
-        "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .map_err(io)?;
     let mut buf = Vec::new();
@@ -436,9 +490,58 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     }
 }
 
+/// What `/history` answers: the rounds after `since`, and the cap of the ring buffer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryPage {
+    /// Rounds the node keeps at most.
+    pub capacity: usize,
+    /// The records, oldest first.
+    pub rounds: Vec<RoundRecord>,
+}
+
+/// `since=R` from a query string; anything else is ignored.
+fn since(query: Option<&str>) -> Option<u64> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("since="))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn history(State(shared): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Json<HistoryPage> {
+    Json(HistoryPage {
+        capacity: super::history::HISTORY_ROUNDS,
+        rounds: shared.history_after(since(q.as_deref())),
+    })
+}
+
+async fn peers(State(shared): State<Arc<Shared>>) -> Json<Vec<PeerRow>> {
+    Json(shared.peer_rows())
+}
+
+/// A file of the dashboard, with headers that keep it self-contained: it may load nothing
+/// from anywhere but this server.
+fn dashboard_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                diloco_p2p::dashboard::CONTENT_SECURITY_POLICY,
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+}
+
 /// The router (exposed for tests).
 pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let mut r = Router::new();
+    for (path, ty, body) in diloco_p2p::dashboard::FILES {
+        r = r.route(path, get(move || async move { dashboard_file(ty, body) }));
+    }
+    r.route("/history", get(history))
+        .route("/peers", get(peers))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(shared)
