@@ -388,4 +388,50 @@ mod tests {
             .iter()
             .any(|r| r.agent.len() <= MAX_AGENT && r.agent.starts_with('é')));
     }
+
+    #[test]
+    fn the_server_serves_the_page_and_what_the_book_holds() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let book: Shared = Arc::new(Mutex::new(Book::new(PeerId::random())));
+        let p = PeerId::random();
+        lock(&book).connected(p, "/ip4/127.0.0.1/tcp/9".into());
+        lock(&book).sample();
+        let addr = rt
+            .block_on(serve("127.0.0.1:0".parse().unwrap(), book))
+            .unwrap();
+        let get = move |path: &str| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        let got = rt.block_on(async {
+            tokio::task::spawn_blocking(move || {
+                ["/", "/status", "/peers", "/history"].map(|x| get(x))
+            })
+            .await
+            .unwrap()
+        });
+        let [page, status, peers, history] = got;
+        assert!(page
+            .to_ascii_lowercase()
+            .contains("content-security-policy"));
+        assert!(page.contains("boot-view"));
+        let body = |a: &str| a.split_once("\r\n\r\n").unwrap().1.to_string();
+        let s: Status = serde_json::from_str(&body(&status)).unwrap();
+        assert_eq!((s.kind.as_str(), s.connections), ("bootstrap", 1));
+        let rows: Vec<PeerRow> = serde_json::from_str(&body(&peers)).unwrap();
+        assert_eq!(rows[0].peer_id, p.to_string());
+        let h: HistoryPage = serde_json::from_str(&body(&history)).unwrap();
+        assert_eq!(h.samples.len(), 1);
+    }
 }

@@ -294,6 +294,52 @@ fn join_bad_input_gets_a_clear_error() {
     );
 }
 
+#[test]
+fn demo_bad_input_gets_a_clear_error_and_leaves_nothing_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let d = dir.to_str().unwrap();
+    fails_with(&["demo", "--nodes", "0"], "--nodes");
+    fails_with(&["demo", "--nodes", "17"], "--nodes");
+    fails_with(
+        &[
+            "demo",
+            "--dir",
+            d,
+            "--bootstrap-bin",
+            "/nonexistent/diloco-bootstrap",
+        ],
+        "cannot start bootstrap",
+    );
+    // The bootstrap peer's dashboard port is taken: its own error is shown.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    fails_with(
+        &["demo", "--dir", d, "--port", &port],
+        "cannot serve status",
+    );
+    // A wrong flag for the nodes: the node's own error, and the bootstrap peer is stopped.
+    fails_with(
+        &[
+            "demo",
+            "--dir",
+            d,
+            "--port",
+            "0",
+            "--",
+            "--inner-stepz",
+            "3",
+        ],
+        "--inner-stepz",
+    );
+    let left = Command::new("pgrep").args(["-f", d]).output().unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
 /// Ctrl+C (SIGINT) stops `train` at the next step, writes a checkpoint there and reports it;
 /// `--resume` then continues from that step.
 #[test]

@@ -402,6 +402,7 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
     let metrics = http_get(a, "/metrics").unwrap();
     assert!(metrics.contains("diloco_round"), "{metrics}");
     println!("agreed at round {r1}");
+    check_dashboard_data(a, &[b, c]);
 
     // 2. SIGKILL node c mid-round: a and b finish the round and go on, identical.
     let c_index = net.nodes[2].0;
@@ -446,6 +447,13 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
         }
     }
     assert!(dead.is_empty(), "nodes died: {dead:?}\n{}", net.logs());
+    // The peer tables put the rejections on the peers that sent them.
+    let table_rejections: u64 = [a, b, c2, d]
+        .iter()
+        .flat_map(|x| peers_of(*x))
+        .map(|r| r["rejections"].as_u64().unwrap())
+        .sum();
+    assert!(table_rejections > 0, "no peer table lists a rejection");
     println!("after the attack: all agree at round {r5}; {rejected} messages rejected");
 
     // 6. Through all of it the global model learned: a (alive throughout) evaluated it every
@@ -462,6 +470,65 @@ fn nodes_train_together_survive_faults_and_stay_identical() {
     let recent = hist[hist.len() - 3..].iter().sum::<f64>() / 3.0;
     assert!(recent < first, "eval loss did not fall: {hist:?}");
     println!("eval loss {first:.3} -> {recent:.3} (mean of the last three)");
+}
+
+fn peers_of(addr: SocketAddr) -> Vec<Value> {
+    let body = http_get(addr, "/peers").expect("/peers answers");
+    serde_json::from_str::<Vec<Value>>(&body).expect("/peers is a JSON array")
+}
+
+/// What node `me`'s dashboard reads, after a few rounds with `others`: the page itself, round
+/// records with members, contributors, losses and traffic, and a peer table of the others.
+fn check_dashboard_data(me: SocketAddr, others: &[SocketAddr]) {
+    let page = http_get(me, "/").expect("/ answers");
+    assert!(page.contains("/dashboard.js"), "{page}");
+    assert!(http_get(me, "/dashboard.js").is_some_and(|js| js.contains("pollNode")));
+    let hist: Value = serde_json::from_str(&http_get(me, "/history").unwrap()).unwrap();
+    let rounds = hist["rounds"].as_array().unwrap();
+    assert!(rounds.len() >= 3, "{hist}");
+    let last = rounds.last().unwrap();
+    // A straggler may miss a round, so "some round", not "the last one".
+    assert!(
+        rounds.iter().any(|r| r["members"].as_u64() == Some(3)),
+        "{hist}"
+    );
+    assert!(
+        rounds.iter().any(|r| r["contributors"].as_u64() == Some(3)),
+        "{hist}"
+    );
+    assert!(
+        rounds
+            .iter()
+            .all(|r| r["contributors"].as_u64().unwrap() <= 3),
+        "{hist}"
+    );
+    assert!(
+        rounds.iter().all(|r| r["bytes_sent"].as_u64().unwrap() > 0),
+        "{hist}"
+    );
+    assert!(rounds.iter().any(|r| r["train_loss"].is_f64()), "{hist}");
+    assert!(rounds.iter().any(|r| r["eval_loss"].is_f64()), "{hist}");
+    assert!(rounds.iter().any(|r| r["averaging_s"].is_f64()), "{hist}");
+    let n = last["round"].as_u64().unwrap();
+    let after: Value =
+        serde_json::from_str(&http_get(me, &format!("/history?since={}", n - 1)).unwrap()).unwrap();
+    // Rounds decided since the first request may follow; round n comes first.
+    assert_eq!(after["rounds"][0]["round"].as_u64(), Some(n), "{after}");
+    let own = status(me).unwrap()["peer_id"].as_str().unwrap().to_string();
+    let rows = peers_of(me);
+    for o in others {
+        let id = status(*o).unwrap()["peer_id"].as_str().unwrap().to_string();
+        let row = rows
+            .iter()
+            .find(|r| r["peer_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("peer {id} missing from {rows:?}"));
+        assert!(row["contributions"].as_u64().unwrap() >= 1, "{row}");
+    }
+    assert!(rows.iter().any(|r| r["member"] == true), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r["peer_id"] != own.as_str()),
+        "the node lists itself: {rows:?}"
+    );
 }
 
 /// Waits until `pred` holds for the status of every node in `which`.

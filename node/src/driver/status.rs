@@ -645,4 +645,94 @@ mod tests {
             survey.table()
         );
     }
+
+    /// The raw HTTP answer (head and body) to `GET path`.
+    fn raw_get(addr: SocketAddr, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn since_reads_only_a_number() {
+        assert_eq!(since(Some("since=12")), Some(12));
+        assert_eq!(since(Some("x=1&since=3")), Some(3));
+        assert_eq!(since(Some("since=-1")), None);
+        assert_eq!(since(Some("since=99999999999999999999999")), None);
+        assert_eq!(since(Some("")), None);
+        assert_eq!(since(None), None);
+    }
+
+    #[test]
+    fn the_server_serves_the_dashboard_history_and_peers() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = Shared::new(Status::default(), Arc::new(NetStats::default()));
+        shared.history(|h| {
+            for r in 0..5 {
+                h.decided(
+                    RoundRecord {
+                        round: r,
+                        members: 3,
+                        ..RoundRecord::default()
+                    },
+                    100 * (r + 1),
+                    0,
+                );
+            }
+        });
+        shared.peers(|b| b.seen("12D3KooWx", 1.0, Some(4)));
+        let addr = rt
+            .block_on(serve("127.0.0.1:0".parse().unwrap(), shared))
+            .unwrap();
+        let got = rt.block_on(async {
+            tokio::task::spawn_blocking(move || {
+                [
+                    "/",
+                    "/dashboard.js",
+                    "/dashboard.css",
+                    "/history?since=2",
+                    "/peers",
+                ]
+                .map(|p| raw_get(addr, p))
+            })
+            .await
+            .unwrap()
+        });
+        let [page, js, css, hist, peers] = got;
+        for (answer, ty) in [
+            (&page, "text/html"),
+            (&js, "text/javascript"),
+            (&css, "text/css"),
+        ] {
+            let head = answer
+                .split("\r\n\r\n")
+                .next()
+                .unwrap()
+                .to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(head.contains(&format!("content-type: {ty}")), "{head}");
+            assert!(
+                head.contains("content-security-policy: default-src 'none'"),
+                "{head}"
+            );
+        }
+        assert!(page.contains("<svg id=\"chart-loss\""));
+        let body = |a: &str| a.split_once("\r\n\r\n").unwrap().1.to_string();
+        let h: HistoryPage = serde_json::from_str(&body(&hist)).unwrap();
+        let rounds: Vec<u64> = h.rounds.iter().map(|r| r.round).collect();
+        assert_eq!(rounds, vec![3, 4]);
+        assert_eq!(h.rounds[1].bytes_sent, 100);
+        let p: Vec<PeerRow> = serde_json::from_str(&body(&peers)).unwrap();
+        assert_eq!((p.len(), p[0].round), (1, Some(4)));
+    }
 }
