@@ -26,7 +26,8 @@ mkdir -p "$(dirname "$key")" "$(dirname "$out")"
 
 tmp=$(mktemp)
 # Creates the key if absent and prints /ip4/127.0.0.1/tcp/<port>/p2p/<peer id>.
-diloco-bootstrap --listen /ip4/127.0.0.1/tcp/0 --key "$key" --log error >"$tmp" &
+# (Without the status server: the real one binds that port.)
+(unset DILOCO_STATUS_ADDR; exec diloco-bootstrap --listen /ip4/127.0.0.1/tcp/0 --key "$key" --log error) >"$tmp" &
 pid=$!
 i=0
 until grep -q /p2p/ "$tmp"; do

@@ -33,6 +33,22 @@ class Failure(Exception):
     pass
 
 
+def check_bootstrap_dashboard(net, nodes):
+    """The bootstrap container serves its dashboard and knows the nodes (published port)."""
+    r = sh(net.compose + ["port", "bootstrap", "8080"], check=False, timeout=20)
+    line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
+    if not line.startswith("127.0.0.1:"):
+        raise Failure(f"the bootstrap's port 8080 is not published: {r.stdout} {r.stderr}")
+    base = "http://" + line
+    with urllib.request.urlopen(base + "/", timeout=5) as resp:
+        page = resp.read().decode()
+    with urllib.request.urlopen(base + "/status", timeout=5) as resp:
+        st = json.loads(resp.read())
+    if "/dashboard.js" not in page or st.get("kind") != "bootstrap" or st.get("peers", 0) < nodes:
+        raise Failure(f"bootstrap dashboard: status {st}")
+    log(f"bootstrap dashboard answers on {base}: {st['connections']} connections, {st['peers']} peers known")
+
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -335,6 +351,7 @@ def run_test(net):
     net.wait_agree(cids, 3, timeout=240)
     check_loss_falls(net, cids)
     net.wait_members(cids, timeout=120)
+    check_bootstrap_dashboard(net, len(cids))
 
     # 2. SIGKILL one node mid-round (while it trains); the others keep completing rounds.
     victim = cids[1]
