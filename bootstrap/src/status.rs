@@ -8,8 +8,6 @@
 //! and [`MAX_SAMPLES`] samples.
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use libp2p::PeerId;
@@ -18,7 +16,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use thiserror::Error;
 
 /// Peers the table keeps.
 pub const MAX_PEERS: usize = 1024;
@@ -259,67 +256,29 @@ pub fn lock(b: &Shared) -> std::sync::MutexGuard<'_, Book> {
     }
 }
 
-/// The status server could not start.
-#[derive(Debug, Error)]
-#[error(
-    "cannot serve status on {addr}: {source} (is the port in use? pick another with --status-addr)"
-)]
-pub struct StatusError {
-    /// The address.
-    pub addr: SocketAddr,
-    /// Why.
-    pub source: std::io::Error,
-}
-
-fn dashboard_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                diloco_p2p::dashboard::CONTENT_SECURITY_POLICY,
-            ),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-}
+pub use diloco_p2p::http::StatusError;
 
 /// The router (exposed for tests).
 pub fn router(book: Shared) -> Router {
-    let mut r = Router::new();
-    for (path, ty, body) in diloco_p2p::dashboard::FILES {
-        r = r.route(path, get(move || async move { dashboard_file(ty, body) }));
-    }
-    r.route(
-        "/status",
-        get(|State(b): State<Shared>| async move { Json(lock(&b).status()) }),
-    )
-    .route(
-        "/peers",
-        get(|State(b): State<Shared>| async move { Json(lock(&b).rows()) }),
-    )
-    .route(
-        "/history",
-        get(|State(b): State<Shared>| async move { Json(lock(&b).history()) }),
-    )
-    .with_state(book)
+    diloco_p2p::http::with_dashboard(Router::new())
+        .route(
+            "/status",
+            get(|State(b): State<Shared>| async move { Json(lock(&b).status()) }),
+        )
+        .route(
+            "/peers",
+            get(|State(b): State<Shared>| async move { Json(lock(&b).rows()) }),
+        )
+        .route(
+            "/history",
+            get(|State(b): State<Shared>| async move { Json(lock(&b).history()) }),
+        )
+        .with_state(book)
 }
 
 /// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
 pub async fn serve(addr: SocketAddr, book: Shared) -> Result<SocketAddr, StatusError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StatusError { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StatusError { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(book)).await {
-            tracing::error!(error = %e, "status server stopped");
-        }
-    });
-    Ok(bound)
+    diloco_p2p::http::serve(addr, router(book)).await
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod addr;
 pub mod dashboard;
+pub mod http;
 pub mod keys;
 
 use libp2p::{identify, kad, PeerId, StreamProtocol};

@@ -292,17 +292,7 @@ impl Shared {
     }
 }
 
-/// The status server could not start.
-#[derive(Debug, Error)]
-#[error(
-    "cannot serve status on {addr}: {source} (is the port in use? pick another with --status-addr)"
-)]
-pub struct StatusError {
-    /// The address.
-    pub addr: SocketAddr,
-    /// Why.
-    pub source: std::io::Error,
-}
+pub use diloco_p2p::http::StatusError;
 
 /// Why `health` got no status from a node.
 #[derive(Debug, Error)]
@@ -518,29 +508,10 @@ async fn peers(State(shared): State<Arc<Shared>>) -> Json<Vec<PeerRow>> {
     Json(shared.peer_rows())
 }
 
-/// A file of the dashboard, with headers that keep it self-contained: it may load nothing
-/// from anywhere but this server.
-fn dashboard_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (
-                header::CONTENT_SECURITY_POLICY,
-                diloco_p2p::dashboard::CONTENT_SECURITY_POLICY,
-            ),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-}
-
 /// The router (exposed for tests).
 pub fn router(shared: Arc<Shared>) -> Router {
-    let mut r = Router::new();
-    for (path, ty, body) in diloco_p2p::dashboard::FILES {
-        r = r.route(path, get(move || async move { dashboard_file(ty, body) }));
-    }
-    r.route("/history", get(history))
+    diloco_p2p::http::with_dashboard(Router::new())
+        .route("/history", get(history))
         .route("/peers", get(peers))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -549,18 +520,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 /// Binds `addr` and serves in the background; returns the bound address (port 0 picks one).
 pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr, StatusError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StatusError { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| StatusError { addr, source })?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(shared)).await {
-            tracing::error!(error = %e, "status server stopped");
-        }
-    });
-    Ok(bound)
+    diloco_p2p::http::serve(addr, router(shared)).await
 }
 
 #[cfg(test)]
