@@ -155,10 +155,32 @@ impl State {
     }
 
     pub(super) fn on_proof(&mut self, from: PeerKey, proof: DecisionProof) {
-        if !self.synced || proof.seal.round != self.round || self.r.decide_target.is_some() {
+        if !self.synced || proof.seal.round != self.round {
             return;
         }
+        // Awaiting a decision (a quorum of COMMITs seen) whose SEAL is already being applied:
+        // a proof adds nothing. Without the SEAL, the proof is what this peer asked for.
+        if let Some((ballot, _, _)) = self.r.decide_target {
+            if self.r.proposals.contains_key(&ballot) {
+                return;
+            }
+        }
         match self.verify_proof(&proof) {
+            Ok((_, c))
+                if self
+                    .r
+                    .decide_target
+                    .is_some_and(|(_, seal, state)| (seal, state) != (c.seal, c.state)) =>
+            {
+                // A quorum committed one SEAL and this proof shows a quorum for another: with
+                // honest quorums that cannot happen in one round; keep what the quorum seen
+                // first said.
+                self.reject(
+                    from,
+                    "SYNC",
+                    Reject::BadDecision("a decision other than the one a quorum committed"),
+                )
+            }
             Ok((p, c)) => {
                 let env = Arc::new(proof.seal.clone());
                 for ce in &proof.commits {
