@@ -31,6 +31,13 @@ pub enum OuterError {
     /// A weight was negative, NaN or infinite, or all weights were zero.
     #[error("invalid weights: {0}")]
     InvalidWeights(&'static str),
+    /// The outer step would make a parameter or its momentum NaN or infinite (an outer
+    /// gradient far too large, or not finite): nothing was changed.
+    #[error("the outer step would leave parameter {index} non-finite; nothing was changed")]
+    NonFinite {
+        /// The first such coordinate.
+        index: usize,
+    },
 }
 
 /// Hyperparameters of the outer optimizer.
@@ -52,6 +59,10 @@ impl Default for OuterConfig {
 }
 
 /// Applies one Nesterov outer step in place: updates `momentum` and `global` from `delta`.
+///
+/// All or nothing: if any parameter or momentum would become NaN or infinite, it returns
+/// [`OuterError::NonFinite`] and leaves both unchanged (a first pass computes and checks, the
+/// second writes the very same arithmetic, so the bits are those of a single pass).
 pub fn nesterov_step(
     cfg: OuterConfig,
     global: &mut [f32],
@@ -61,9 +72,18 @@ pub fn nesterov_step(
     check_len(global.len(), momentum.len())?;
     check_len(global.len(), delta.len())?;
     let (eta, mu) = (cfg.lr, cfg.momentum);
+    let step = |g: f32, m: f32, d: f32| {
+        let m = mu * m + d;
+        (g - eta * (d + mu * m), m)
+    };
+    for (index, ((g, m), d)) in global.iter().zip(momentum.iter()).zip(delta).enumerate() {
+        let (g, m) = step(*g, *m, *d);
+        if !g.is_finite() || !m.is_finite() {
+            return Err(OuterError::NonFinite { index });
+        }
+    }
     for ((g, m), d) in global.iter_mut().zip(momentum.iter_mut()).zip(delta) {
-        *m = mu * *m + *d;
-        *g -= eta * (*d + mu * *m);
+        (*g, *m) = step(*g, *m, *d);
     }
     Ok(())
 }
@@ -143,6 +163,36 @@ mod tests {
             assert!((g1 - expected).abs() < 1e-6, "{g1} vs {expected}");
         }
         assert_eq!(m, d);
+    }
+
+    #[test]
+    fn a_step_that_would_overflow_changes_nothing() {
+        let g0 = vec![1.0f32, 2.0, 3.0];
+        let m0 = vec![0.5f32, f32::MAX / 2.0, 0.0];
+        for d in [
+            vec![0.1f32, f32::MAX, 0.1],
+            vec![0.1f32, 0.1, f32::NAN],
+            vec![f32::INFINITY, 0.1, 0.1],
+        ] {
+            let (mut g, mut m) = (g0.clone(), m0.clone());
+            let err = nesterov_step(OuterConfig::default(), &mut g, &mut m, &d).unwrap_err();
+            assert!(matches!(err, OuterError::NonFinite { .. }), "{err}");
+            assert_eq!((g.as_slice(), m.as_slice()), (g0.as_slice(), m0.as_slice()));
+        }
+        // The two-pass step gives the bits of the one-pass formula.
+        let (mut g, mut m) = (g0.clone(), vec![0.25f32, -0.5, 0.125]);
+        let d = [0.3f32, -0.7, 1e-3];
+        let (mut g1, mut m1) = (g.clone(), m.clone());
+        for i in 0..3 {
+            m1[i] = 0.9 * m1[i] + d[i];
+            g1[i] -= 0.7 * (d[i] + 0.9 * m1[i]);
+        }
+        nesterov_step(OuterConfig::default(), &mut g, &mut m, &d).unwrap();
+        assert_eq!(
+            g.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            g1.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(m, m1);
     }
 
     #[test]

@@ -79,6 +79,13 @@ impl State {
             let mut theta = self.theta.clone();
             let mut momentum = self.momentum.clone();
             if outer::nesterov_step(self.cfg.outer, &mut theta, &mut momentum, &delta).is_err() {
+                // The sealed aggregate would make the state non-finite: never commit it; wait
+                // for failover.
+                self.reject(
+                    env.signer,
+                    "SEAL",
+                    Reject::Malformed("outer step not finite"),
+                );
                 self.r.applying = None;
                 return;
             }
