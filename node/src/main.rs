@@ -122,6 +122,12 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| addr::parse_listen(s))
         .collect::<Result<Vec<_>, _>>()?;
+    if args.founders == 2 {
+        tracing::warn!(
+            "--founders 2: a group of two needs both members to decide a round, so one crash \
+             stops the run until that node comes back; three or more tolerate one"
+        );
+    }
     if bootstrap.is_empty() {
         tracing::warn!(
             "no --bootstrap given: this node can only be found by peers that bootstrap from it"

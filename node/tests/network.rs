@@ -81,6 +81,23 @@ impl Running {
         );
     }
 
+    /// Waits until the log (stderr) has a line containing `needle`.
+    fn wait_log(&self, needle: &str, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{} logged no line with '{needle}'\n{}",
+            self.name,
+            self.tail()
+        );
+    }
+
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -622,4 +639,77 @@ fn joiners_found_anew_when_the_lone_founder_dies() {
     let _ = net.procs[a_index].child.wait();
     let (round, hash) = net.wait_agree(&[b, c], 1, Duration::from_secs(180));
     println!("b and c found anew and agree at round {round} ({hash:.12})");
+}
+
+/// A group of two needs both members: the nodes warn about it when the pair forms; when one
+/// is killed the survivor says in /status (and its log) that the run is stalled, within the
+/// run's timeouts; when the dead one restarts from its checkpoint, rounds resume and the stall
+/// clears.
+#[test]
+fn a_pair_that_loses_one_says_it_is_stalled_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Synthetic rounds (no model), short timeouts: a stall shows after 1 + 1 + 3 × 3 = 11 s.
+    std::fs::write(
+        dir.path().join("run.json"),
+        r#"{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
+            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
+            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500}"#,
+    )
+    .unwrap();
+    let mut cmd = Proc::new(bootstrap_bin());
+    cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
+        .arg(dir.path().join("boot.key"));
+    let boot = Running::spawn("bootstrap", cmd, dir.path());
+    let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
+    let mut net = Net {
+        dir,
+        bootstrap,
+        procs: vec![boot],
+        nodes: Vec::new(),
+    };
+    let a = net.start_node("a");
+    let b = net.start_node("b");
+    net.wait_agree(&[a, b], 3, Duration::from_secs(120));
+    let a_index = net.nodes[0].0;
+    net.procs[a_index].wait_log("needs both to decide", Duration::from_secs(10));
+    let sa = status(a).unwrap();
+    assert_eq!(
+        (sa["quorum"].as_u64(), sa["tolerates"].as_u64()),
+        (Some(2), Some(0)),
+        "{sa}"
+    );
+    assert!(sa["stalled_s"].is_null(), "{sa}");
+
+    let b_index = net.nodes[1].0;
+    net.procs[b_index].child.kill().unwrap();
+    let _ = net.procs[b_index].child.wait();
+    wait_status(
+        &net,
+        &[a],
+        "a reports the stall",
+        Duration::from_secs(60),
+        |s| s["stalled_s"].as_f64().is_some_and(|t| t >= 11.0),
+    );
+    net.procs[a_index].wait_log(
+        "fewer than 2 of the 2 members answer",
+        Duration::from_secs(10),
+    );
+    let metrics = http_get(a, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("diloco_stalled_seconds ") && !l.ends_with(" 0.0")),
+        "{metrics}"
+    );
+    let stalled_at = status(a).unwrap()["round"].as_u64().unwrap();
+
+    let _b2 = net.start_node("b");
+    wait_status(
+        &net,
+        &[a],
+        "rounds resume and the stall clears",
+        Duration::from_secs(120),
+        |s| s["stalled_s"].is_null() && s["round"].as_u64().unwrap() > stalled_at,
+    );
+    net.procs[a_index].wait_log("no longer stalled", Duration::from_secs(10));
 }

@@ -159,6 +159,13 @@ async function pollNode(st) {
   setText('phase', st.phase);
   setText('role', st.role);
   setText('group', st.group_size);
+  setText('tolerates', st.group_size ? st.tolerates : null);
+  const stalled = typeof st.stalled_s === 'number';
+  $('stalled').hidden = !stalled;
+  if (stalled) {
+    $('stalled').textContent = 'stalled: no decision for ' + duration(st.stalled_s) + ' — fewer than ' +
+      st.quorum + ' of the ' + st.group_size + ' members answer; rounds resume when enough come back';
+  }
   setText('hash', st.global_hash ? st.global_hash.slice(0, 12) : '');
   $('hash').title = st.global_hash || '';
   setText('eval', num(st.eval_loss, 4));

@@ -49,6 +49,10 @@ pub(super) struct Tally {
     pub(super) state_hash: String,
     /// Whether this node leads the current round (first in its leader order).
     pub(super) leader: bool,
+    /// When the node last warned that the run is stalled.
+    pub(super) stall_warned: Option<Instant>,
+    /// It warned that a group of two tolerates no crash.
+    pub(super) pair_warned: bool,
     pub(super) last_checkpoint: Option<PathBuf>,
 }
 
@@ -222,10 +226,18 @@ impl Node {
             .map(|(_, t)| t.elapsed().as_secs_f64());
         self.shared.update(|s| {
             s.last_round_s = elapsed;
+            s.stalled_s = None;
             if averaging.is_some() {
                 s.last_averaging_s = averaging;
             }
         });
+        if self.tally.stall_warned.take().is_some() {
+            tracing::info!(
+                round,
+                "a round was decided again: the run is no longer stalled"
+            );
+        }
+        self.warn_if_fragile();
         self.record_round(round, members, elapsed, averaging);
         let eval = self.cfg.eval_windows > 0 && self.cfg.run.config.synthetic_params == 0;
         if eval && !self.trainer.eval_busy {
@@ -352,9 +364,15 @@ impl Node {
             _ if member => "member".to_string(),
             _ => "observer".to_string(),
         };
+        let quorum = self
+            .state
+            .as_ref()
+            .map_or(0, |st| st.config().quorum.size(members));
         self.shared.update(|s| {
             s.phase = phase;
             s.role = role;
+            s.quorum = quorum;
+            s.tolerates = members.saturating_sub(quorum);
             s.round = round;
             s.step = round * h;
             s.group_size = members;
@@ -461,7 +479,67 @@ impl Node {
         if let Err(e) = self.net.publish_hello(&hello) {
             self.net_error("HELLO", e);
         }
+        self.check_stall();
         self.discover(discovery::Event::Tick)
+    }
+
+    /// A member that finished training its round and has seen no decision for longer than the
+    /// run's timeouts allow (the closer's wait, the aggregation and three leader attempts) is in
+    /// a stalled run: fewer than a quorum of the members answer. It says so in /status at once
+    /// and in the log once a minute; nothing else changes (rounds resume when enough members
+    /// come back).
+    fn check_stall(&mut self) {
+        let stalled = self.state.as_ref().and_then(|st| {
+            let (r, t) = self.trainer.trained_at?;
+            let waiting = r == st.round()
+                && st.is_synced()
+                && st.is_member()
+                && self.trainer.training.is_none();
+            let c = st.config();
+            let after = std::time::Duration::from_millis(
+                c.straggler_timeout + c.agg_timeout + 3 * c.attempt_timeout,
+            );
+            (waiting && t.elapsed() >= after).then(|| t.elapsed())
+        });
+        let (Some(waited), Some(st)) = (stalled, &self.state) else {
+            if self.tally.stall_warned.take().is_some() {
+                self.shared.update(|s| s.stalled_s = None);
+            }
+            return;
+        };
+        let c = st.config();
+        let (n, q) = (st.members().len(), c.quorum.size(st.members().len()));
+        let secs = waited.as_secs_f64();
+        self.shared.update(|s| s.stalled_s = Some(secs));
+        if self
+            .tally
+            .stall_warned
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60))
+        {
+            self.tally.stall_warned = Some(Instant::now());
+            tracing::warn!(
+                round = st.round(),
+                waited_s = secs as u64,
+                members = n,
+                quorum = q,
+                "no decision since this node's READY: fewer than {q} of the {n} members answer \
+                 (crashed, stopped or cut off); the run resumes when enough of them come back"
+            );
+        }
+    }
+
+    /// Warns once when the group is two members under a majority quorum: both must answer.
+    fn warn_if_fragile(&mut self) {
+        let Some(st) = &self.state else { return };
+        let n = st.members().len();
+        if self.tally.pair_warned || n != 2 || st.config().quorum.size(n) < n {
+            return;
+        }
+        self.tally.pair_warned = true;
+        tracing::warn!(
+            "the group has 2 members and needs both to decide a round: one crash or disconnect \
+             stops the run until it comes back (3 or more members tolerate one)"
+        );
     }
 
     /// Feeds discovery and carries out what it decides.

@@ -72,6 +72,14 @@ pub struct Status {
     pub state_hash: String,
     /// Members of the current round.
     pub group_size: usize,
+    /// COMMITs that decide a round in a group of `group_size` (its quorum).
+    pub quorum: usize,
+    /// Members the group can lose and still decide rounds (`group_size - quorum`).
+    pub tolerates: usize,
+    /// Seconds this node has waited for a decision since it finished training the round, once
+    /// that is longer than the run's timeouts allow (fewer than a quorum of members answer);
+    /// `None` while rounds are decided.
+    pub stalled_s: Option<f64>,
     /// Whether this node is a member of the current round.
     pub member: bool,
     /// This node's part in the current round: `leader` (first in the round's leader order),
@@ -116,6 +124,7 @@ pub struct Metrics {
     loss: Gauge<f64, AtomicU64>,
     eval_loss: Gauge<f64, AtomicU64>,
     round_seconds: Gauge<f64, AtomicU64>,
+    stalled_seconds: Gauge<f64, AtomicU64>,
     rounds_decided: Counter,
     rejected: Counter,
     bytes_sent: Gauge,
@@ -191,6 +200,11 @@ impl Shared {
             m.round_seconds.clone(),
         );
         registry.register(
+            "stalled_seconds",
+            "Seconds without a decision beyond the run's timeouts (0: not stalled)",
+            m.stalled_seconds.clone(),
+        );
+        registry.register(
             "rounds_decided",
             "Rounds decided since start",
             m.rounds_decided.clone(),
@@ -235,6 +249,7 @@ impl Shared {
         if let Some(t) = s.last_round_s {
             m.round_seconds.set(t);
         }
+        m.stalled_seconds.set(s.stalled_s.unwrap_or(0.0));
         m.rounds_decided
             .inc_by(s.rounds_decided.saturating_sub(decided_before));
         m.rejected
