@@ -60,6 +60,11 @@ impl Sim {
                 let keep = env.round.saturating_sub(3);
                 self.peers[i].sent_envs.retain(|e| e.round >= keep);
             }
+            Some(Attack::FutureRounds) => {
+                let stranger = ed25519_dalek::SigningKey::from_bytes(&[0xa5; 32]);
+                let f = Envelope::sign(&stranger, run, env.round + 5, env.chain, env.body.clone());
+                self.gossip_from(i, Arc::new(f));
+            }
             Some(Attack::Equivocate) => {
                 if let Body::Ready(r) = &env.body {
                     let mut r2 = r.clone();

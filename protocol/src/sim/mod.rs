@@ -56,6 +56,9 @@ pub enum Attack {
     /// As a shard owner, gossips AGGs for a tampered aggregate (every sign flipped: same norm)
     /// and serves the tampered bytes; the audits must keep it out of every SEAL.
     LyingOwner,
+    /// Also gossips copies of its messages signed by a fresh key that is no member and no peer,
+    /// five rounds ahead: an outsider pretending the run is further on.
+    FutureRounds,
 }
 
 /// A scheduled fault.
@@ -218,6 +221,9 @@ pub struct Report {
     pub states_sent: u64,
     /// StateRequests sent.
     pub state_requests: u64,
+    /// SyncRequests and StateRequests sent to a key that is no peer of the simulation (an
+    /// outsider's made-up id): must stay 0.
+    pub syncs_to_strangers: u64,
     /// The smallest member list any peer held right after deciding a round (`None`: nothing
     /// decided). Eviction shrinks it; with every peer alive it must stay n.
     pub min_members: Option<usize>,

@@ -118,6 +118,9 @@ impl Sim {
             _ => {}
         }
         let Some(&t) = self.index.get(&to) else {
+            if matches!(&*msg, Direct::SyncRequest { .. } | Direct::StateRequest) {
+                self.report.syncs_to_strangers += 1;
+            }
             return;
         };
         if !self.alive(t) || self.cut(from, t) {
