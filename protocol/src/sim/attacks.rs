@@ -65,6 +65,23 @@ impl Sim {
                 let f = Envelope::sign(&stranger, run, env.round + 5, env.chain, env.body.clone());
                 self.gossip_from(i, Arc::new(f));
             }
+            Some(Attack::HugeBallot) => {
+                let rank = self.peers[i].state.as_ref().and_then(|st| {
+                    let order = averaging::leader_order(&st.chain(), st.members());
+                    let rank = order.iter().position(|p| *p == self.peers[i].id)?;
+                    Some((rank as u64, order.len() as u64))
+                });
+                if let (Body::Ready(_), Some((rank, n))) = (&env.body, rank) {
+                    let top = u64::from(u32::MAX);
+                    let mut b = top - top % n + rank;
+                    if b > top {
+                        b -= n;
+                    }
+                    let f =
+                        Envelope::sign(&key, run, env.round, env.chain, Body::Prepare(b as u32));
+                    self.gossip_from(i, Arc::new(f));
+                }
+            }
             Some(Attack::Equivocate) => {
                 if let Body::Ready(r) = &env.body {
                     let mut r2 = r.clone();

@@ -59,6 +59,9 @@ pub enum Attack {
     /// Also gossips copies of its messages signed by a fresh key that is no member and no peer,
     /// five rounds ahead: an outsider pretending the run is further on.
     FutureRounds,
+    /// A member that, with every READY, also gossips a PREPARE under the largest ballot it
+    /// leads (near `u32::MAX`): peers that promised it could never accept an honest ballot.
+    HugeBallot,
 }
 
 /// A scheduled fault.
