@@ -163,28 +163,9 @@ impl State {
         self.gossip(Body::Seal(Propose { ballot, seal }));
     }
 
-    /// The highest ballot this peer takes part in now. Ballot b's leader starts it b attempt
-    /// timeouts after the round's first READY (`note_reference`); one further ahead than the
-    /// time elapsed allows, plus two ballots of slack for clocks and gossip that lag, is made
-    /// up: promising it would make every honest lower ballot useless (a member PREPAREing
-    /// under ballot 2^32 − 1 stalled the run for good).
-    pub(super) fn max_ballot(&self) -> u32 {
-        let elapsed = self.r.reference.map_or(0, |t| self.now.saturating_sub(t));
-        let b = elapsed / self.cfg.attempt_timeout.max(1) + 2;
-        u32::try_from(b).unwrap_or(u32::MAX)
-    }
-
     pub(super) fn on_prepare(&mut self, signer: PeerKey, b: u32) {
         if Some(signer) != self.leader(b) {
             self.reject(signer, "PREPARE", Reject::NotAllowed("PREPARE"));
-            return;
-        }
-        if b > self.max_ballot() {
-            self.reject(
-                signer,
-                "PREPARE",
-                Reject::NotAllowed("a ballot further ahead than the round's time allows"),
-            );
             return;
         }
         if b > self.r.promised && self.round >= self.vote_from {
@@ -233,14 +214,6 @@ impl State {
         let Body::Seal(p) = &env.body else { return };
         if Some(env.signer) != self.leader(ballot) {
             self.reject(env.signer, "SEAL", Reject::NotAllowed("SEAL"));
-            return;
-        }
-        if ballot > self.max_ballot() {
-            self.reject(
-                env.signer,
-                "SEAL",
-                Reject::NotAllowed("a ballot further ahead than the round's time allows"),
-            );
             return;
         }
         if let Err(why) = self.check_seal(&p.seal) {
