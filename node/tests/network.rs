@@ -39,7 +39,13 @@ struct Running {
 
 impl Running {
     fn spawn(name: &str, mut cmd: Proc, dir: &Path) -> Running {
-        let log = dir.join(format!("{name}.log"));
+        // A restarted node keeps its earlier lives' logs (name.log, name-2.log, ...).
+        let mut log = dir.join(format!("{name}.log"));
+        let mut life = 2;
+        while log.exists() {
+            log = dir.join(format!("{name}-{life}.log"));
+            life += 1;
+        }
         let err = std::fs::File::create(&log).unwrap();
         let mut child = cmd
             .stdout(Stdio::piped())

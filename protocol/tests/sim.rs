@@ -654,32 +654,3 @@ fn a_peer_that_missed_only_the_seal_takes_the_decision_proof() {
     }
     assert_eq!(transfers, 0, "state transfers in runs that needed none");
 }
-
-/// An outsider's signed gossip "from a later round" must not make synced peers ask it (or
-/// anyone) for proofs or a state: only a member's later-round message is a sign of being behind.
-/// Before the fix every honest peer sent SyncRequests to the made-up key.
-#[test]
-fn an_outsiders_later_round_gossip_does_not_make_peers_sync() {
-    for seed in sim::seeds(200) {
-        let n = 4;
-        let mut c = base(seed, n);
-        c.malicious.push((n - 1, Attack::FutureRounds));
-        c.max_time = 120_000;
-        let r = sim::run(c.clone());
-        check_safety(seed, &r);
-        check_identical(seed, &r);
-        assert!(
-            r.min_round() >= c.rounds,
-            "seed {seed}: reached only {}",
-            r.min_round()
-        );
-        assert_eq!(
-            r.syncs_to_strangers, 0,
-            "seed {seed}: peers asked an outsider for proofs or a state"
-        );
-        assert_eq!(
-            r.states_sent, 0,
-            "seed {seed}: a state transfer nobody needed"
-        );
-    }
-}

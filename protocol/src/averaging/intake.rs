@@ -60,11 +60,7 @@ impl State {
         }
         let kind = env.body.kind();
         if env.round > self.round {
-            // We may be behind: check the signature only and buffer the next round. Only a
-            // member's word counts as a sign of being behind: anyone can sign a message "from
-            // round 10^9", and a peer that believed it would ask the stranger for proofs and
-            // want a state (a newcomer listed in the next round's SEAL is heard once this peer
-            // has decided the round that lists it).
+            // We are behind: check the signature only, buffer the next round, ask for proofs.
             let ok = env.run == self.cfg.run && (verified || env.verify_signature());
             if !ok {
                 self.reject(env.signer, kind, WireError::BadSignature(env.signer));
@@ -73,9 +69,7 @@ impl State {
             if env.round == self.round + 1 && self.future.len() < MAX_BUFFERED {
                 self.future.push(env.clone());
             }
-            if self.members.binary_search(&env.signer).is_ok() {
-                self.maybe_sync(env.signer);
-            }
+            self.maybe_sync(env.signer);
             return;
         }
         let members = std::mem::take(&mut self.members);
