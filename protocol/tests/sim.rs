@@ -1,6 +1,6 @@
 //! Simulator properties over many seeds (`SEED=n` replays one seed, `SEEDS=n` sets the count).
 
-use diloco_protocol::averaging::{Quorum, Reject, Rule};
+use diloco_protocol::averaging::{max_joins, Quorum, Reject, Rule};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::sim::{self, Attack, Fault, Report, SimConfig};
 
@@ -271,7 +271,9 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             | Attack::FakeState
             | Attack::LyingOwner
             | Attack::FutureRounds
-            | Attack::HugeBallot => true,
+            | Attack::HugeBallot
+            | Attack::JoinFlood(_)
+            | Attack::MemberTakeover => true,
         };
         // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
         // all seeds every attack must have been caught with its reason.
@@ -653,4 +655,102 @@ fn a_peer_that_missed_only_the_seal_takes_the_decision_proof() {
         transfers += r.states_sent;
     }
     assert_eq!(transfers, 0, "state transfers in runs that needed none");
+}
+
+/// Sybil joiners: a member gossips JOINs from six fresh keys every round, keys that never train
+/// or vote. Admission is bounded per round (`max_joins`), and silent members are evicted, so
+/// the member list stays bounded and the honest members keep a quorum: every round decides.
+/// Without the bound the list grew to 25 and the run stalled at round 2.
+#[test]
+fn a_join_flood_neither_grows_the_group_without_bound_nor_stalls_it() {
+    for seed in sim::seeds(200) {
+        let n = 5;
+        let mut c = base(seed, n);
+        c.rounds = 8;
+        c.malicious.push((n - 1, Attack::JoinFlood(6)));
+        c.max_time = 400_000;
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {} of {} (members up to {:?})",
+            r.min_round(),
+            c.rounds,
+            r.max_members
+        );
+        // One round's newcomers at a time: they are evicted by the next SEAL.
+        let bound = n + max_joins(n);
+        assert!(
+            r.max_members.is_some_and(|m| m <= bound),
+            "seed {seed}: the group grew to {:?} (bound {bound})",
+            r.max_members
+        );
+    }
+}
+
+/// A leader that seals a member list with five made-up keys added: acceptors refuse the SEAL
+/// (more newcomers than a round admits), the next ballot's leader decides the round, and the
+/// made-up keys never become members.
+#[test]
+fn a_leader_cannot_fill_the_group_with_its_own_keys() {
+    let mut refused = 0;
+    for seed in sim::seeds(200) {
+        let n = 4 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.malicious.push((n - 1, Attack::MemberTakeover));
+        c.max_time = 300_000;
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {}",
+            r.min_round()
+        );
+        assert_eq!(
+            r.max_members,
+            Some(n),
+            "seed {seed}: made-up keys became members"
+        );
+        refused += r
+            .rejections
+            .iter()
+            .filter(|(_, f, kind, why)| {
+                *f == n - 1
+                    && *kind == "SEAL"
+                    && matches!(why, Reject::Malformed("more newcomers than a round admits"))
+            })
+            .count();
+    }
+    assert!(refused > 0, "no takeover SEAL was refused");
+}
+
+/// Five honest joiners arrive at once at a group of three: leaders admit at most `max_joins`
+/// a round (a SEAL with more is refused by every acceptor), so they come in over a few rounds
+/// and every one of them ends up a member.
+#[test]
+fn many_joiners_at_once_are_admitted_a_few_a_round() {
+    for seed in sim::seeds(200) {
+        let n = 3;
+        let mut c = base(seed, n);
+        c.rounds = 10;
+        c.max_time = 400_000;
+        for _ in 0..5 {
+            c.faults.push(Fault::Join { at: 400 });
+        }
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        assert!(
+            r.min_round() >= c.rounds,
+            "seed {seed}: reached only {}",
+            r.min_round()
+        );
+        assert_eq!(
+            r.max_members,
+            Some(n + 5),
+            "seed {seed}: not every joiner got in"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use crate::wire::{
 };
 
 use super::aggregate::{norm, norm_bound};
-use super::{bit, now_ge, Leading, Reject, Rule, State, Timer};
+use super::{bit, max_joins, now_ge, Leading, Reject, Rule, State, Timer};
 
 impl State {
     pub(super) fn leader_progress(&mut self) {
@@ -147,10 +147,28 @@ impl State {
                         .get(p)
                         .is_some_and(|r| r.saturating_add(evict) > round)
             })
-            .chain(self.r.joins.iter())
             .filter(|p| !self.verifier.banned.contains(p))
             .copied()
             .collect();
+        // Admission: at most `max_joins` newcomers a round, in an order no joiner can choose
+        // (blake3 of chain and key: a fresh chain every round), so a flood of JOINs from
+        // made-up keys cannot inflate the group and its quorum faster than silent members are
+        // evicted, and honest joiners still get in.
+        let mut joins: Vec<(Hash, PeerKey)> = self
+            .r
+            .joins
+            .iter()
+            .filter(|p| self.members.binary_search(p).is_err())
+            .filter(|p| !self.verifier.banned.contains(p))
+            .map(|p| (Hash::of_parts(&[&self.chain.0, &p.0]), *p))
+            .collect();
+        joins.sort();
+        next.extend(
+            joins
+                .into_iter()
+                .take(max_joins(self.members.len()))
+                .map(|(_, p)| p),
+        );
         next.sort();
         next.dedup();
         let seal = Seal {
@@ -243,6 +261,14 @@ impl State {
         }
         if seal.next_members.is_empty() || !seal.next_members.windows(2).all(|w| w[0] < w[1]) {
             return Err("member list");
+        }
+        let newcomers = seal
+            .next_members
+            .iter()
+            .filter(|p| self.members.binary_search(p).is_err())
+            .count();
+        if newcomers > max_joins(self.members.len()) {
+            return Err("more newcomers than a round admits");
         }
         if seal
             .shards

@@ -35,6 +35,13 @@ pub const STATE_PATIENCE_RETRIES: u64 = LONE_STATE_RETRIES;
 /// a crowd of joiners, or one peer under many ids, can make it upload).
 pub const MAX_STATES_SERVED: usize = 8;
 
+/// Newcomers one SEAL may add to a group of `members`: a quarter of it, at least one. A
+/// newcomer that then says nothing for a whole round is evicted by the next SEAL, so JOINs from
+/// keys that never train add at most this many silent members at a time.
+pub fn max_joins(members: usize) -> usize {
+    members / 4 + 1
+}
+
 /// How many COMMITs decide a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quorum {

@@ -170,7 +170,8 @@ impl State {
     }
 
     pub(super) fn process(&mut self, env: Arc<Envelope>) {
-        if env.round == self.round {
+        // Any signed message of this round shows its signer alive, except a JOIN (below).
+        if env.round == self.round && !matches!(env.body, Body::Join) {
             self.last_heard.insert(env.signer, self.round);
         }
         let signer = env.signer;
@@ -183,9 +184,11 @@ impl State {
             Body::Seal(p) => self.on_seal(env.clone(), p.ballot),
             Body::Commit(c) => self.on_commit(env.clone(), *c),
             Body::Join => {
+                // A JOIN only asks to be listed; it does not count as being heard from: a
+                // newcomer must speak (READY, votes) in its first round as a member, or the next
+                // SEAL evicts it.
                 if self.r.joins.len() < 1024 {
                     self.r.joins.insert(signer);
-                    self.last_heard.insert(signer, self.round);
                 }
             }
             Body::Announce(a) => self.on_announce(env.clone(), *a),

@@ -80,7 +80,7 @@ mod sync;
 
 pub use aggregate::aggregate;
 pub use config::{
-    Config, Quorum, Rule, LONE_STATE_RETRIES, MAX_ANNOUNCED_PENDING, MAX_BUFFERED,
+    max_joins, Config, Quorum, Rule, LONE_STATE_RETRIES, MAX_ANNOUNCED_PENDING, MAX_BUFFERED,
     MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS, RETAIN_ROUNDS,
     STATE_PATIENCE_RETRIES,
 };

@@ -25,6 +25,22 @@ impl Sim {
                 ),
                 Body::Ready(r),
             ) => self.bad_ready(i, &env, r.clone()),
+            (Some(Attack::MemberTakeover), Body::Seal(p)) => {
+                let mut p = p.clone();
+                for j in 0..5u8 {
+                    let sybil = ed25519_dalek::SigningKey::from_bytes(&[0x70 + j; 32]);
+                    p.seal.next_members.push(wire::PeerKey::of(&sybil));
+                }
+                p.seal.next_members.sort();
+                p.seal.next_members.dedup();
+                Arc::new(Envelope::sign(
+                    &key,
+                    run,
+                    env.round,
+                    env.chain,
+                    Body::Seal(p),
+                ))
+            }
             (Some(Attack::LyingOwner), Body::Agg(a)) => self.lying_agg(i, &env, a.clone()),
             (Some(Attack::LyingOwner), Body::Audit(a)) => self.lying_audit(i, &env, a.clone()),
             _ => env,
@@ -80,6 +96,20 @@ impl Sim {
                     let f =
                         Envelope::sign(&key, run, env.round, env.chain, Body::Prepare(b as u32));
                     self.gossip_from(i, Arc::new(f));
+                }
+            }
+            Some(Attack::JoinFlood(k)) => {
+                if let Body::Ready(_) = &env.body {
+                    for j in 0..k {
+                        let mut seed = [0u8; 32];
+                        seed[..8].copy_from_slice(&env.round.to_le_bytes());
+                        seed[8] = j;
+                        seed[9] = i as u8;
+                        seed[31] = 0x5b;
+                        let sybil = ed25519_dalek::SigningKey::from_bytes(&seed);
+                        let f = Envelope::sign(&sybil, run, env.round, env.chain, Body::Join);
+                        self.gossip_from(i, Arc::new(f));
+                    }
                 }
             }
             Some(Attack::Equivocate) => {

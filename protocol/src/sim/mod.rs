@@ -62,6 +62,12 @@ pub enum Attack {
     /// A member that, with every READY, also gossips a PREPARE under the largest ballot it
     /// leads (near `u32::MAX`): peers that promised it could never accept an honest ballot.
     HugeBallot,
+    /// With every READY, also gossips JOINs signed by this many fresh keys that never do
+    /// anything else (Sybil joiners inflating the member list and its quorum).
+    JoinFlood(u8),
+    /// As a leader, seals with five made-up keys added to the next member list (a takeover of
+    /// the group by its proposer).
+    MemberTakeover,
 }
 
 /// A scheduled fault.
@@ -230,6 +236,8 @@ pub struct Report {
     /// The smallest member list any peer held right after deciding a round (`None`: nothing
     /// decided). Eviction shrinks it; with every peer alive it must stay n.
     pub min_members: Option<usize>,
+    /// The largest member list any peer held right after deciding a round.
+    pub max_members: Option<usize>,
 }
 
 impl Report {
@@ -514,6 +522,8 @@ impl Sim {
                         let m = s.members().len();
                         self.report.min_members =
                             Some(self.report.min_members.map_or(m, |x| x.min(m)));
+                        self.report.max_members =
+                            Some(self.report.max_members.map_or(m, |x| x.max(m)));
                         let snap = (
                             s.round(),
                             s.chain(),
