@@ -213,6 +213,10 @@ pub struct JoinArgs {
     /// Outer-gradient codec: none, f16, bf16, int8, fp4.
     #[arg(long, env = "DILOCO_QUANTIZE")]
     pub quantize: Option<String>,
+    /// How owners combine outer gradients: norm-screen[:factor] (default), trimmed-mean[:fraction]
+    /// or mean.
+    #[arg(long, env = "DILOCO_AGGREGATION")]
+    pub aggregation: Option<String>,
     /// Seed of the initial parameters.
     #[arg(long, env = "DILOCO_SEED")]
     pub seed: Option<u64>,
@@ -313,6 +317,9 @@ impl JoinArgs {
         }
         if let Some(v) = self.seed {
             rc.seed = v;
+        }
+        if let Some(v) = &self.aggregation {
+            rc.aggregation = v.clone();
         }
         if let Some(v) = self.init {
             rc.init = v;

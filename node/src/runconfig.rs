@@ -12,7 +12,7 @@ use crate::train::data::Corpus;
 use crate::train::flat::InitScheme;
 use crate::train::inner::InnerConfig;
 use crate::train::model::ModelConfig;
-use diloco_protocol::averaging::{Config as ProtoConfig, Quorum};
+use diloco_protocol::averaging::{Config as ProtoConfig, Quorum, Rule};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::outer::OuterConfig;
 use diloco_protocol::wire::Hash;
@@ -80,6 +80,12 @@ pub struct RunConfig {
     pub mlp_bias: bool,
     /// Decision quorum: majority or two-thirds.
     pub quorum: String,
+    /// How shard owners combine the outer gradients: `norm-screen` (default: the leader drops
+    /// contributors whose claimed norm exceeds 4× the median, owners drop shards larger than
+    /// their claim, then the token-weighted mean; `norm-screen:F` for another factor),
+    /// `trimmed-mean` (coordinate-wise, 20 % trimmed from each end; `trimmed-mean:T`) or
+    /// `mean` (plain DiLoCo, trusts every member).
+    pub aggregation: String,
     /// Closer waits this long after the first READY for the others (ms).
     pub straggler_timeout_ms: u64,
     /// Aggregation deadline after CLOSE (ms).
@@ -114,6 +120,7 @@ impl Default for RunConfig {
             init: InitScheme::default(),
             mlp_bias: true,
             quorum: "majority".into(),
+            aggregation: "norm-screen".into(),
             straggler_timeout_ms: 10_000,
             agg_timeout_ms: 10_000,
             attempt_timeout_ms: 30_000,
@@ -139,6 +146,8 @@ pub struct Run {
     pub quantize: Quantization,
     /// Quorum.
     pub quorum: Quorum,
+    /// Aggregation rule.
+    pub rule: Rule,
     /// Run id.
     pub id: Hash,
     /// blake3 of the data.
@@ -212,6 +221,7 @@ impl RunConfig {
             "two-thirds" => Quorum::TwoThirds,
             q => return bad(format!("quorum '{q}' is not one of: majority, two-thirds")),
         };
+        let rule = parse_rule(&self.aggregation).map_err(RunConfigError::Invalid)?;
         for (name, v) in [
             ("straggler_timeout_ms", self.straggler_timeout_ms),
             ("agg_timeout_ms", self.agg_timeout_ms),
@@ -240,9 +250,48 @@ impl RunConfig {
             model,
             quantize,
             quorum,
+            rule,
             id,
             data_hash,
         })
+    }
+}
+
+/// The aggregation rule named by `s` (the run config's `aggregation`).
+pub fn parse_rule(s: &str) -> Result<Rule, String> {
+    let (name, arg) = match s.split_once(':') {
+        Some((n, a)) => (n, Some(a)),
+        None => (s, None),
+    };
+    let num = |a: Option<&str>, default: f32| -> Result<f32, String> {
+        match a {
+            None => Ok(default),
+            Some(a) => a
+                .parse::<f32>()
+                .map_err(|_| format!("aggregation '{s}': '{a}' is not a number")),
+        }
+    };
+    match name {
+        "mean" if arg.is_none() => Ok(Rule::Mean),
+        "norm-screen" => {
+            let factor = num(arg, 4.0)?;
+            if !(factor.is_finite() && factor >= 1.0) {
+                return Err(format!("aggregation '{s}': the factor must be at least 1"));
+            }
+            Ok(Rule::NormScreen { factor })
+        }
+        "trimmed-mean" => {
+            let trim = num(arg, 0.2)?;
+            if !(trim > 0.0 && trim < 0.5) {
+                return Err(format!(
+                    "aggregation '{s}': the trimmed fraction must be above 0 and below 0.5"
+                ));
+            }
+            Ok(Rule::TrimmedMean { trim })
+        }
+        _ => Err(format!(
+            "aggregation '{s}' is not one of: norm-screen[:factor], trimmed-mean[:fraction], mean"
+        )),
     }
 }
 
@@ -259,6 +308,7 @@ impl Run {
         p.codec = self.quantize;
         p.outer = self.outer;
         p.quorum = self.quorum;
+        p.rule = self.rule;
         // A peer's weight is capped at what one honest round can process.
         p.token_cap = c.inner_steps * (c.batch * c.seq) as u64;
         p.straggler_timeout = c.straggler_timeout_ms;
@@ -281,6 +331,41 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aggregation_rules_parse_with_their_parameters() {
+        assert_eq!(parse_rule("mean"), Ok(Rule::Mean));
+        assert_eq!(
+            parse_rule("norm-screen"),
+            Ok(Rule::NormScreen { factor: 4.0 })
+        );
+        assert_eq!(
+            parse_rule("norm-screen:2.5"),
+            Ok(Rule::NormScreen { factor: 2.5 })
+        );
+        assert_eq!(
+            parse_rule("trimmed-mean"),
+            Ok(Rule::TrimmedMean { trim: 0.2 })
+        );
+        assert_eq!(
+            parse_rule("trimmed-mean:0.1"),
+            Ok(Rule::TrimmedMean { trim: 0.1 })
+        );
+        for bad in [
+            "median",
+            "mean:1",
+            "norm-screen:0.5",
+            "norm-screen:x",
+            "trimmed-mean:0.5",
+            "trimmed-mean:NaN",
+            "",
+        ] {
+            let e = parse_rule(bad).unwrap_err();
+            assert!(e.contains("aggregation"), "{bad}: {e}");
+        }
+        // The default is the screened mean, and it reaches the protocol.
+        assert_eq!(RunConfig::default().aggregation, "norm-screen");
+    }
 
     fn corpus(text: &[u8]) -> Corpus {
         Corpus {
