@@ -92,9 +92,12 @@ function chart(id, series, xLabel, zero) {
     svg.appendChild(el('line', { x1: L, y1: sy(y), x2: W - R, y2: sy(y), stroke: '#eef' }));
     svg.appendChild(el('text', { x: L - 4, y: sy(y) + 4, 'text-anchor': 'end' }, tick(y)));
   }
-  for (let i = 0; i <= 4; i++) {
-    let x = x0 + ((x1 - x0) * i) / 4;
-    if (x1 - x0 >= 4) x = Math.round(x);
+  // Rounds are whole numbers: label whole numbers only (at most five of them).
+  const whole = pts.every((p) => Number.isInteger(p[0]));
+  const steps = whole ? Math.max(1, Math.min(4, x1 - x0)) : 4;
+  for (let i = 0; i <= steps; i++) {
+    let x = x0 + ((x1 - x0) * i) / steps;
+    if (whole) x = Math.round(x);
     svg.appendChild(el('text', { x: sx(x), y: H - B + 14, 'text-anchor': 'middle' }, tick(x)));
   }
   svg.appendChild(el('text', { x: W - R, y: H - 2, 'text-anchor': 'end' }, xLabel));
