@@ -149,6 +149,23 @@ struct Net {
 }
 
 impl Net {
+    /// A temporary folder with `run_config` as run.json, and a bootstrap peer in it.
+    fn start(run_config: &str) -> Net {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("run.json"), run_config).unwrap();
+        let mut cmd = Proc::new(bootstrap_bin());
+        cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
+            .arg(dir.path().join("boot.key"));
+        let boot = Running::spawn("bootstrap", cmd, dir.path());
+        let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
+        Net {
+            dir,
+            bootstrap,
+            procs: vec![boot],
+            nodes: Vec::new(),
+        }
+    }
+
     fn logs(&self) -> String {
         self.procs
             .iter()
@@ -392,26 +409,12 @@ fn hostile_attack(bootstrap: &str, run_id: &str, targets: &[String]) -> (usize, 
 
 #[test]
 fn nodes_train_together_survive_faults_and_stay_identical() {
-    let dir = tempfile::tempdir().unwrap();
     // Small and fast: a round is a few seconds of CPU per node on a 2-core machine.
-    std::fs::write(
-        dir.path().join("run.json"),
+    let mut net = Net::start(
         r#"{"model":"tiny","inner_steps":5,"batch":4,"seq":64,"warmup":5,"rounds":1000,
             "quantize":"int8","straggler_timeout_ms":3000,"agg_timeout_ms":3000,
             "attempt_timeout_ms":8000,"retry_ms":500}"#,
-    )
-    .unwrap();
-    let mut cmd = Proc::new(bootstrap_bin());
-    cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
-        .arg(dir.path().join("boot.key"));
-    let boot = Running::spawn("bootstrap", cmd, dir.path());
-    let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
-    let mut net = Net {
-        dir,
-        bootstrap,
-        procs: vec![boot],
-        nodes: Vec::new(),
-    };
+    );
     let a = net.start_node("a");
     let b = net.start_node("b");
     let c = net.start_node("c");
@@ -602,27 +605,13 @@ fn wait_status(
 /// other joins it (before, both waited forever).
 #[test]
 fn joiners_found_anew_when_the_lone_founder_dies() {
-    let dir = tempfile::tempdir().unwrap();
     // Synthetic rounds (no model): the founder's first round takes 15 s, long enough for the
     // others to start joining before it is killed; nothing is decided before the kill.
-    std::fs::write(
-        dir.path().join("run.json"),
+    let mut net = Net::start(
         r#"{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
             "synthetic_params":10000,"synthetic_train_ms":15000,"straggler_timeout_ms":3000,
             "agg_timeout_ms":3000,"attempt_timeout_ms":8000,"retry_ms":500}"#,
-    )
-    .unwrap();
-    let mut cmd = Proc::new(bootstrap_bin());
-    cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
-        .arg(dir.path().join("boot.key"));
-    let boot = Running::spawn("bootstrap", cmd, dir.path());
-    let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
-    let mut net = Net {
-        dir,
-        bootstrap,
-        procs: vec![boot],
-        nodes: Vec::new(),
-    };
+    );
     let a = net.start_node("a");
     wait_status(
         &net,
@@ -653,26 +642,12 @@ fn joiners_found_anew_when_the_lone_founder_dies() {
 /// clears.
 #[test]
 fn a_pair_that_loses_one_says_it_is_stalled_and_resumes() {
-    let dir = tempfile::tempdir().unwrap();
     // Synthetic rounds (no model), short timeouts: a stall shows after 1 + 1 + 3 × 3 = 11 s.
-    std::fs::write(
-        dir.path().join("run.json"),
+    let mut net = Net::start(
         r#"{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
             "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
             "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500}"#,
-    )
-    .unwrap();
-    let mut cmd = Proc::new(bootstrap_bin());
-    cmd.args(["--listen", "/ip4/127.0.0.1/tcp/0", "--key"])
-        .arg(dir.path().join("boot.key"));
-    let boot = Running::spawn("bootstrap", cmd, dir.path());
-    let bootstrap = boot.wait_line("/p2p/", Duration::from_secs(30));
-    let mut net = Net {
-        dir,
-        bootstrap,
-        procs: vec![boot],
-        nodes: Vec::new(),
-    };
+    );
     let a = net.start_node("a");
     let b = net.start_node("b");
     net.wait_agree(&[a, b], 3, Duration::from_secs(120));

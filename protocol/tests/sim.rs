@@ -30,6 +30,19 @@ fn check_identical(seed: u64, r: &Report) {
     }
 }
 
+/// Safe, identical, and every peer reached the configured number of rounds.
+fn check_decides_all(seed: u64, c: &SimConfig, r: &Report) {
+    check_safety(seed, r);
+    check_identical(seed, r);
+    assert!(
+        r.min_round() >= c.rounds,
+        "seed {seed}: reached only {} of {} (members up to {:?})",
+        r.min_round(),
+        c.rounds,
+        r.max_members
+    );
+}
+
 fn base(seed: u64, n: usize) -> SimConfig {
     let mut c = SimConfig::new(seed, n);
     c.rounds = 4;
@@ -642,13 +655,7 @@ fn a_peer_that_missed_only_the_seal_takes_the_decision_proof() {
         c.loss = 0.10;
         c.max_time = 400_000;
         let r = sim::run(c.clone());
-        check_safety(seed, &r);
-        check_identical(seed, &r);
-        assert!(
-            r.min_round() >= c.rounds,
-            "seed {seed}: reached only {}",
-            r.min_round()
-        );
+        check_decides_all(seed, &c, &r);
         if r.states_sent > 0 {
             eprintln!("seed {seed}: {} state transfers", r.states_sent);
         }
@@ -670,15 +677,7 @@ fn a_join_flood_neither_grows_the_group_without_bound_nor_stalls_it() {
         c.malicious.push((n - 1, Attack::JoinFlood(6)));
         c.max_time = 400_000;
         let r = sim::run(c.clone());
-        check_safety(seed, &r);
-        check_identical(seed, &r);
-        assert!(
-            r.min_round() >= c.rounds,
-            "seed {seed}: reached only {} of {} (members up to {:?})",
-            r.min_round(),
-            c.rounds,
-            r.max_members
-        );
+        check_decides_all(seed, &c, &r);
         // One round's newcomers at a time: they are evicted by the next SEAL.
         let bound = n + max_joins(n);
         assert!(
@@ -701,13 +700,7 @@ fn a_leader_cannot_fill_the_group_with_its_own_keys() {
         c.malicious.push((n - 1, Attack::MemberTakeover));
         c.max_time = 300_000;
         let r = sim::run(c.clone());
-        check_safety(seed, &r);
-        check_identical(seed, &r);
-        assert!(
-            r.min_round() >= c.rounds,
-            "seed {seed}: reached only {}",
-            r.min_round()
-        );
+        check_decides_all(seed, &c, &r);
         assert_eq!(
             r.max_members,
             Some(n),
@@ -740,13 +733,7 @@ fn many_joiners_at_once_are_admitted_a_few_a_round() {
             c.faults.push(Fault::Join { at: 400 });
         }
         let r = sim::run(c.clone());
-        check_safety(seed, &r);
-        check_identical(seed, &r);
-        assert!(
-            r.min_round() >= c.rounds,
-            "seed {seed}: reached only {}",
-            r.min_round()
-        );
+        check_decides_all(seed, &c, &r);
         assert_eq!(
             r.max_members,
             Some(n + 5),
