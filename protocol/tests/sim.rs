@@ -286,7 +286,8 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             | Attack::FutureRounds
             | Attack::HugeBallot
             | Attack::JoinFlood(_)
-            | Attack::MemberTakeover => true,
+            | Attack::MemberTakeover
+            | Attack::SybilDonors => true,
         };
         // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
         // all seeds every attack must have been caught with its reason.
@@ -739,5 +740,80 @@ fn many_joiners_at_once_are_admitted_a_few_a_round() {
             Some(n + 5),
             "seed {seed}: not every joiner got in"
         );
+    }
+}
+
+/// Sybil donors: two malicious members (n = 7, two-thirds tolerates two) and two keys of
+/// theirs that are no members gossip copies of their READYs three rounds ahead and answer
+/// every sync or state request with one fabricated State, signed by the two keys and both
+/// malicious members, which one key also sends every peer unasked. Honest peers never ask an
+/// outsider (`syncs_to_strangers`), refuse the unasked State, and refuse the two members'
+/// agreeing State because it is signed by only two of their seven members (more than a third
+/// is needed): every round decides, one history. In half the seeds two honest peers crash and
+/// restart from a checkpoint a round old: their own members bring them up to date before they
+/// would listen to strangers. Before, a synced peer that was "behind" cross-checked two donors
+/// like a joiner and took the fabricated state.
+#[test]
+fn sybil_donors_cannot_hand_a_member_a_state() {
+    let (mut unasked, mut unsigned) = (0, 0);
+    for seed in sim::seeds(200) {
+        let n = 7;
+        let mut c = base(seed, n);
+        c.proto.quorum = Quorum::TwoThirds;
+        c.rounds = 5;
+        c.malicious.push((n - 1, Attack::SybilDonors));
+        c.malicious.push((n - 2, Attack::SybilDonors));
+        c.max_time = 300_000;
+        if seed % 2 == 1 {
+            // Restored peers trust only their members until a decision confirms them.
+            c.rounds = 8;
+            c.faults.push(Fault::Crash { peer: 0, at: 900 });
+            c.faults.push(Fault::Crash { peer: 1, at: 1_300 });
+            c.faults.push(Fault::RestartAll {
+                at: 2_500,
+                stale_rounds: Some(1),
+            });
+        }
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
+        assert_eq!(
+            r.syncs_to_strangers, 0,
+            "seed {seed}: an honest peer asked a non-member for a state"
+        );
+        for (_, _, kind, why) in &r.rejections {
+            match (*kind, why) {
+                ("STATE", Reject::NotAllowed("a State nobody asked for")) => unasked += 1,
+                ("STATE", Reject::BadDecision("state not signed by a third of our members")) => {
+                    unsigned += 1
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(unasked > 0, "no unasked State was refused");
+    assert!(
+        unsigned > 0,
+        "no State signed by too few of our members was refused"
+    );
+}
+
+/// A peer restarted from a checkpoint of another history (one it abandoned: a member list and
+/// chain nobody in the run shares) is not confirmed by any decision yet, so it listens to the
+/// run's later rounds from non-members and takes a state two donors agree on, as a joiner does;
+/// then it is confirmed and trusts only its members again. Without that fallback it stayed
+/// behind for good (no member of its list ever spoke).
+#[test]
+fn a_peer_restored_into_a_foreign_history_catches_up() {
+    for seed in sim::seeds(200) {
+        let n = 4 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 10;
+        c.max_time = 200_000;
+        c.faults.push(Fault::RestartForeign {
+            peer: (seed % n as u64) as usize,
+            at: 1_200 + (seed % 5) * 300,
+        });
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
     }
 }

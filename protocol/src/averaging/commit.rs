@@ -142,7 +142,7 @@ impl State {
                 self.start_apply(p);
             } else {
                 // We never saw the SEAL: ask a committer for the decision proof.
-                self.send(env.signer, Direct::SyncRequest { from: self.round });
+                self.ask_sync(env.signer);
             }
         }
     }
@@ -194,6 +194,7 @@ impl State {
         self.last_heard
             .retain(|p, _| members.binary_search(p).is_ok());
         self.round += 1;
+        self.unconfirmed = None;
         self.r = RoundState::default();
         let keep_from = self.round.saturating_sub(RETAIN_ROUNDS);
         self.store.retain(|_, (r, _)| *r >= keep_from);

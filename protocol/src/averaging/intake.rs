@@ -61,15 +61,28 @@ impl State {
         let kind = env.body.kind();
         if env.round > self.round {
             // We are behind: check the signature only, buffer the next round, ask for proofs.
+            // Only a member's word counts (an outsider's later-round gossip could otherwise make
+            // a synced peer want, and take, a state from it), unless this peer restarted from a
+            // checkpoint whose member list may be stale and no decision has confirmed it yet.
             let ok = env.run == self.cfg.run && (verified || env.verify_signature());
             if !ok {
                 self.reject(env.signer, kind, WireError::BadSignature(env.signer));
                 return;
             }
+            // The next round's messages are buffered from anyone (a newcomer the pending SEAL
+            // admits speaks in it; they are checked against that round's members on replay).
             if env.round == self.round + 1 && self.future.len() < MAX_BUFFERED {
                 self.future.push(env.clone());
             }
-            self.maybe_sync(env.signer);
+            if self.trusts_strangers() || self.members.binary_search(&env.signer).is_ok() {
+                self.maybe_sync(env.signer);
+            } else if env.round > self.round + 1 {
+                self.reject(
+                    env.signer,
+                    kind,
+                    Reject::NotAllowed("a later round from a non-member"),
+                );
+            }
             return;
         }
         let members = std::mem::take(&mut self.members);

@@ -238,6 +238,15 @@ pub struct State {
     /// When this peer last sent a state to each peer (within the patience window: at most one
     /// state per peer in it, so its size is also how many were sent in all).
     state_served: BTreeMap<PeerKey, Time>,
+    /// Peers sent a SyncRequest since the last adoption (a synced peer takes a State only from
+    /// a peer it asked), with when.
+    sync_asked: BTreeMap<PeerKey, Time>,
+    /// When this peer was restored from a checkpoint, until a decision or an adopted state
+    /// confirms it: its member list may be stale or of an abandoned history. If its members
+    /// have not brought it up to date within the state patience window, it listens to
+    /// later-round gossip from non-members and cross-checks donors like a joiner
+    /// ([`State::trusts_strangers`]).
+    unconfirmed: Option<Time>,
 }
 
 impl State {
@@ -284,6 +293,7 @@ impl State {
         s.round = round;
         s.chain = chain;
         s.reset_heard();
+        s.unconfirmed = Some(0);
         s
     }
 
@@ -319,6 +329,8 @@ impl State {
             state_wanted: false,
             state_asked: BTreeMap::new(),
             state_served: BTreeMap::new(),
+            sync_asked: BTreeMap::new(),
+            unconfirmed: None,
         }
     }
 
@@ -386,6 +398,9 @@ impl State {
     /// Starts the peer: founding members are asked to train round 0; others ask for state.
     pub fn start(&mut self, now: Time) -> Vec<OutEvent> {
         self.now = now;
+        if self.unconfirmed.is_some() {
+            self.unconfirmed = Some(now);
+        }
         if self.is_member() {
             self.out.push(OutEvent::Train { round: self.round });
         }

@@ -8,8 +8,8 @@ use crate::codec;
 use crate::wire::{Body, Commit, DecisionProof, Direct, PeerKey, Propose};
 
 use super::{
-    state_hash, OutEvent, Reject, RoundState, State, StateCandidate, Time, LONE_STATE_RETRIES,
-    MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS,
+    max_joins, state_hash, OutEvent, Quorum, Reject, RoundState, State, StateCandidate, Time,
+    LONE_STATE_RETRIES, MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS,
     STATE_PATIENCE_RETRIES,
 };
 
@@ -21,8 +21,20 @@ impl State {
         if due {
             self.last_sync = Some(self.now);
             self.state_wanted = true;
-            self.send(from, Direct::SyncRequest { from: self.round });
+            self.ask_sync(from);
         }
+    }
+
+    /// Sends a SyncRequest for this round to `to` and remembers having asked (its answer may
+    /// be a State) for the patience window.
+    pub(super) fn ask_sync(&mut self, to: PeerKey) {
+        let (now, patience) = (self.now, self.state_patience());
+        self.sync_asked
+            .retain(|_, t| now < t.saturating_add(patience));
+        if self.sync_asked.len() < MAX_BUFFERED {
+            self.sync_asked.insert(to, now);
+        }
+        self.send(to, Direct::SyncRequest { from: self.round });
     }
 
     pub(super) fn request_state(&mut self) {
@@ -66,6 +78,15 @@ impl State {
         if self.state_asked.len() > 4 * MAX_BUFFERED {
             self.state_asked.retain(|_, (t, _)| recent(t));
         }
+    }
+
+    /// Whether this peer, restored from a checkpoint that no decision has confirmed, has
+    /// waited the patience window for its own members in vain: it then takes later-round
+    /// gossip from anyone as a reason to sync and two agreeing donors as proof of a state, as
+    /// a joiner does (its checkpoint may be of a history the run abandoned).
+    pub(super) fn trusts_strangers(&self) -> bool {
+        self.unconfirmed
+            .is_some_and(|since| self.now >= since.saturating_add(self.state_patience()))
     }
 
     /// The window of [`STATE_PATIENCE_RETRIES`] retry periods.
@@ -218,20 +239,40 @@ impl State {
         if self.synced && (round <= self.round + REPLAY_MAX_ROUNDS || !self.state_wanted) {
             return; // proofs are enough when this close behind; unasked-for states are ignored
         }
+        // Only answers count: a State from a peer this one never asked is dropped unread.
+        if !self.state_asked.contains_key(&from) && !self.sync_asked.contains_key(&from) {
+            return self.reject(
+                from,
+                "STATE",
+                Reject::NotAllowed("a State nobody asked for"),
+            );
+        }
         let c = match self.check_state(round, proof, theta, momentum) {
             Ok(c) => c,
             Err(reason) => return self.reject(from, "STATE", reason),
         };
         if self.synced {
-            // A peer that is merely behind holds agreed state: it adopts a later state whose
-            // COMMITs a quorum of its own members signed (membership changes slowly, and a
-            // minority of them cannot forge it). Otherwise (the membership changed while it was
-            // away) two donors must agree, as for a joiner; a lone state is never accepted by a
-            // synced peer.
-            if signed_by(&c.signers, &self.members) >= self.quorum() {
+            // A peer that is merely behind holds agreed state: it adopts a later state (whose
+            // proof a quorum of that round's members signed) if more than a third of its own
+            // members are among the signers: with fewer than a third of them dishonest (what
+            // `two-thirds` tolerates) one honest member of ours vouches for it, and keys outside
+            // our member list, however many, count for nothing. (A quorum of ours is too much:
+            // while it was away the others may have evicted it and decided with a quorum of
+            // the smaller group.) A peer restored from a
+            // checkpoint that no decision has confirmed yet may hold a stale or abandoned
+            // member list: it falls back on two agreeing donors, as a joiner does. A confirmed
+            // peer whose members changed past a quorum while it was away takes no state: it
+            // reports itself stalled and syncs after a restart (docs/PROTOCOL.md).
+            if vouched(&c.signers, &self.members) {
                 self.adopt_state(c);
-            } else {
+            } else if self.trusts_strangers() {
                 self.cross_check(from, c);
+            } else {
+                self.reject(
+                    from,
+                    "STATE",
+                    Reject::BadDecision("state not signed by a third of our members"),
+                );
             }
             return;
         }
@@ -299,14 +340,7 @@ impl State {
         let Some(next_chain) = next_chain else {
             return Err(Reject::BadDecision("no matching COMMIT"));
         };
-        if signers.len()
-            < self
-                .cfg
-                .quorum
-                .size(members.len())
-                .min(proof.commits.len())
-                .max(1)
-        {
+        if signers.len() < state_quorum(self.cfg.quorum, members.len()) {
             return Err(Reject::BadDecision("no quorum"));
         }
         Ok(StateCandidate {
@@ -442,6 +476,8 @@ impl State {
         self.carry = None;
         self.candidates.clear();
         self.state_asked.clear();
+        self.sync_asked.clear();
+        self.unconfirmed = None;
         self.r = RoundState::default();
         self.future.clear();
         self.history.clear();
@@ -459,11 +495,25 @@ impl State {
     }
 }
 
+/// COMMIT signers, among the `n` members a SEAL lists for the next round, that a State's
+/// decision proof must carry. The COMMITs are signed by the round's members, a quorum of them;
+/// the SEAL may have added up to [`max_joins`] newcomers (who signed nothing yet), so the round
+/// had at least `n - max_joins(n)` members and its quorum of that many is required.
+pub(super) fn state_quorum(q: Quorum, n: usize) -> usize {
+    q.size(n.saturating_sub(max_joins(n)).max(1))
+}
+
 /// Whether the later state `hi` extends the history of `lo` as far as a joiner can tell: more
 /// than a third of `lo`'s members signed `hi`'s decision (membership changes slowly; a donor
 /// controlling fewer than a third of the members cannot forge this).
 fn linked(hi: &StateCandidate, lo: &StateCandidate) -> bool {
-    signed_by(&hi.signers, &lo.members) * 3 > lo.members.len()
+    vouched(&hi.signers, &lo.members)
+}
+
+/// Whether more than a third of `members` are among `signers` (then, with fewer than a third
+/// of them dishonest, at least one honest member signed).
+fn vouched(signers: &BTreeSet<PeerKey>, members: &[PeerKey]) -> bool {
+    signed_by(signers, members) * 3 > members.len()
 }
 
 /// How many of the (sorted) `members` are among `signers`.

@@ -112,6 +112,40 @@ impl Sim {
                     }
                 }
             }
+            Some(Attack::SybilDonors) => {
+                if let Body::Ready(_) = &env.body {
+                    // Its own copy three rounds ahead (a member's word: peers ask it), then its
+                    // Sybils' copies (outsiders' word).
+                    let f = Envelope::sign(&key, run, env.round + 3, env.chain, env.body.clone());
+                    self.gossip_from(i, Arc::new(f));
+                    let keys = sybil_keys();
+                    for key in &keys {
+                        let id = wire::PeerKey::of(key);
+                        self.aliases.insert(id, (i, key.clone()));
+                        let f =
+                            Envelope::sign(key, run, env.round + 3, env.chain, env.body.clone());
+                        self.gossip_from(i, Arc::new(f));
+                    }
+                    // And the fabricated State, unasked, from the first Sybil to every peer.
+                    if let Some(fake) = self.sybil_state(i) {
+                        let fake = Arc::new(fake);
+                        let from = wire::PeerKey::of(&keys[0]);
+                        for t in 0..self.peers.len() {
+                            if t != i && self.alive(t) && !self.cut(i, t) {
+                                let at = self.now + self.latency();
+                                self.schedule(
+                                    at,
+                                    t,
+                                    super::Ev::In(averaging::InEvent::Direct {
+                                        from,
+                                        msg: fake.clone(),
+                                    }),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
             Some(Attack::Equivocate) => {
                 if let Body::Ready(r) = &env.body {
                     let mut r2 = r.clone();
@@ -271,9 +305,31 @@ impl Sim {
 
     /// A fabricated State, validly signed by peer `i` alone.
     pub(super) fn fake_state(&mut self, i: usize) -> Option<Direct> {
+        let key = self.peers[i].key.clone();
+        self.fabricated_state(i, &[key])
+    }
+
+    /// The State the Sybil keys and every [`Attack::SybilDonors`] member send: identical, so
+    /// the "donors" agree; signed by the Sybil keys and by those members.
+    pub(super) fn sybil_state(&mut self, i: usize) -> Option<Direct> {
+        let mut keys = sybil_keys().to_vec();
+        keys.extend(
+            self.peers
+                .iter()
+                .filter(|p| p.attack == Some(Attack::SybilDonors))
+                .map(|p| p.key.clone()),
+        );
+        self.fabricated_state(i, &keys)
+    }
+
+    /// A State two rounds past peer `i`'s: made-up theta, a SEAL by `keys[0]` naming `keys`
+    /// as the next members, and a COMMIT from each key as the "quorum".
+    fn fabricated_state(&mut self, i: usize, keys: &[ed25519_dalek::SigningKey]) -> Option<Direct> {
         let st = self.peers[i].state.as_ref()?;
-        let key = &self.peers[i].key;
-        let me = self.peers[i].id;
+        let key = keys.first()?;
+        let me = wire::PeerKey::of(key);
+        let mut next_members: Vec<wire::PeerKey> = keys.iter().map(wire::PeerKey::of).collect();
+        next_members.sort();
         let round = st.round() + 2;
         let chain = Hash::of(&round.to_le_bytes());
         let k = averaging::shard_count(st.config(), 1);
@@ -296,7 +352,7 @@ impl Sim {
             },
             close_id: Hash::default(),
             shards: vec![None; k],
-            next_members: vec![me],
+            next_members,
         };
         let seal_hash = seal.hash();
         let run = self.cfg.proto.run;
@@ -307,26 +363,30 @@ impl Sim {
             chain,
             Body::Seal(wire::Propose { ballot: 0, seal }),
         );
-        let commit = Envelope::sign(
-            key,
-            run,
-            round,
-            chain,
-            Body::Commit(wire::Commit {
-                ballot: 0,
-                seal: seal_hash,
-                next_chain: Hash::of_parts(&[&chain.0, &seal_hash.0]),
-                state: averaging::state_hash(&theta, &momentum),
-            }),
-        );
+        let commit = wire::Commit {
+            ballot: 0,
+            seal: seal_hash,
+            next_chain: Hash::of_parts(&[&chain.0, &seal_hash.0]),
+            state: averaging::state_hash(&theta, &momentum),
+        };
+        let commits = keys
+            .iter()
+            .map(|k| Envelope::sign(k, run, round, chain, Body::Commit(commit)))
+            .collect();
         Some(Direct::State {
             round: round + 1,
             proof: Box::new(wire::DecisionProof {
                 seal: seal_env,
-                commits: vec![commit],
+                commits,
             }),
             theta: codec::encode(codec::Quantization::F32, &theta),
             momentum: codec::encode(codec::Quantization::F32, &momentum),
         })
     }
+}
+
+/// The two Sybil keys of every [`Attack::SybilDonors`] peer (shared, so that two such members
+/// send the very same State).
+fn sybil_keys() -> [ed25519_dalek::SigningKey; 2] {
+    [0x5e, 0x5f].map(|b| ed25519_dalek::SigningKey::from_bytes(&[b; 32]))
 }

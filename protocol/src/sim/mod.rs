@@ -68,6 +68,12 @@ pub enum Attack {
     /// As a leader, seals with five made-up keys added to the next member list (a takeover of
     /// the group by its proposer).
     MemberTakeover,
+    /// Sybil donors: with every READY, the member and two fresh keys that are no members
+    /// gossip copies of it three rounds ahead; all three answer every sync or state request
+    /// with the same fabricated State (a SEAL naming the two keys as next members, their two
+    /// COMMITs as the quorum), which the first key also sends to every peer unasked. Two such
+    /// members are two member donors that agree.
+    SybilDonors,
 }
 
 /// A scheduled fault.
@@ -97,6 +103,15 @@ pub enum Fault {
         at: Time,
         /// How stale the disk is.
         stale_rounds: Option<u64>,
+    },
+    /// Crash `peer` at `at` and restart it at once from its latest saved state, but with the
+    /// chain and member list of another history (a checkpoint of a fork it abandoned: made-up
+    /// members nobody in the run knows).
+    RestartForeign {
+        /// Peer index.
+        peer: usize,
+        /// When.
+        at: Time,
     },
     /// Cut the peers in `side` off from the rest during `from..until`.
     Partition {
@@ -278,6 +293,7 @@ enum Ev {
     Train(u64),
     Crash,
     Restart(Option<u64>),
+    RestartForeign,
     Churn,
     Join,
 }
@@ -312,6 +328,8 @@ pub struct Sim {
     events: HashMap<u64, (usize, u64, Ev)>,
     peers: Vec<Peer>,
     index: HashMap<PeerKey, usize>,
+    /// Keys a malicious peer holds besides its own (its Sybils): messages to them reach it.
+    aliases: HashMap<PeerKey, (usize, ed25519_dalek::SigningKey)>,
     sig_cache: HashMap<Hash, bool>,
     report: Report,
     bytes: HashMap<(usize, u64), (u64, u64)>,
@@ -357,6 +375,7 @@ impl Sim {
             events: HashMap::new(),
             peers: Vec::new(),
             index: HashMap::new(),
+            aliases: HashMap::new(),
             sig_cache: HashMap::new(),
             report: Report::default(),
             bytes: HashMap::new(),
@@ -406,6 +425,9 @@ impl Sim {
                     for p in 0..cfg.n {
                         sim.schedule(at, p, Ev::Restart(stale_rounds));
                     }
+                }
+                Fault::RestartForeign { peer, at } => {
+                    sim.schedule(at, peer, Ev::RestartForeign);
                 }
                 Fault::Partition { side, from, until } => {
                     sim.partitions
@@ -604,6 +626,27 @@ impl Sim {
         self.dispatch(i, outs);
     }
 
+    /// Restarts crashed peer `i` from its latest snapshot under a made-up history: the same
+    /// round, theta and momentum, another chain, and itself plus three made-up keys as members.
+    fn restart_foreign(&mut self, i: usize) {
+        let Some((round, _, _, theta, m)) = self.peers[i].snapshots.last().cloned() else {
+            return;
+        };
+        let mut members: Vec<PeerKey> = (0..3u8)
+            .map(|j| PeerKey::of(&SigningKey::from_bytes(&[0xf0 + j; 32])))
+            .collect();
+        members.push(self.peers[i].id);
+        let chain = Hash::of(b"an abandoned fork");
+        let key = self.peers[i].key.clone();
+        let mut st = State::restore(self.cfg.proto.clone(), key, round, chain, members, theta, m);
+        if let Some(v) = self.peers[i].voted {
+            st.set_vote_from(v + 1);
+        }
+        let outs = st.start(self.now);
+        self.peers[i].state = Some(st);
+        self.dispatch(i, outs);
+    }
+
     /// Runs to completion and returns the report.
     pub fn run(mut self) -> Report {
         while let Some(Reverse((at, seq, i))) = self.queue.pop() {
@@ -627,6 +670,13 @@ impl Sim {
                     self.rng.fill_bytes(&mut b);
                     let j = self.add_peer(SigningKey::from_bytes(&b));
                     self.restart(j, None);
+                    continue;
+                }
+                Ev::RestartForeign => {
+                    if peer < self.peers.len() && self.alive(peer) {
+                        self.crash(peer);
+                        self.restart_foreign(peer);
+                    }
                     continue;
                 }
                 // A restart is scheduled for whichever incarnation is down at the time.
@@ -672,11 +722,18 @@ impl Sim {
     }
 
     fn feed(&mut self, i: usize, ev: InEvent) {
-        if let (Some(Attack::FakeState), InEvent::Direct { from, msg }) =
-            (self.peers[i].attack, &ev)
+        if let (
+            Some(a @ (Attack::FakeState | Attack::SybilDonors)),
+            InEvent::Direct { from, msg },
+        ) = (self.peers[i].attack, &ev)
         {
             if matches!(**msg, Direct::StateRequest | Direct::SyncRequest { .. }) {
-                if let Some(fake) = self.fake_state(i) {
+                let fake = if a == Attack::FakeState {
+                    self.fake_state(i)
+                } else {
+                    self.sybil_state(i)
+                };
+                if let Some(fake) = fake {
                     self.direct_from(i, *from, Arc::new(fake));
                 }
                 return;

@@ -11,7 +11,7 @@ use crate::wire::{Body, Direct, Envelope, Hash, PeerKey};
 use super::{Ev, Sim};
 
 impl Sim {
-    fn latency(&mut self) -> Time {
+    pub(super) fn latency(&mut self) -> Time {
         let (a, b) = self.cfg.latency;
         a + (self.rng.next_u64() % (b - a + 1))
     }
@@ -20,7 +20,7 @@ impl Sim {
         p > 0.0 && (self.rng.next_u64() as f64 / u64::MAX as f64) < p
     }
 
-    fn cut(&self, a: usize, b: usize) -> bool {
+    pub(super) fn cut(&self, a: usize, b: usize) -> bool {
         self.partitions.iter().any(|(side, from, until)| {
             self.now >= *from && self.now < *until && side.contains(&a) != side.contains(&b)
         })
@@ -116,6 +116,27 @@ impl Sim {
             }
             Direct::StateRequest => self.report.state_requests += 1,
             _ => {}
+        }
+        if let Some((owner, alias)) = self.aliases.get(&to).cloned() {
+            // A request to one of a malicious peer's Sybil keys: answered by that key.
+            if matches!(&*msg, Direct::SyncRequest { .. } | Direct::StateRequest) {
+                self.report.syncs_to_strangers += 1;
+                if let Some(fake) = self.sybil_state(owner) {
+                    let at = self.now + self.latency();
+                    if self.alive(owner) && !self.cut(from, owner) {
+                        self.report.states_sent += 1;
+                        self.schedule(
+                            at,
+                            from,
+                            Ev::In(InEvent::Direct {
+                                from: PeerKey::of(&alias),
+                                msg: Arc::new(fake),
+                            }),
+                        );
+                    }
+                }
+            }
+            return;
         }
         let Some(&t) = self.index.get(&to) else {
             if matches!(&*msg, Direct::SyncRequest { .. } | Direct::StateRequest) {
