@@ -67,6 +67,10 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Join (or found) a run on the network and train with its peers.
     Join(JoinArgs),
+    /// Invite a peer to an `invite` run: prints a token for its `join --invite`, signed with
+    /// this node's key (the signer must be a member when the JOIN arrives). Takes the same run
+    /// flags as `join` (the invitation is bound to the run id).
+    Invite(InviteArgs),
     /// Ask a running node for its /status (exit 0 when it answers): a healthcheck that needs
     /// no curl in the image.
     Health(HealthArgs),
@@ -226,6 +230,17 @@ pub struct JoinArgs {
     /// Biases in the MLP's linear layers.
     #[arg(long, env = "DILOCO_MLP_BIAS", action = clap::ArgAction::Set)]
     pub mlp_bias: Option<bool>,
+    /// Who may become a member: open (default), allowlist (only the peers in --allowlist) or
+    /// invite (those, and peers with an invitation from a member: `diloco-node invite`).
+    #[arg(long, env = "DILOCO_ADMISSION")]
+    pub admission: Option<String>,
+    /// File of peer ids (one per line, `#` comments) that may found the run (and, under
+    /// `--admission allowlist`, join it); part of the run config and its id.
+    #[arg(long, env = "DILOCO_ALLOWLIST")]
+    pub allowlist: Option<PathBuf>,
+    /// This node's invitation to an `invite` run (the token `diloco-node invite` printed).
+    #[arg(long, env = "DILOCO_INVITE")]
+    pub invite: Option<String>,
     /// Compute backend.
     #[arg(long, env = "DILOCO_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
@@ -264,6 +279,18 @@ pub struct JoinArgs {
     /// Print the final report as one JSON line.
     #[arg(long, env = "DILOCO_JSON")]
     pub json: bool,
+}
+
+/// `diloco-node invite`.
+#[derive(Debug, Args)]
+pub struct InviteArgs {
+    /// The invited peer's id (libp2p `12D3Koo…`, as its log and dashboard show it, or 64 hex
+    /// digits).
+    #[arg(long = "peer")]
+    pub invitee: String,
+    /// The run and this node's key (--key or --checkpoint-dir), as for `join`.
+    #[command(flatten)]
+    pub join: JoinArgs,
 }
 
 impl JoinArgs {
@@ -326,6 +353,13 @@ impl JoinArgs {
         }
         if let Some(v) = self.mlp_bias {
             rc.mlp_bias = v;
+        }
+        if let Some(v) = &self.admission {
+            rc.admission = v.clone();
+        }
+        if let Some(p) = &self.allowlist {
+            rc.allowlist =
+                crate::runconfig::read_allowlist(p).map_err(|e| UsageError(e.to_string()))?;
         }
         Ok(rc)
     }

@@ -81,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             emit(args.common.json, &report)
         }
         Command::Join(args) => join(args),
+        Command::Invite(args) => invite(args),
         Command::Health(args) => health(args),
         Command::Status(args) => status(args),
         Command::Demo(args) => {
@@ -156,6 +157,12 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
     println!("peer id {}", identity.peer_id());
     println!("run id {}", run.id_hex());
     let stop = stop_flag()?;
+    let invite = match &args.invite {
+        Some(t) => Some(diloco_protocol::wire::Invite::from_token(t).map_err(|e| {
+            anyhow::anyhow!("--invite: {e} (use the token `diloco-node invite` printed)")
+        })?),
+        None => None,
+    };
     let cfg = diloco_node::driver::JoinConfig {
         run,
         identity,
@@ -170,6 +177,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         founders: args.founders,
         relay_listen: args.relay_listen,
         private_network: args.private_network,
+        invite,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -183,6 +191,48 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         stop,
     ))?;
     emit(args.json, &report)
+}
+
+fn invite(args: diloco_node::cli::InviteArgs) -> anyhow::Result<()> {
+    let invitee = diloco_node::runconfig::parse_peer(&args.invitee)
+        .map_err(|e| anyhow::anyhow!("--peer: {e}"))?;
+    let rc = args.join.run_config()?;
+    let corpus = data::Corpus::load(&args.join.data_spec())?;
+    let run = rc.validate(&corpus)?;
+    if !matches!(
+        run.admission,
+        diloco_protocol::averaging::Admission::Invite(_)
+    ) {
+        anyhow::bail!(
+            "this run's admission is '{}', not 'invite': give the same run flags as the run's \
+             `join` (--admission invite --allowlist FILE ...)",
+            run.config.admission
+        );
+    }
+    let key_path = args
+        .join
+        .key
+        .clone()
+        .or_else(|| {
+            args.join
+                .checkpoint_dir
+                .as_ref()
+                .map(|d| d.join("node.key"))
+        })
+        .context("invite needs this node's identity: --key FILE or --checkpoint-dir DIR")?;
+    let text = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("reading the identity key {}", key_path.display()))?;
+    let secret = diloco_p2p::keys::parse(&text)
+        .map_err(|e| anyhow::anyhow!("identity key {}: {e}", key_path.display()))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let inv = diloco_protocol::wire::Invite::sign(&key, run.id, invitee);
+    eprintln!(
+        "invitation to run {} for {} (valid while this node is a member):",
+        run.id_hex(),
+        args.invitee.trim()
+    );
+    println!("{}", inv.to_token());
+    Ok(())
 }
 
 fn health(args: diloco_node::cli::HealthArgs) -> anyhow::Result<()> {

@@ -12,10 +12,10 @@ use crate::train::data::Corpus;
 use crate::train::flat::InitScheme;
 use crate::train::inner::InnerConfig;
 use crate::train::model::ModelConfig;
-use diloco_protocol::averaging::{Config as ProtoConfig, Quorum, Rule};
+use diloco_protocol::averaging::{Admission, Config as ProtoConfig, Quorum, Rule};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::outer::OuterConfig;
-use diloco_protocol::wire::Hash;
+use diloco_protocol::wire::{Hash, PeerKey};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use thiserror::Error;
@@ -86,6 +86,16 @@ pub struct RunConfig {
     /// `trimmed-mean` (coordinate-wise, 20 % trimmed from each end; `trimmed-mean:T`) or
     /// `mean` (plain DiLoCo, trusts every member).
     pub aggregation: String,
+    /// Who may become a member: `open` (anyone, a few newcomers a round), `allowlist` (only
+    /// the peers in `allowlist`) or `invite` (those, and anyone whose JOIN carries an
+    /// invitation a member signed with `diloco-node invite`). Left out of the run id when
+    /// `open`.
+    #[serde(skip_serializing_if = "is_open")]
+    pub admission: String,
+    /// Peer ids (libp2p `12D3Koo…` or 64 hex digits of the ed25519 key) for `allowlist` and
+    /// `invite`: the only peers that may found the run and, under `allowlist`, join it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowlist: Vec<String>,
     /// Closer waits this long after the first READY for the others (ms).
     pub straggler_timeout_ms: u64,
     /// Aggregation deadline after CLOSE (ms).
@@ -121,6 +131,8 @@ impl Default for RunConfig {
             mlp_bias: true,
             quorum: "majority".into(),
             aggregation: "norm-screen".into(),
+            admission: "open".into(),
+            allowlist: Vec::new(),
             straggler_timeout_ms: 10_000,
             agg_timeout_ms: 10_000,
             attempt_timeout_ms: 30_000,
@@ -148,6 +160,8 @@ pub struct Run {
     pub quorum: Quorum,
     /// Aggregation rule.
     pub rule: Rule,
+    /// Admission policy.
+    pub admission: Admission,
     /// Run id.
     pub id: Hash,
     /// blake3 of the data.
@@ -222,6 +236,8 @@ impl RunConfig {
             q => return bad(format!("quorum '{q}' is not one of: majority, two-thirds")),
         };
         let rule = parse_rule(&self.aggregation).map_err(RunConfigError::Invalid)?;
+        let admission =
+            parse_admission(&self.admission, &self.allowlist).map_err(RunConfigError::Invalid)?;
         for (name, v) in [
             ("straggler_timeout_ms", self.straggler_timeout_ms),
             ("agg_timeout_ms", self.agg_timeout_ms),
@@ -251,10 +267,75 @@ impl RunConfig {
             quantize,
             quorum,
             rule,
+            admission,
             id,
             data_hash,
         })
     }
+}
+
+fn is_open(s: &str) -> bool {
+    s == "open"
+}
+
+/// A peer id as users see it: libp2p's `12D3Koo…` text or 64 hex digits of the ed25519 key.
+pub fn parse_peer(s: &str) -> Result<PeerKey, String> {
+    let t = s.trim();
+    if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(t, &mut k).map_err(|e| e.to_string())?;
+        return Ok(PeerKey(k));
+    }
+    let id: libp2p::PeerId = t
+        .parse()
+        .map_err(|e| format!("'{t}' is not a peer id (12D3Koo… or 64 hex digits): {e}"))?;
+    crate::net::peer::proto_peer(&id)
+        .ok_or_else(|| format!("peer id '{t}' is not an ed25519 key, as every node's is"))
+}
+
+/// The admission policy named by `name` with the peers `list` (the run config's `admission`
+/// and `allowlist`).
+pub fn parse_admission(name: &str, list: &[String]) -> Result<Admission, String> {
+    let mut keys = list
+        .iter()
+        .map(|s| parse_peer(s).map_err(|e| format!("allowlist: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    keys.sort();
+    keys.dedup();
+    match name {
+        "open" if keys.is_empty() => Ok(Admission::Open),
+        "open" => Err("an allowlist is only used with admission allowlist or invite".into()),
+        "allowlist" | "invite" if keys.is_empty() => Err(format!(
+            "admission {name} needs an allowlist: the peer ids that may found the run"
+        )),
+        "allowlist" => Ok(Admission::Allowlist(keys)),
+        "invite" => Ok(Admission::Invite(keys)),
+        a => Err(format!(
+            "admission '{a}' is not one of: open, allowlist, invite"
+        )),
+    }
+}
+
+/// Reads an allowlist file: one peer id per line; blank lines and `#` comments ignored.
+pub fn read_allowlist(path: &Path) -> Result<Vec<String>, RunConfigError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| RunConfigError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let ids: Vec<String> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    for id in &ids {
+        parse_peer(id).map_err(|reason| RunConfigError::Parse {
+            path: p.clone(),
+            reason,
+        })?;
+    }
+    Ok(ids)
 }
 
 /// The aggregation rule named by `s` (the run config's `aggregation`).
@@ -309,6 +390,7 @@ impl Run {
         p.outer = self.outer;
         p.quorum = self.quorum;
         p.rule = self.rule;
+        p.admission = self.admission.clone();
         // A peer's weight is capped at what one honest round can process.
         p.token_cap = c.inner_steps * (c.batch * c.seq) as u64;
         p.straggler_timeout = c.straggler_timeout_ms;
@@ -331,6 +413,46 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admission_policies_parse_and_say_what_is_wrong() {
+        let a = "11".repeat(32);
+        let b = "22".repeat(32);
+        assert_eq!(parse_admission("open", &[]), Ok(Admission::Open));
+        assert!(parse_admission("open", std::slice::from_ref(&a)).is_err());
+        assert!(parse_admission("allowlist", &[])
+            .unwrap_err()
+            .contains("needs an allowlist"));
+        assert_eq!(
+            parse_admission("invite", &[b.clone(), a.clone(), a.clone()]),
+            Ok(Admission::Invite(vec![
+                PeerKey([0x11; 32]),
+                PeerKey([0x22; 32])
+            ]))
+        );
+        assert!(parse_admission("closed", &[])
+            .unwrap_err()
+            .contains("not one of"));
+        assert!(parse_admission("allowlist", &["nope".into()])
+            .unwrap_err()
+            .contains("not a peer id"));
+        let id = diloco_p2p::keys::Identity::from_secret([7; 32]);
+        let key = parse_peer(&id.peer_id().to_string()).unwrap();
+        assert_eq!(crate::net::peer::libp2p_peer(&key), Some(id.peer_id()));
+    }
+
+    #[test]
+    fn an_open_run_keeps_its_run_id_and_a_policy_changes_it() {
+        let open = serde_json::to_string(&RunConfig::default()).unwrap();
+        assert!(!open.contains("admission") && !open.contains("allowlist"));
+        let listed = RunConfig {
+            admission: "allowlist".into(),
+            allowlist: vec!["11".repeat(32)],
+            ..RunConfig::default()
+        };
+        let text = serde_json::to_string(&listed).unwrap();
+        assert!(text.contains("\"admission\":\"allowlist\"") && text.contains(&"11".repeat(32)));
+    }
 
     #[test]
     fn aggregation_rules_parse_with_their_parameters() {

@@ -78,6 +78,7 @@ fn node(
         founders: 1,
         relay_listen: false,
         private_network: false,
+        invite: None,
     };
     (cfg, shared)
 }

@@ -175,6 +175,35 @@ impl Net {
     }
 
     fn start_node(&mut self, name: &str) -> SocketAddr {
+        self.start_node_with(name, &[])
+    }
+
+    /// Writes `secret` (hex) as the identity key of node `name` (its checkpoint folder's
+    /// node.key) and returns its libp2p peer id.
+    fn key_for(&self, name: &str, secret: u8) -> String {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("node.key"), hex::encode([secret; 32])).unwrap();
+        diloco_p2p::keys::Identity::from_secret([secret; 32])
+            .peer_id()
+            .to_string()
+    }
+
+    /// `diloco-node <sub> --run-config run.json --checkpoint-dir <name> <args>`, run to the end.
+    fn run_cli(&self, sub: &str, name: &str, args: &[&str]) -> std::process::Output {
+        Proc::new(node_bin())
+            .arg(sub)
+            .arg("--run-config")
+            .arg(self.dir.path().join("run.json"))
+            .arg("--checkpoint-dir")
+            .arg(self.dir.path().join(name))
+            .args(args)
+            .env("DILOCO_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    fn start_node_with(&mut self, name: &str, extra: &[&str]) -> SocketAddr {
         let dir = self.dir.path().join(name);
         let mut cmd = Proc::new(node_bin());
         cmd.args(["join", "--bootstrap", &self.bootstrap])
@@ -192,7 +221,8 @@ impl Net {
             ])
             .args(["--checkpoint-every", "1"])
             .arg("--checkpoint-dir")
-            .arg(&dir);
+            .arg(&dir)
+            .args(extra);
         let p = Running::spawn(name, cmd, self.dir.path());
         let line = p.wait_line("status on http://", Duration::from_secs(60));
         let addr: SocketAddr = line
@@ -693,4 +723,94 @@ fn a_pair_that_loses_one_says_it_is_stalled_and_resumes() {
         |s| s["stalled_s"].is_null() && s["round"].as_u64().unwrap() > stalled_at,
     );
     net.procs[a_index].wait_log("no longer stalled", Duration::from_secs(10));
+}
+
+/// Admission by invitation over real sockets: `a` (the only listed peer) founds; `b` joins with
+/// the token `diloco-node invite` printed for it on a's key and becomes a member; `c`, neither
+/// listed nor invited, refuses to start and says how to get in; `d` carries an invitation
+/// signed by a key that is no member, so the members refuse its JOINs with a reason, count them
+/// in /metrics (`diloco_refused_joins`), and it never becomes a member.
+#[test]
+fn an_invite_run_admits_the_invited_and_refuses_the_rest() {
+    let a_id = diloco_p2p::keys::Identity::from_secret([0xa1; 32])
+        .peer_id()
+        .to_string();
+    let run = format!(
+        r#"{{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
+            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
+            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500,
+            "admission":"invite","allowlist":["{a_id}"]}}"#
+    );
+    let mut net = Net::start(&run);
+    assert_eq!(net.key_for("a", 0xa1), a_id);
+    let b_id = net.key_for("b", 0xb2);
+    let c_id = net.key_for("c", 0xc3);
+    let d_id = net.key_for("d", 0xd4);
+    net.key_for("e", 0xe5);
+
+    let out = net.run_cli("invite", "a", &["--peer", &b_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(b_token.len(), 192, "{b_token}");
+    // An invitation from a key that is no member of the run (it still verifies for d).
+    let out = net.run_cli("invite", "e", &["--peer", &d_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let a = net.start_node("a");
+    wait_status(
+        &net,
+        &[a],
+        "a founds the run",
+        Duration::from_secs(60),
+        |s| s["member"].as_bool() == Some(true),
+    );
+    let b = net.start_node_with("b", &["--invite", &b_token]);
+    net.wait_agree(&[a, b], 2, Duration::from_secs(120));
+
+    let out = net.run_cli(
+        "join",
+        "c",
+        &["--bootstrap", &net.bootstrap.clone(), "--backend", "cpu"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "c started: {err}");
+    assert!(
+        err.contains("admits members by invitation") && err.contains(&c_id),
+        "c's error does not say how to get in: {err}"
+    );
+
+    let _d = net.start_node_with("d", &["--invite", &d_token]);
+    let end = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        let m = http_get(a, "/metrics").unwrap_or_default();
+        let n = m
+            .lines()
+            .find(|l| l.starts_with("diloco_refused_joins"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if n > 0.0 || Instant::now() > end {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        refused > 0.0,
+        "a never counted a refused JOIN\n{}",
+        net.logs()
+    );
+    let a_index = net.nodes[0].0;
+    net.procs[a_index].wait_log("JOIN invited by a non-member", Duration::from_secs(10));
+    // The run goes on with a and b only.
+    let (round, _) = net.wait_agree(&[a, b], 4, Duration::from_secs(120));
+    println!("a and b at round {round}; d refused {refused} times");
 }

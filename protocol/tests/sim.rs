@@ -1,6 +1,6 @@
 //! Simulator properties over many seeds (`SEED=n` replays one seed, `SEEDS=n` sets the count).
 
-use diloco_protocol::averaging::{max_joins, Quorum, Reject, Rule};
+use diloco_protocol::averaging::{max_joins, Admission, Quorum, Reject, Rule};
 use diloco_protocol::codec::Quantization;
 use diloco_protocol::sim::{self, Attack, Fault, Report, SimConfig};
 
@@ -287,6 +287,7 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             | Attack::HugeBallot
             | Attack::JoinFlood(_)
             | Attack::MemberTakeover
+            | Attack::SneakIn
             | Attack::SybilDonors => true,
         };
         // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
@@ -816,4 +817,83 @@ fn a_peer_restored_into_a_foreign_history_catches_up() {
         let r = sim::run(c.clone());
         check_decides_all(seed, &c, &r);
     }
+}
+
+/// Admission policies. Under `invite` (the founders listed), joiners whose JOIN carries an
+/// invitation signed by a member get in and uninvited ones are refused with a reason; under
+/// `allowlist` (the founders only) nobody else gets in, invited or not. Every round decides.
+#[test]
+fn admission_policies_admit_whom_they_name_and_nobody_else() {
+    let mut refused = 0;
+    for seed in sim::seeds(200) {
+        let n = 3 + (seed % 2) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 8;
+        c.max_time = 300_000;
+        let invite = seed % 2 == 0;
+        c.admission = Some(if invite {
+            Admission::Invite
+        } else {
+            Admission::Allowlist
+        });
+        for at in [300, 900] {
+            c.faults.push(Fault::InvitedJoin { at });
+            c.faults.push(Fault::Join { at: at + 100 });
+        }
+        let r = sim::run(c.clone());
+        check_safety(seed, &r);
+        check_identical(seed, &r);
+        let want = if invite { n + 2 } else { n };
+        assert_eq!(
+            r.max_members,
+            Some(want),
+            "seed {seed}: {} policy let {:?} members in (expected {want})",
+            if invite { "invite" } else { "allowlist" },
+            r.max_members
+        );
+        let founders_rounds = r.decided[..n].iter().map(Vec::len).min().unwrap_or(0);
+        assert!(
+            founders_rounds as u64 >= c.rounds,
+            "seed {seed}: founders decided only {founders_rounds} rounds"
+        );
+        refused += r
+            .rejections
+            .iter()
+            .filter(|(_, _, kind, why)| *kind == "JOIN" && matches!(why, Reject::NotAllowed(_)))
+            .count();
+    }
+    assert!(refused > 0, "no JOIN was refused with a reason");
+}
+
+/// A leader that seals one made-up key into the member list, with a JOIN validly signed by
+/// that key but no invitation: under `invite` acceptors refuse the SEAL (the policy checks
+/// every newcomer's JOIN carried in the SEAL), the next ballot decides, and the key never
+/// becomes a member.
+#[test]
+fn a_leader_cannot_sneak_an_uninvited_key_in() {
+    let mut refused = 0;
+    for seed in sim::seeds(200) {
+        let n = 4 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.admission = Some(Admission::Invite);
+        c.malicious.push((n - 1, Attack::SneakIn));
+        c.max_time = 300_000;
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
+        assert_eq!(
+            r.max_members,
+            Some(n),
+            "seed {seed}: the made-up key got in"
+        );
+        refused += r
+            .rejections
+            .iter()
+            .filter(|(_, f, kind, why)| {
+                *f == n - 1
+                    && *kind == "SEAL"
+                    && matches!(why, Reject::Malformed("JOIN without an invitation"))
+            })
+            .count();
+    }
+    assert!(refused > 0, "no sneaking SEAL was refused");
 }

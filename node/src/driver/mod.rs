@@ -35,8 +35,9 @@ use crate::train::inner::{AdamState, Evaluator, Replica};
 use crate::train::worker::{Done, Job, ModelWork, Trainer, WorkerError, OPT_SUFFIXES};
 use burn::prelude::Device;
 use diloco_p2p::keys::Identity;
+use diloco_protocol::averaging::Admission;
 use diloco_protocol::discovery::{self, Discovery};
-use diloco_protocol::wire::PeerKey;
+use diloco_protocol::wire::{Invite, PeerKey};
 use ed25519_dalek::SigningKey;
 use libp2p::{Multiaddr, PeerId};
 use node::{Node, Tally};
@@ -82,9 +83,41 @@ pub enum JoinError {
     /// The checkpoint written when stopping failed: the node stopped without its state on disk.
     #[error("the final checkpoint was not written; the node stopped without saving its state (free some disk space or fix --checkpoint-dir; the other peers still hold the run's state, so restarting rejoins the run)")]
     FinalCheckpoint(#[source] CheckpointError),
+    /// The run's admission policy does not let this node in.
+    #[error("{0}")]
+    NotAdmitted(String),
     /// The final checkpoint did not complete.
     #[error("the final checkpoint did not complete: {0}; the node stopped without saving its state (the other peers still hold the run's state, so restarting rejoins the run)")]
     FinalCheckpointIncomplete(&'static str),
+}
+
+/// Refuses to start a node the run's admission policy would never admit, saying what to do.
+fn check_admission(cfg: &JoinConfig, me: PeerKey, peer_id: &PeerId) -> Result<(), JoinError> {
+    let listed = cfg.run.admission.lists(&me);
+    match (&cfg.run.admission, &cfg.invite) {
+        (Admission::Allowlist(_), _) if !listed => Err(JoinError::NotAdmitted(format!(
+            "this node ({peer_id}) is not on the run's allowlist: ask the run's operator to add \
+             it, or use the identity key of a listed peer (--key)"
+        ))),
+        (Admission::Invite(_), None) if !listed => Err(JoinError::NotAdmitted(format!(
+            "this run admits members by invitation: ask a member to run `diloco-node invite \
+             --peer {peer_id}` with the run's flags and pass the token with --invite"
+        ))),
+        (Admission::Invite(_), Some(inv)) if !inv.verify(cfg.run.id, me) => {
+            Err(JoinError::NotAdmitted(format!(
+                "--invite: the invitation is not for this node ({peer_id}) in this run ({}); \
+                 it was signed for another peer id or run config",
+                cfg.run.id_hex()
+            )))
+        }
+        (Admission::Open, Some(_)) => {
+            tracing::warn!(
+                "--invite given but the run is open to anyone: the invitation is ignored"
+            );
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// An error and its sources on one line (`a: b: c`), for logs.
@@ -129,6 +162,8 @@ pub struct JoinConfig {
     pub relay_listen: bool,
     /// AutoNAT over private addresses too (see [`NetConfig::private_network`]).
     pub private_network: bool,
+    /// This node's invitation to an `invite` run.
+    pub invite: Option<Invite>,
 }
 
 /// Final report of a node.
@@ -248,6 +283,7 @@ async fn run_node(
 ) -> Result<JoinReport, JoinError> {
     let key = SigningKey::from_bytes(&cfg.identity.secret);
     let me = PeerKey::of(&key);
+    check_admission(&cfg, me, &peer_id)?;
     let layout = layout_of(&cfg, &device);
     let n_params: usize = layout.iter().map(ParamInfo::len).sum();
     tracing::info!(params = n_params, model = %cfg.run.model.describe(), "node starting");
@@ -301,7 +337,8 @@ async fn run_node(
     }
 
     let timers = Timers::new();
-    let dcfg = discovery::Config::new(cfg.genesis_wait.as_millis() as u64, cfg.founders);
+    let mut dcfg = discovery::Config::new(cfg.genesis_wait.as_millis() as u64, cfg.founders);
+    dcfg.may_found = cfg.run.admission.lists(&me);
     let disc = match &restored {
         Some((_, loaded)) => Discovery::restored(dcfg, me, timers.now(), restore::founder(loaded)),
         None => Discovery::new(dcfg, me, timers.now(), cfg.bootstrap.is_empty()),
@@ -327,6 +364,7 @@ async fn run_node(
         tally: Tally::default(),
     };
     if let Some((mut st, loaded)) = restored {
+        node.votes.switch(restore::founder(&loaded));
         if let Some(v) = node.votes.vote_from() {
             st.set_vote_from(v);
         }

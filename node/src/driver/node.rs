@@ -12,7 +12,7 @@ use crate::net::{peer, Client, ClientError, NetEvent, Topic};
 use crate::train::checkpoint::NetCheckpoint;
 use crate::train::flat::{self, ParamInfo};
 use crate::train::worker::{Done, Job, SaveJob};
-use diloco_protocol::averaging::{leader_order, InEvent, OutEvent, State};
+use diloco_protocol::averaging::{leader_order, Admission, InEvent, OutEvent, State};
 use diloco_protocol::discovery::{self, Action, Discovery, Local, Wait};
 use diloco_protocol::outer::hash_f32;
 use diloco_protocol::wire::{Body, Direct, Envelope, Hash, Hello, PeerKey};
@@ -42,6 +42,8 @@ pub(super) struct Trainer {
 pub(super) struct Tally {
     pub(super) rounds_decided: u64,
     pub(super) rejected: u64,
+    /// JOINs the admission policy refused.
+    pub(super) refused_joins: u64,
     pub(super) last_decided: Option<Instant>,
     /// blake3 of the global parameters, hex (recomputed only when the state changes).
     pub(super) global_hash: String,
@@ -93,6 +95,7 @@ impl Node {
     pub(super) fn start_state(&mut self, st: State) -> Result<(), JoinError> {
         let now = self.timers.now();
         let mut st = Box::new(st);
+        st.set_invite(self.cfg.invite);
         let outs = st.start(now);
         self.state = Some(st);
         self.refresh_hash();
@@ -137,6 +140,9 @@ impl Node {
                 OutEvent::Decided { round, seal, state } => self.on_decided(round, seal, state),
                 OutEvent::Rejected { from, kind, reason } => {
                     self.tally.rejected += 1;
+                    if kind == "JOIN" {
+                        self.tally.refused_joins += 1;
+                    }
                     let now = self.shared.now_s();
                     self.shared.peers(|b| b.rejected(&peer_name(&from), now));
                     tracing::warn!(from = %hex::encode(&from.0[..8]), kind, %reason, "message rejected");
@@ -157,7 +163,7 @@ impl Node {
         // signed in before the restart, and record every round it signs in from now on.
         if !self
             .votes
-            .may_sign(env.round, matches!(env.body, Body::Join))?
+            .may_sign(env.round, matches!(env.body, Body::Join(_)))?
         {
             tracing::debug!(
                 kind = env.body.kind(),
@@ -356,7 +362,7 @@ impl Node {
         let h = self.cfg.run.config.inner_steps;
         let t = &self.tally;
         let (hash, state_hash) = (t.global_hash.clone(), t.state_hash.clone());
-        let (decided, rejected) = (t.rounds_decided, t.rejected);
+        let (decided, rejected, refused_joins) = (t.rounds_decided, t.rejected, t.refused_joins);
         let role = match phase {
             Phase::Discovering | Phase::Stopped => phase.to_string(),
             Phase::Syncing => "syncing".to_string(),
@@ -382,6 +388,7 @@ impl Node {
             s.state_hash = state_hash;
             s.rounds_decided = decided;
             s.rejected = rejected;
+            s.refused_joins = refused_joins;
         });
     }
 
@@ -467,6 +474,20 @@ impl Node {
             return Ok(());
         }
         self.seen(&from, hello.synced.then_some(hello.round));
+        // Under an allowlist or invitations, only listed peers found the run: an unlisted
+        // peer's unsynced HELLO must not make it a founder, a history whose founder is not
+        // listed is none of this run's, and under an allowlist an unlisted peer is nobody.
+        // (Under invitations, synced unlisted peers may be invited members: state donors.)
+        let admission = &self.cfg.run.admission;
+        if !admission.lists(&sender)
+            && (!hello.synced || matches!(admission, Admission::Allowlist(_)))
+        {
+            return Ok(());
+        }
+        if hello.synced && !admission.lists(&PeerKey(hello.founder)) {
+            tracing::debug!(peer = %from, "HELLO of a history no listed peer founded; ignored");
+            return Ok(());
+        }
         self.discover(discovery::Event::Hello {
             from: sender,
             hello,
@@ -563,6 +584,9 @@ impl Node {
                 founder = %hex::encode(&f.0[..8]),
                 "waiting for the peers with the lowest ids to found the run"
             ),
+            Action::Waiting(Wait::ForMember) => tracing::info!(
+                "waiting for a member of the run to join it (this node is not listed to found it)"
+            ),
             Action::Waiting(Wait::ForPeers { heard, need }) => tracing::info!(
                 heard,
                 founders = need,
@@ -575,8 +599,12 @@ impl Node {
                 );
                 let theta0 =
                     flat::init_values(&self.layout, &self.cfg.run.model, self.cfg.run.config.seed);
+                self.votes.switch(founders.first().copied());
                 let proto = self.cfg.run.protocol(theta0.len());
-                let st = State::genesis(proto, self.key.clone(), theta0, founders);
+                let mut st = State::genesis(proto, self.key.clone(), theta0, founders);
+                if let Some(v) = self.votes.vote_from() {
+                    st.set_vote_from(v);
+                }
                 self.start_state(st)?;
             }
             Action::Join {
@@ -592,8 +620,8 @@ impl Node {
                         founder = %hex::encode(&founder.0[..8]),
                         "another history of this run is ahead of ours: abandoning ours and joining it"
                     );
-                    // Votes cast in the abandoned history say nothing about the new one.
-                    self.votes.reset()?;
+                    // Votes cast in the abandoned history say nothing about the new one; its
+                    // record stays (switched below), should this node ever follow it again.
                     self.shared.update(|s| s.forks_abandoned += 1);
                     self.timers.clear();
                     self.trainer.pending = None;
@@ -603,8 +631,12 @@ impl Node {
                     members,
                     "found the run under way: joining (fetching its state from peers)"
                 );
+                self.votes.switch(Some(founder));
                 let proto = self.cfg.run.protocol(self.layout_len());
-                let st = State::joiner(proto, self.key.clone(), contacts);
+                let mut st = State::joiner(proto, self.key.clone(), contacts);
+                if let Some(v) = self.votes.vote_from() {
+                    st.set_vote_from(v);
+                }
                 self.start_state(st)?;
             }
             Action::Contact(p) => self.feed(InEvent::Contact(p))?,

@@ -106,6 +106,8 @@ pub struct Status {
     pub last_averaging_s: Option<f64>,
     /// Messages rejected (bad signature, wrong run, malformed, ...).
     pub rejected: u64,
+    /// JOINs refused by the run's admission policy (also counted in `rejected`).
+    pub refused_joins: u64,
     /// Peers banned on evidence.
     pub banned: usize,
     /// Times this node abandoned its history for a better one of the same run.
@@ -127,6 +129,7 @@ pub struct Metrics {
     stalled_seconds: Gauge<f64, AtomicU64>,
     rounds_decided: Counter,
     rejected: Counter,
+    refused_joins: Counter,
     bytes_sent: Gauge,
     bytes_received: Gauge,
 }
@@ -210,6 +213,11 @@ impl Shared {
             m.rounds_decided.clone(),
         );
         registry.register("rejected_messages", "Messages rejected", m.rejected.clone());
+        registry.register(
+            "refused_joins",
+            "JOINs refused by the run's admission policy",
+            m.refused_joins.clone(),
+        );
         registry.register("bytes_sent", "Application bytes sent", m.bytes_sent.clone());
         registry.register(
             "bytes_received",
@@ -235,6 +243,7 @@ impl Shared {
         };
         let decided_before = s.rounds_decided;
         let rejected_before = s.rejected;
+        let refused_before = s.refused_joins;
         f(&mut s);
         let m = &self.metrics;
         m.round.set(s.round as i64);
@@ -254,6 +263,8 @@ impl Shared {
             .inc_by(s.rounds_decided.saturating_sub(decided_before));
         m.rejected
             .inc_by(s.rejected.saturating_sub(rejected_before));
+        m.refused_joins
+            .inc_by(s.refused_joins.saturating_sub(refused_before));
     }
 
     /// Seconds since the node started (the time base of history and peer rows).

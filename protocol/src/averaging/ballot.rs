@@ -154,21 +154,18 @@ impl State {
         // (blake3 of chain and key: a fresh chain every round), so a flood of JOINs from
         // made-up keys cannot inflate the group and its quorum faster than silent members are
         // evicted, and honest joiners still get in.
-        let mut joins: Vec<(Hash, PeerKey)> = self
+        let mut joins: Vec<(Hash, PeerKey, Arc<Envelope>)> = self
             .r
             .joins
             .iter()
-            .filter(|p| self.members.binary_search(p).is_err())
-            .filter(|p| !self.verifier.banned.contains(p))
-            .map(|p| (Hash::of_parts(&[&self.chain.0, &p.0]), *p))
+            .filter(|(p, _)| self.members.binary_search(p).is_err())
+            .filter(|(p, _)| !self.verifier.banned.contains(p))
+            .map(|(p, e)| (Hash::of_parts(&[&self.chain.0, &p.0]), *p, e.clone()))
             .collect();
-        joins.sort();
-        next.extend(
-            joins
-                .into_iter()
-                .take(max_joins(self.members.len()))
-                .map(|(_, p)| p),
-        );
+        joins.sort_by_key(|(h, p, _)| (*h, *p));
+        joins.truncate(max_joins(self.members.len()));
+        joins.sort_by_key(|(_, p, _)| *p);
+        next.extend(joins.iter().map(|(_, p, _)| *p));
         next.sort();
         next.dedup();
         let seal = Seal {
@@ -176,6 +173,7 @@ impl State {
             close_id,
             shards,
             next_members: next,
+            joins: joins.into_iter().map(|(_, _, e)| (*e).clone()).collect(),
         };
         self.r.leading = Some(Leading::Proposed);
         self.gossip(Body::Seal(Propose { ballot, seal }));
@@ -270,6 +268,34 @@ impl State {
         if newcomers > max_joins(self.members.len()) {
             return Err("more newcomers than a round admits");
         }
+        // Every newcomer asked to join, in a JOIN of its own that the run's policy admits.
+        let mut joins = seal.joins.iter();
+        for p in seal
+            .next_members
+            .iter()
+            .filter(|p| self.members.binary_search(p).is_err())
+        {
+            let Some(j) = joins.next() else {
+                return Err("a newcomer without its JOIN");
+            };
+            let Body::Join(join) = &j.body else {
+                return Err("a newcomer without its JOIN");
+            };
+            if j.signer != *p
+                || j.run != self.cfg.run
+                || j.round > self.round
+                || j.round.saturating_add(crate::wire::JOIN_WINDOW) < self.round
+                || !j.verify_signature()
+            {
+                return Err("a newcomer without its JOIN");
+            }
+            self.cfg
+                .admission
+                .admits(self.cfg.run, *p, join, &self.members)?;
+        }
+        if joins.next().is_some() {
+            return Err("a JOIN of no newcomer");
+        }
         if seal
             .shards
             .iter()
@@ -335,7 +361,7 @@ impl State {
             return;
         }
         if !self.is_member() {
-            self.gossip(Body::Join);
+            self.gossip(self.join_body());
         }
         // Re-ask for announced envelopes still missing: the signer first, then random members
         // (everyone who fetched one serves it too).

@@ -210,7 +210,7 @@ impl State {
         if self.is_member() {
             self.out.push(OutEvent::Train { round: self.round });
         } else {
-            self.gossip(Body::Join);
+            self.gossip(self.join_body());
         }
         // A peer catching up asks for the next round at once rather than after `retry`.
         self.last_sync = None;

@@ -3,7 +3,7 @@
 
 use crate::codec::Quantization;
 use crate::outer::OuterConfig;
-use crate::wire::{self, Hash};
+use crate::wire::{self, Hash, Join, PeerKey};
 
 use super::Time;
 
@@ -80,6 +80,61 @@ pub enum Rule {
     },
 }
 
+/// Who may become a member of the run (run config `admission`). Founders are not checked
+/// here: the node founds only with peers the policy lists.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Admission {
+    /// Anyone (at most [`max_joins`] newcomers a round).
+    #[default]
+    Open,
+    /// Only these keys (sorted).
+    Allowlist(Vec<PeerKey>),
+    /// These keys (sorted), and anyone whose JOIN carries an invitation signed by a member of
+    /// the round.
+    Invite(Vec<PeerKey>),
+}
+
+impl Admission {
+    /// Whether `who`'s JOIN `join` may be admitted while `members` (sorted) are the round's
+    /// members; the error says why not.
+    pub fn admits(
+        &self,
+        run: Hash,
+        who: PeerKey,
+        join: &Join,
+        members: &[PeerKey],
+    ) -> Result<(), &'static str> {
+        match self {
+            Admission::Open => Ok(()),
+            Admission::Allowlist(list) => match list.binary_search(&who) {
+                Ok(_) => Ok(()),
+                Err(_) => Err("JOIN from a key not on the run's allowlist"),
+            },
+            Admission::Invite(list) => {
+                if list.binary_search(&who).is_ok() {
+                    return Ok(());
+                }
+                match &join.invite {
+                    None => Err("JOIN without an invitation"),
+                    Some(inv) if members.binary_search(&inv.issuer).is_err() => {
+                        Err("JOIN invited by a non-member")
+                    }
+                    Some(inv) if !inv.verify(run, who) => Err("JOIN with a forged invitation"),
+                    Some(_) => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Whether the policy names `who` (as a founder or a state donor): always under `open`.
+    pub fn lists(&self, who: &PeerKey) -> bool {
+        match self {
+            Admission::Open => true,
+            Admission::Allowlist(list) | Admission::Invite(list) => list.binary_search(who).is_ok(),
+        }
+    }
+}
+
 /// Run configuration: identical on every peer of a run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -115,6 +170,8 @@ pub struct Config {
     /// [`wire::MAX_GOSSIP_BYTES`]) are gossiped as an ANNOUNCE of their hash and fetched over a
     /// direct stream. Default: the gossip cap; the simulator lowers it to exercise the path.
     pub gossip_limit: usize,
+    /// Who may become a member.
+    pub admission: Admission,
 }
 
 impl Config {
@@ -136,6 +193,71 @@ impl Config {
             can_serve: true,
             evict_after_rounds: 3,
             gossip_limit: wire::MAX_GOSSIP_BYTES,
+            admission: Admission::Open,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Invite;
+    use ed25519_dalek::SigningKey;
+
+    fn key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[i; 32])
+    }
+
+    #[test]
+    fn admission_rules() {
+        let run = Hash::of(b"run");
+        let (m1, m2, stranger) = (key(1), key(2), key(9));
+        let mut members = vec![PeerKey::of(&m1), PeerKey::of(&m2)];
+        members.sort();
+        let who = PeerKey::of(&stranger);
+        let plain = Join::default();
+        let invited = Join {
+            invite: Some(Invite::sign(&m1, run, who)),
+        };
+        let by_outsider = Join {
+            invite: Some(Invite::sign(&key(7), run, who)),
+        };
+        let for_other = Join {
+            invite: Some(Invite::sign(&m1, run, PeerKey::of(&key(8)))),
+        };
+        let wrong_run = Join {
+            invite: Some(Invite::sign(&m1, Hash::of(b"other"), who)),
+        };
+
+        assert_eq!(Admission::Open.admits(run, who, &plain, &members), Ok(()));
+        assert!(Admission::Open.lists(&who));
+
+        let allow = Admission::Allowlist(members.clone());
+        assert!(allow.admits(run, who, &invited, &members).is_err());
+        assert_eq!(allow.admits(run, members[0], &plain, &members), Ok(()));
+        assert!(!allow.lists(&who) && allow.lists(&members[1]));
+
+        let inv = Admission::Invite(members.clone());
+        assert_eq!(inv.admits(run, members[1], &plain, &members), Ok(()));
+        assert_eq!(
+            inv.admits(run, who, &plain, &members),
+            Err("JOIN without an invitation")
+        );
+        assert_eq!(inv.admits(run, who, &invited, &members), Ok(()));
+        assert_eq!(
+            inv.admits(run, who, &by_outsider, &members),
+            Err("JOIN invited by a non-member")
+        );
+        for j in [for_other, wrong_run] {
+            assert_eq!(
+                inv.admits(run, who, &j, &members),
+                Err("JOIN with a forged invitation")
+            );
+        }
+        // An invitation counts only while its issuer is a member.
+        assert_eq!(
+            inv.admits(run, who, &invited, &members[1..]).is_ok(),
+            members[1] == PeerKey::of(&m1)
+        );
     }
 }

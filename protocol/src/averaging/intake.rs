@@ -101,7 +101,7 @@ impl State {
         }
         // A JOIN may be up to JOIN_WINDOW rounds old, signed under that round's chain; it only
         // asks to be listed, so its chain is not checked.
-        if env.chain != self.chain && !matches!(env.body, Body::Evidence(_) | Body::Join) {
+        if env.chain != self.chain && !matches!(env.body, Body::Evidence(_) | Body::Join(_)) {
             self.reject(env.signer, kind, Reject::Malformed("chain hash"));
             return;
         }
@@ -184,7 +184,7 @@ impl State {
 
     pub(super) fn process(&mut self, env: Arc<Envelope>) {
         // Any signed message of this round shows its signer alive, except a JOIN (below).
-        if env.round == self.round && !matches!(env.body, Body::Join) {
+        if env.round == self.round && !matches!(env.body, Body::Join(_)) {
             self.last_heard.insert(env.signer, self.round);
         }
         let signer = env.signer;
@@ -196,12 +196,21 @@ impl State {
             Body::Promise(p) => self.on_promise(signer, p.clone()),
             Body::Seal(p) => self.on_seal(env.clone(), p.ballot),
             Body::Commit(c) => self.on_commit(env.clone(), *c),
-            Body::Join => {
+            Body::Join(j) => {
                 // A JOIN only asks to be listed; it does not count as being heard from: a
                 // newcomer must speak (READY, votes) in its first round as a member, or the next
-                // SEAL evicts it.
-                if self.r.joins.len() < 1024 {
-                    self.r.joins.insert(signer);
+                // SEAL evicts it. One the run's admission policy refuses is reported.
+                match self
+                    .cfg
+                    .admission
+                    .admits(self.cfg.run, signer, j, &self.members)
+                {
+                    Ok(()) => {
+                        if self.r.joins.len() < 1024 || self.r.joins.contains_key(&signer) {
+                            self.r.joins.insert(signer, env.clone());
+                        }
+                    }
+                    Err(why) => self.reject(signer, "JOIN", Reject::NotAllowed(why)),
                 }
             }
             Body::Announce(a) => self.on_announce(env.clone(), *a),

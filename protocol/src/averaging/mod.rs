@@ -62,8 +62,8 @@ use ed25519_dalek::SigningKey;
 use rand_chacha::rand_core::RngCore;
 
 use crate::wire::{
-    self, Agg, AuditEntry, Body, Close, DecisionProof, Direct, Envelope, Hash, PeerKey, Promise,
-    Propose, Ready, Verifier,
+    self, Agg, AuditEntry, Body, Close, DecisionProof, Direct, Envelope, Hash, Invite, Join,
+    PeerKey, Promise, Propose, Ready, Verifier,
 };
 
 mod aggregate;
@@ -80,8 +80,8 @@ mod sync;
 
 pub use aggregate::aggregate;
 pub use config::{
-    max_joins, Config, Quorum, Rule, LONE_STATE_RETRIES, MAX_ANNOUNCED_PENDING, MAX_BUFFERED,
-    MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS, RETAIN_ROUNDS,
+    max_joins, Admission, Config, Quorum, Rule, LONE_STATE_RETRIES, MAX_ANNOUNCED_PENDING,
+    MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS, RETAIN_ROUNDS,
     STATE_PATIENCE_RETRIES,
 };
 pub use events::{InEvent, OutEvent, Reject, Time, Timer};
@@ -188,7 +188,8 @@ struct RoundState {
     tentative: HashMap<Hash, Tentative>,
     commits: HashMap<(u32, Hash, Hash), BTreeMap<PeerKey, Arc<Envelope>>>,
     leading: Option<Leading>,
-    joins: BTreeSet<PeerKey>,
+    /// JOINs admissible under the run's policy, by signer.
+    joins: BTreeMap<PeerKey, Arc<Envelope>>,
     decide_target: Option<(u32, Hash, Hash)>,
     fetch_pending: BTreeMap<Hash, (Vec<PeerKey>, Time)>,
     early_pushes: Vec<(PeerKey, Arc<Direct>)>,
@@ -241,6 +242,8 @@ pub struct State {
     /// Peers sent a SyncRequest since the last adoption (a synced peer takes a State only from
     /// a peer it asked), with when.
     sync_asked: BTreeMap<PeerKey, Time>,
+    /// The invitation this peer's JOINs carry (runs with `Admission::Invite`).
+    invite: Option<Invite>,
     /// When this peer was restored from a checkpoint, until a decision or an adopted state
     /// confirms it: its member list may be stale or of an abandoned history. If its members
     /// have not brought it up to date within the state patience window, it listens to
@@ -331,6 +334,7 @@ impl State {
             state_served: BTreeMap::new(),
             sync_asked: BTreeMap::new(),
             unconfirmed: None,
+            invite: None,
         }
     }
 
@@ -393,6 +397,18 @@ impl State {
     /// restart; the peer then only follows decisions until it reaches that round.
     pub fn set_vote_from(&mut self, round: u64) {
         self.vote_from = round;
+    }
+
+    /// Sets the invitation this peer's JOINs carry.
+    pub fn set_invite(&mut self, invite: Option<Invite>) {
+        self.invite = invite;
+    }
+
+    /// The JOIN this peer gossips while it is no member.
+    fn join_body(&self) -> Body {
+        Body::Join(Join {
+            invite: self.invite,
+        })
     }
 
     /// Starts the peer: founding members are asked to train round 0; others ask for state.

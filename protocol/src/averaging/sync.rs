@@ -490,7 +490,7 @@ impl State {
         if self.is_member() {
             self.out.push(OutEvent::Train { round });
         } else {
-            self.gossip(Body::Join);
+            self.gossip(self.join_body());
         }
     }
 }

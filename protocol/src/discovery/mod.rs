@@ -46,6 +46,9 @@ pub struct Config {
     pub give_up: Time,
     /// A peer counts as present for founding if heard within this long (ms).
     pub recent: Time,
+    /// Whether this node may found the run (the admission policy lists it); one that may not
+    /// waits for a synced peer to join.
+    pub may_found: bool,
 }
 
 impl Config {
@@ -57,6 +60,7 @@ impl Config {
             founders: founders.max(1),
             give_up: (2 * genesis_wait).max(MIN_GIVE_UP),
             recent: (genesis_wait / 2).max(3_000),
+            may_found: true,
         }
     }
 }
@@ -94,6 +98,9 @@ pub enum Event {
 pub enum Wait {
     /// Lower ids are present: one of them founds.
     ForFounder(PeerKey),
+    /// This node may not found the run (the admission policy does not list it): it waits for
+    /// a member to join.
+    ForMember,
     /// Fewer than `need` peers (this one included) are present to found together.
     ForPeers {
         /// Present, this node included.
@@ -356,7 +363,9 @@ impl Discovery {
                 present.sort();
                 present.dedup();
                 let need = self.cfg.founders;
-                let wait = if present.len() >= need {
+                let wait = if !self.cfg.may_found {
+                    Wait::ForMember
+                } else if present.len() >= need {
                     present.truncate(need);
                     if present.contains(&me) {
                         let founder = present[0];
@@ -385,6 +394,18 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_that_may_not_found_waits_for_a_member() {
+        let mut cfg = Config::new(1_000, 1);
+        cfg.may_found = false;
+        let mut d = Discovery::new(cfg, key(1), 0, true);
+        let acts = d.handle(5_000, Event::Tick, None);
+        assert_eq!(acts, vec![Action::Waiting(Wait::ForMember)]);
+        assert!(d.is_discovering());
+        let acts = d.handle(6_000, hello(2, true, 4, 3, 2), None);
+        assert!(matches!(acts.as_slice(), [Action::Join { .. }]));
+    }
 
     fn key(b: u8) -> PeerKey {
         PeerKey([b; 32])

@@ -41,6 +41,32 @@ impl Sim {
                     Body::Seal(p),
                 ))
             }
+            (Some(Attack::SneakIn), Body::Seal(p)) => {
+                // One made-up key, with a JOIN validly signed by it (but no invitation).
+                let mut p = p.clone();
+                let sneak = ed25519_dalek::SigningKey::from_bytes(&[0x7e; 32]);
+                let id = wire::PeerKey::of(&sneak);
+                if p.seal.next_members.binary_search(&id).is_err() {
+                    let join = Envelope::sign(
+                        &sneak,
+                        run,
+                        env.round,
+                        env.chain,
+                        Body::Join(wire::Join::default()),
+                    );
+                    p.seal.next_members.push(id);
+                    p.seal.next_members.sort();
+                    p.seal.joins.push(join);
+                    p.seal.joins.sort_by_key(|e| e.signer);
+                }
+                Arc::new(Envelope::sign(
+                    &key,
+                    run,
+                    env.round,
+                    env.chain,
+                    Body::Seal(p),
+                ))
+            }
             (Some(Attack::LyingOwner), Body::Agg(a)) => self.lying_agg(i, &env, a.clone()),
             (Some(Attack::LyingOwner), Body::Audit(a)) => self.lying_audit(i, &env, a.clone()),
             _ => env,
@@ -107,7 +133,13 @@ impl Sim {
                         seed[9] = i as u8;
                         seed[31] = 0x5b;
                         let sybil = ed25519_dalek::SigningKey::from_bytes(&seed);
-                        let f = Envelope::sign(&sybil, run, env.round, env.chain, Body::Join);
+                        let f = Envelope::sign(
+                            &sybil,
+                            run,
+                            env.round,
+                            env.chain,
+                            Body::Join(wire::Join::default()),
+                        );
                         self.gossip_from(i, Arc::new(f));
                     }
                 }
@@ -353,6 +385,7 @@ impl Sim {
             close_id: Hash::default(),
             shards: vec![None; k],
             next_members,
+            joins: vec![],
         };
         let seal_hash = seal.hash();
         let run = self.cfg.proto.run;

@@ -23,9 +23,9 @@ use ed25519_dalek::SigningKey;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::averaging::{self, Config, InEvent, OutEvent, Reject, State, Time};
+use crate::averaging::{self, Admission, Config, InEvent, OutEvent, Reject, State, Time};
 use crate::codec;
-use crate::wire::{Body, Direct, Envelope, Hash, PeerKey};
+use crate::wire::{Body, Direct, Envelope, Hash, Invite, PeerKey};
 
 mod attacks;
 mod net;
@@ -68,6 +68,10 @@ pub enum Attack {
     /// As a leader, seals with five made-up keys added to the next member list (a takeover of
     /// the group by its proposer).
     MemberTakeover,
+    /// As a leader, seals one made-up key into the next member list together with a JOIN
+    /// validly signed by that key but carrying no invitation (a sneak past an `allowlist` or
+    /// `invite` policy).
+    SneakIn,
     /// Sybil donors: with every READY, the member and two fresh keys that are no members
     /// gossip copies of it three rounds ahead; all three answer every sync or state request
     /// with the same fabricated State (a SEAL naming the two keys as next members, their two
@@ -137,6 +141,11 @@ pub enum Fault {
         /// When.
         at: Time,
     },
+    /// A new peer with an empty disk joins at `at` with an invitation signed by peer 0.
+    InvitedJoin {
+        /// When.
+        at: Time,
+    },
 }
 
 /// Simulation parameters.
@@ -150,6 +159,9 @@ pub struct SimConfig {
     pub len: usize,
     /// Protocol config template (run id and len are set by the simulator).
     pub proto: Config,
+    /// Builds the run's admission policy from the founders' sorted ids (which the simulator
+    /// draws), replacing `proto.admission`.
+    pub admission: Option<fn(Vec<PeerKey>) -> Admission>,
     /// One-way latency range in ms.
     pub latency: (Time, Time),
     /// Probability that one gossip delivery is lost.
@@ -193,6 +205,7 @@ impl SimConfig {
             train_time: 500,
             slow: Vec::new(),
             malicious: Vec::new(),
+            admission: None,
             faults: Vec::new(),
             max_time: 60_000,
             rounds: 5,
@@ -295,7 +308,8 @@ enum Ev {
     Restart(Option<u64>),
     RestartForeign,
     Churn,
-    Join,
+    /// A new peer joins; with an invitation from peer 0 if true.
+    Join(bool),
 }
 
 /// A decided state a peer held: (round, state hash, members, theta, momentum).
@@ -314,6 +328,8 @@ struct Peer {
     bad_shards: Option<(u64, Vec<Vec<u8>>, Vec<Hash>)>,
     fake_payloads: HashMap<Hash, Vec<u8>>,
     lie_map: HashMap<Hash, Hash>,
+    /// The invitation its JOINs carry.
+    invite: Option<Invite>,
     churned: bool,
     voted: Option<u64>,
 }
@@ -393,9 +409,14 @@ impl Sim {
             keys.push(SigningKey::from_bytes(&b));
         }
         let members: Vec<PeerKey> = keys.iter().map(PeerKey::of).collect();
+        if let Some(policy) = cfg.admission {
+            let mut founders = members.clone();
+            founders.sort();
+            sim.cfg.proto.admission = policy(founders);
+        }
         for key in keys {
             let mut st = State::genesis(
-                cfg.proto.clone(),
+                sim.cfg.proto.clone(),
                 key.clone(),
                 sim.theta0.clone(),
                 members.clone(),
@@ -445,7 +466,8 @@ impl Sim {
                     }
                     sim.churn_frac = frac;
                 }
-                Fault::Join { at } => sim.schedule(at, usize::MAX, Ev::Join),
+                Fault::Join { at } => sim.schedule(at, usize::MAX, Ev::Join(false)),
+                Fault::InvitedJoin { at } => sim.schedule(at, usize::MAX, Ev::Join(true)),
             }
         }
         sim
@@ -468,6 +490,7 @@ impl Sim {
             bad_shards: None,
             fake_payloads: HashMap::new(),
             lie_map: HashMap::new(),
+            invite: None,
             churned: false,
             voted: None,
         });
@@ -618,6 +641,7 @@ impl Sim {
             None => State::joiner(self.cfg.proto.clone(), key, contacts),
         };
         let mut st = st;
+        st.set_invite(self.peers[i].invite);
         if let Some(v) = self.peers[i].voted {
             st.set_vote_from(v + 1);
         }
@@ -665,10 +689,15 @@ impl Sim {
                     self.churn();
                     continue;
                 }
-                Ev::Join => {
+                Ev::Join(invited) => {
                     let mut b = [0u8; 32];
                     self.rng.fill_bytes(&mut b);
                     let j = self.add_peer(SigningKey::from_bytes(&b));
+                    if invited {
+                        let inv =
+                            Invite::sign(&self.peers[0].key, self.cfg.proto.run, self.peers[j].id);
+                        self.peers[j].invite = Some(inv);
+                    }
                     self.restart(j, None);
                     continue;
                 }

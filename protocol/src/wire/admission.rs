@@ -43,7 +43,7 @@ impl Verifier {
         // still good: a joiner that follows the group a round or two behind (its state
         // transfer and catch-up take time while the group moves on) still gets in.
         let recent_join =
-            matches!(env.body, Body::Join) && env.round.saturating_add(JOIN_WINDOW) >= current;
+            matches!(env.body, Body::Join(_)) && env.round.saturating_add(JOIN_WINDOW) >= current;
         if env.round < current && !recent_join {
             return Err(WireError::OldRound {
                 got: env.round,
@@ -60,7 +60,7 @@ impl Verifier {
             return Err(WireError::Banned(env.signer));
         }
         let may_be_outsider =
-            matches!(env.body, Body::Join | Body::Evidence(_)) || env.round > current;
+            matches!(env.body, Body::Join(_) | Body::Evidence(_)) || env.round > current;
         if !may_be_outsider && members.binary_search(&env.signer).is_err() {
             return Err(WireError::UnknownKey(env.signer));
         }

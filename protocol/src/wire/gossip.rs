@@ -82,6 +82,9 @@ pub struct Seal {
     pub shards: Vec<Option<SealedShard>>,
     /// Members of the next round, sorted.
     pub next_members: Vec<PeerKey>,
+    /// The signed JOIN of every newcomer in `next_members`, sorted by signer: acceptors check
+    /// that each newcomer asked (and, by the run's admission policy, may) to join.
+    pub joins: Vec<Envelope>,
 }
 
 impl Seal {
@@ -145,6 +148,75 @@ pub struct Announce {
     pub size: u64,
 }
 
+/// JOIN: "list me as a member in a coming SEAL".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Encode, Decode)]
+pub struct Join {
+    /// A member's invitation, for runs whose admission policy asks for one.
+    pub invite: Option<Invite>,
+}
+
+/// An existing member's signed invitation of one key to one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Invite {
+    /// The member who invites.
+    pub issuer: PeerKey,
+    /// Its signature over [`INVITE_DOMAIN`] ‖ run ‖ invitee.
+    pub sig: Signature,
+}
+
+/// Domain separator of invitation signatures.
+pub const INVITE_DOMAIN: &[u8] = b"diloco/invite/1";
+
+impl Invite {
+    fn message(run: &Hash, invitee: &PeerKey) -> Vec<u8> {
+        [INVITE_DOMAIN, &run.0, &invitee.0].concat()
+    }
+
+    /// `issuer`'s invitation of `invitee` to `run`.
+    pub fn sign(issuer: &SigningKey, run: Hash, invitee: PeerKey) -> Self {
+        Invite {
+            issuer: PeerKey::of(issuer),
+            sig: Signature(issuer.sign(&Self::message(&run, &invitee)).to_bytes()),
+        }
+    }
+
+    /// Whether the signature is the issuer's for `invitee` and `run` (strict ed25519).
+    pub fn verify(&self, run: Hash, invitee: PeerKey) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.issuer.0) else {
+            return false;
+        };
+        let sig = ed25519_dalek::Signature::from_bytes(&self.sig.0);
+        key.verify_strict(&Self::message(&run, &invitee), &sig)
+            .is_ok()
+    }
+
+    /// The invitation as text (hex of issuer and signature, 192 characters), as `diloco-node
+    /// invite` prints it and `join --invite` reads it.
+    pub fn to_token(&self) -> String {
+        format!("{}{}", hex::encode(self.issuer.0), hex::encode(self.sig.0))
+    }
+
+    /// Parses [`Invite::to_token`]'s text.
+    pub fn from_token(token: &str) -> Result<Self, WireError> {
+        let bytes = hex::decode(token.trim())
+            .map_err(|e| WireError::Malformed(format!("invite token: {e}")))?;
+        if bytes.len() != 96 {
+            return Err(WireError::Malformed(format!(
+                "invite token: {} bytes, expected 96 (192 hex characters)",
+                bytes.len()
+            )));
+        }
+        let mut issuer = [0u8; 32];
+        let mut sig = [0u8; 64];
+        issuer.copy_from_slice(&bytes[..32]);
+        sig.copy_from_slice(&bytes[32..]);
+        Ok(Invite {
+            issuer: PeerKey(issuer),
+            sig: Signature(sig),
+        })
+    }
+}
+
 /// A gossip message body.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub enum Body {
@@ -163,7 +235,7 @@ pub enum Body {
     /// Ballot phase 2b with state hash.
     Commit(Commit),
     /// A synced non-member asks to become a member.
-    Join,
+    Join(Join),
     /// Equivocation evidence.
     Evidence(Evidence),
     /// A body too large for gossip, announced by the hash of its envelope.
@@ -204,7 +276,7 @@ impl Body {
             Body::Promise(_) => "PROMISE",
             Body::Seal(_) => "SEAL",
             Body::Commit(_) => "COMMIT",
-            Body::Join => "JOIN",
+            Body::Join(_) => "JOIN",
             Body::Evidence(_) => "EVIDENCE",
             Body::Announce(_) => "ANNOUNCE",
             Body::Audit(_) => "AUDIT",
@@ -232,7 +304,7 @@ impl Body {
             Body::Promise(_) => 4,
             Body::Seal(_) => 5,
             Body::Commit(_) => 6,
-            Body::Join => 7,
+            Body::Join(_) => 7,
             Body::Evidence(_) => 8,
             Body::Announce(_) => 9,
             Body::Audit(_) => 10,

@@ -44,6 +44,7 @@ fn sample_bodies() -> Vec<Body> {
             }),
         ],
         next_members: vec![PeerKey::of(&key(1))],
+        joins: vec![],
     };
     vec![
         ready(7),
@@ -70,7 +71,14 @@ fn sample_bodies() -> Vec<Body> {
             next_chain: Hash::of(b"n"),
             state: Hash::of(b"t"),
         }),
-        Body::Join,
+        Body::Join(Join::default()),
+        Body::Join(Join {
+            invite: Some(Invite::sign(
+                &key(2),
+                Hash::of(b"run"),
+                PeerKey::of(&key(3)),
+            )),
+        }),
     ]
 }
 
@@ -118,7 +126,13 @@ fn admission_rules() {
         check(&v, &stranger, 5),
         Err(WireError::UnknownKey(PeerKey::of(&key(9))))
     );
-    let join = Envelope::sign(&key(9), run, 5, Hash::default(), Body::Join);
+    let join = Envelope::sign(
+        &key(9),
+        run,
+        5,
+        Hash::default(),
+        Body::Join(Join::default()),
+    );
     assert_eq!(check(&v, &join, 5), Ok(()));
     let mut forged = env.clone();
     forged.body = ready(1_000_000);
@@ -219,6 +233,7 @@ fn close_and_seal_with_1000_contributors_travel_by_announcement() {
             })
             .collect(),
         next_members: members,
+        joins: vec![],
     };
     for body in [Body::Close(close), Body::Seal(Propose { ballot: 3, seal })] {
         let full = Envelope::sign(&k7, run, 9, Hash::of(b"chain"), body);
@@ -272,6 +287,7 @@ fn seal_hash_covers_large_seals() {
         close_id: Hash::of(b"c"),
         shards: vec![None],
         next_members: vec![],
+        joins: vec![],
     };
     let mut b = a.clone();
     b.close_id = Hash::of(b"d");
@@ -359,5 +375,29 @@ proptest! {
                 prop_assert!(Direct::from_bytes(&bytes[..bytes.len() - 1]).is_err());
             }
         }
+    }
+}
+
+#[test]
+fn an_invite_verifies_only_for_its_run_and_invitee_and_survives_its_token() {
+    let run = Hash::of(b"run");
+    let invitee = PeerKey::of(&key(3));
+    let inv = Invite::sign(&key(2), run, invitee);
+    assert!(inv.verify(run, invitee));
+    assert!(!inv.verify(Hash::of(b"other run"), invitee));
+    assert!(!inv.verify(run, PeerKey::of(&key(4))));
+    let back = Invite::from_token(&inv.to_token()).unwrap();
+    assert_eq!(back, inv);
+    assert!(Invite::from_token("abc").is_err());
+    assert!(Invite::from_token(&"00".repeat(95)).is_err());
+    let mut forged = inv;
+    forged.issuer = PeerKey::of(&key(5));
+    assert!(!forged.verify(run, invitee));
+}
+
+proptest! {
+    #[test]
+    fn invite_tokens_never_panic(s in "[0-9a-f]{0,200}") {
+        let _ = Invite::from_token(&s);
     }
 }
