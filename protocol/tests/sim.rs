@@ -695,30 +695,44 @@ fn a_join_flood_neither_grows_the_group_without_bound_nor_stalls_it() {
 /// made-up keys never become members.
 #[test]
 fn a_leader_cannot_fill_the_group_with_its_own_keys() {
+    leader_seals_no_key_in(
+        Attack::MemberTakeover,
+        None,
+        "more newcomers than a round admits",
+    );
+}
+
+/// A malicious last peer leads some rounds and seals keys of its own into the member list:
+/// every round still decides, the group never grows, and acceptors refuse such a SEAL with
+/// `why` in some seed.
+fn leader_seals_no_key_in(
+    attack: Attack,
+    admission: Option<fn(Vec<diloco_protocol::wire::PeerKey>) -> Admission>,
+    why: &'static str,
+) {
     let mut refused = 0;
     for seed in sim::seeds(200) {
         let n = 4 + (seed % 3) as usize;
         let mut c = base(seed, n);
-        c.malicious.push((n - 1, Attack::MemberTakeover));
+        c.admission = admission;
+        c.malicious.push((n - 1, attack));
         c.max_time = 300_000;
         let r = sim::run(c.clone());
         check_decides_all(seed, &c, &r);
         assert_eq!(
             r.max_members,
             Some(n),
-            "seed {seed}: made-up keys became members"
+            "seed {seed}: {attack:?} put a key of its own in"
         );
         refused += r
             .rejections
             .iter()
-            .filter(|(_, f, kind, why)| {
-                *f == n - 1
-                    && *kind == "SEAL"
-                    && matches!(why, Reject::Malformed("more newcomers than a round admits"))
+            .filter(|(_, f, kind, w)| {
+                *f == n - 1 && *kind == "SEAL" && matches!(w, Reject::Malformed(m) if *m == why)
             })
             .count();
     }
-    assert!(refused > 0, "no takeover SEAL was refused");
+    assert!(refused > 0, "no {attack:?} SEAL was refused with '{why}'");
 }
 
 /// Five honest joiners arrive at once at a group of three: leaders admit at most `max_joins`
@@ -871,29 +885,9 @@ fn admission_policies_admit_whom_they_name_and_nobody_else() {
 /// becomes a member.
 #[test]
 fn a_leader_cannot_sneak_an_uninvited_key_in() {
-    let mut refused = 0;
-    for seed in sim::seeds(200) {
-        let n = 4 + (seed % 3) as usize;
-        let mut c = base(seed, n);
-        c.admission = Some(Admission::Invite);
-        c.malicious.push((n - 1, Attack::SneakIn));
-        c.max_time = 300_000;
-        let r = sim::run(c.clone());
-        check_decides_all(seed, &c, &r);
-        assert_eq!(
-            r.max_members,
-            Some(n),
-            "seed {seed}: the made-up key got in"
-        );
-        refused += r
-            .rejections
-            .iter()
-            .filter(|(_, f, kind, why)| {
-                *f == n - 1
-                    && *kind == "SEAL"
-                    && matches!(why, Reject::Malformed("JOIN without an invitation"))
-            })
-            .count();
-    }
-    assert!(refused > 0, "no sneaking SEAL was refused");
+    leader_seals_no_key_in(
+        Attack::SneakIn,
+        Some(Admission::Invite),
+        "JOIN without an invitation",
+    );
 }

@@ -33,13 +33,7 @@ impl Sim {
                 }
                 p.seal.next_members.sort();
                 p.seal.next_members.dedup();
-                Arc::new(Envelope::sign(
-                    &key,
-                    run,
-                    env.round,
-                    env.chain,
-                    Body::Seal(p),
-                ))
+                resigned(&key, &env, Body::Seal(p))
             }
             (Some(Attack::SneakIn), Body::Seal(p)) => {
                 // One made-up key, with a JOIN validly signed by it (but no invitation).
@@ -59,13 +53,7 @@ impl Sim {
                     p.seal.joins.push(join);
                     p.seal.joins.sort_by_key(|e| e.signer);
                 }
-                Arc::new(Envelope::sign(
-                    &key,
-                    run,
-                    env.round,
-                    env.chain,
-                    Body::Seal(p),
-                ))
+                resigned(&key, &env, Body::Seal(p))
             }
             (Some(Attack::LyingOwner), Body::Agg(a)) => self.lying_agg(i, &env, a.clone()),
             (Some(Attack::LyingOwner), Body::Audit(a)) => self.lying_audit(i, &env, a.clone()),
@@ -422,4 +410,9 @@ impl Sim {
 /// send the very same State).
 fn sybil_keys() -> [ed25519_dalek::SigningKey; 2] {
     [0x5e, 0x5f].map(|b| ed25519_dalek::SigningKey::from_bytes(&[b; 32]))
+}
+
+/// `env` with its body replaced by `body`, signed by `key`.
+fn resigned(key: &ed25519_dalek::SigningKey, env: &Envelope, body: Body) -> Arc<Envelope> {
+    Arc::new(Envelope::sign(key, env.run, env.round, env.chain, body))
 }
