@@ -891,3 +891,37 @@ fn a_leader_cannot_sneak_an_uninvited_key_in() {
         "JOIN without an invitation",
     );
 }
+
+/// Under an allowlist a joiner's trust has an anchor: every member of a history must be listed.
+/// Two founders lose their disks and come back as joiners (listed keys) while a malicious
+/// member and two unlisted keys of its own hand out one fabricated State (`SybilDonors`): the
+/// joiners refuse it (`member list outside the allowlist`) and end identical to the others.
+/// Without the check an open run's joiner takes two agreeing Sybil donors at their word.
+#[test]
+fn allowlisted_joiners_take_no_state_from_sybils() {
+    let mut refused = 0;
+    for seed in sim::seeds(200) {
+        let n = 5;
+        let mut c = base(seed, n);
+        c.rounds = 8;
+        c.max_time = 300_000;
+        c.admission = Some(Admission::Allowlist);
+        c.malicious.push((n - 1, Attack::SybilDonors));
+        c.faults.push(Fault::Crash { peer: 0, at: 700 });
+        c.faults.push(Fault::Crash { peer: 1, at: 800 });
+        c.faults.push(Fault::RestartAll {
+            at: 2_000 + (seed % 4) * 300,
+            stale_rounds: None,
+        });
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
+        refused += r
+            .rejections
+            .iter()
+            .filter(|(_, _, _, w)| {
+                matches!(w, Reject::BadDecision("member list outside the allowlist"))
+            })
+            .count();
+    }
+    assert!(refused > 0, "no joiner ever refused a Sybil state");
+}

@@ -8,9 +8,9 @@ use crate::codec;
 use crate::wire::{Body, Commit, DecisionProof, Direct, PeerKey, Propose};
 
 use super::{
-    max_joins, state_hash, OutEvent, Quorum, Reject, RoundState, State, StateCandidate, Time,
-    LONE_STATE_RETRIES, MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS,
-    STATE_PATIENCE_RETRIES,
+    max_joins, state_hash, Admission, OutEvent, Quorum, Reject, RoundState, State, StateCandidate,
+    Time, LONE_STATE_RETRIES, MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES,
+    REPLAY_MAX_ROUNDS, STATE_PATIENCE_RETRIES,
 };
 
 impl State {
@@ -316,6 +316,13 @@ impl State {
         let members = &p.seal.next_members;
         if members.is_empty() || !members.windows(2).all(|w| w[0] < w[1]) {
             return Err(Reject::BadDecision("member list"));
+        }
+        // Under an allowlist every member is listed: a history naming other keys (Sybils
+        // vouching for each other) is none of this run's, whoever sends it.
+        if let Admission::Allowlist(list) = &self.cfg.admission {
+            if members.iter().any(|m| list.binary_search(m).is_err()) {
+                return Err(Reject::BadDecision("member list outside the allowlist"));
+            }
         }
         // COMMITs come from the round's members, which differ a little from the next ones.
         if proof.commits.len() > 2 * members.len() + 8 {
