@@ -21,6 +21,7 @@
 
 pub mod history;
 mod node;
+pub mod ratelog;
 pub mod restore;
 pub mod status;
 mod timers;
@@ -362,6 +363,7 @@ async fn run_node(
         shared: shared.clone(),
         votes,
         tally: Tally::default(),
+        ratelog: ratelog::RateLog::default(),
     };
     if let Some((mut st, loaded)) = restored {
         node.votes.switch(restore::founder(&loaded));

@@ -80,6 +80,8 @@ pub(super) struct Node {
     pub(super) shared: Arc<Shared>,
     pub(super) votes: VoteLog,
     pub(super) tally: Tally,
+    /// Rate limit of the warnings remote peers can trigger.
+    pub(super) ratelog: super::ratelog::RateLog,
 }
 
 impl Node {
@@ -145,7 +147,11 @@ impl Node {
                     }
                     let now = self.shared.now_s();
                     self.shared.peers(|b| b.rejected(&peer_name(&from), now));
-                    tracing::warn!(from = %hex::encode(&from.0[..8]), kind, %reason, "message rejected");
+                    if let Some(skipped) =
+                        self.ratelog.allow(&peer_name(&from), kind, Instant::now())
+                    {
+                        tracing::warn!(from = %hex::encode(&from.0[..8]), kind, %reason, skipped, "message rejected");
+                    }
                 }
                 OutEvent::Banned { peer } => {
                     tracing::warn!(peer = %hex::encode(&peer.0[..8]), "peer banned on equivocation evidence");
@@ -421,7 +427,12 @@ impl Node {
                     self.tally.rejected += 1;
                     let now = self.shared.now_s();
                     self.shared.peers(|b| b.rejected(&from.to_string(), now));
-                    tracing::warn!(peer = %from, error = %e, "malformed gossip message dropped");
+                    if let Some(skipped) =
+                        self.ratelog
+                            .allow(&from.to_string(), "gossip", Instant::now())
+                    {
+                        tracing::warn!(peer = %from, error = %e, skipped, "malformed gossip message dropped");
+                    }
                 }
             },
             NetEvent::Direct { from, data } => {
@@ -439,7 +450,12 @@ impl Node {
                         self.tally.rejected += 1;
                         let now = self.shared.now_s();
                         self.shared.peers(|b| b.rejected(&from.to_string(), now));
-                        tracing::warn!(peer = %from, error = %e, "malformed direct message dropped");
+                        if let Some(skipped) =
+                            self.ratelog
+                                .allow(&from.to_string(), "direct", Instant::now())
+                        {
+                            tracing::warn!(peer = %from, error = %e, skipped, "malformed direct message dropped");
+                        }
                     }
                 }
             }

@@ -1,0 +1,74 @@
+//! Rate limits for warnings a remote peer can trigger at will (rejected and malformed
+//! messages): at most one line per (peer, kind) every [`WINDOW`], the next one saying how many
+//! were left out, so a peer that floods the node with junk cannot flood its log (or its disk)
+//! too. Every rejection is still counted in `/status` and `/metrics`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// At most one warning per (peer, kind) in this window.
+pub const WINDOW: Duration = Duration::from_secs(10);
+/// Most (peer, kind) pairs remembered; beyond it the oldest are forgotten (they log again).
+pub const MAX_KEYS: usize = 4096;
+
+/// Per (peer, kind): when a line was last written, and how many were left out since.
+#[derive(Debug, Default)]
+pub struct RateLog {
+    last: HashMap<(String, &'static str), (Instant, u64)>,
+}
+
+impl RateLog {
+    /// Whether to write a warning about `peer` and `kind` now; `Some(n)` with the number left
+    /// out since the last one written, `None` to leave this one out.
+    pub fn allow(&mut self, peer: &str, kind: &'static str, now: Instant) -> Option<u64> {
+        let key = (peer.to_string(), kind);
+        if let Some((t, skipped)) = self.last.get_mut(&key) {
+            if now.saturating_duration_since(*t) < WINDOW {
+                *skipped += 1;
+                return None;
+            }
+            let n = *skipped;
+            *t = now;
+            *skipped = 0;
+            return Some(n);
+        }
+        if self.last.len() >= MAX_KEYS {
+            self.last
+                .retain(|_, (t, _)| now.saturating_duration_since(*t) < WINDOW);
+            if self.last.len() >= MAX_KEYS {
+                self.last.clear();
+            }
+        }
+        self.last.insert(key, (now, 0));
+        Some(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_peer_and_kind_per_window_then_the_count_left_out() {
+        let mut r = RateLog::default();
+        let t0 = Instant::now();
+        assert_eq!(r.allow("a", "SEAL", t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(r.allow("a", "SEAL", t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(r.allow("a", "JOIN", t0), Some(0));
+        assert_eq!(r.allow("b", "SEAL", t0), Some(0));
+        assert_eq!(r.allow("a", "SEAL", t0 + WINDOW), Some(5));
+        assert_eq!(r.allow("a", "SEAL", t0 + WINDOW), None);
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_many_peers() {
+        let mut r = RateLog::default();
+        let t0 = Instant::now();
+        for i in 0..3 * MAX_KEYS {
+            assert_eq!(r.allow(&i.to_string(), "READY", t0), Some(0));
+        }
+        assert!(r.last.len() <= MAX_KEYS);
+    }
+}
