@@ -748,22 +748,20 @@ fn an_invite_run_admits_the_invited_and_refuses_the_rest() {
     let d_id = net.key_for("d", 0xd4);
     net.key_for("e", 0xe5);
 
-    let out = net.run_cli("invite", "a", &["--peer", &b_id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let b_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert_eq!(b_token.len(), 192, "{b_token}");
+    let invite = |signer: &str, peer: &str| {
+        let out = net.run_cli("invite", signer, &["--peer", peer]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert_eq!(token.len(), 192, "{token}");
+        token
+    };
+    let b_token = invite("a", &b_id);
     // An invitation from a key that is no member of the run (it still verifies for d).
-    let out = net.run_cli("invite", "e", &["--peer", &d_id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d_token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let d_token = invite("e", &d_id);
 
     let a = net.start_node("a");
     wait_status(
