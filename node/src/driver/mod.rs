@@ -365,11 +365,7 @@ async fn run_node(
         tally: Tally::default(),
         ratelog: ratelog::RateLog::default(),
     };
-    if let Some((mut st, loaded)) = restored {
-        node.votes.switch(restore::founder(&loaded));
-        if let Some(v) = node.votes.vote_from() {
-            st.set_vote_from(v);
-        }
+    if let Some((st, loaded)) = restored {
         tracing::info!(
             round = loaded.state.round,
             path = %loaded.path.display(),

@@ -98,6 +98,12 @@ impl Node {
         let now = self.timers.now();
         let mut st = Box::new(st);
         st.set_invite(self.cfg.invite);
+        // Every state (founded, joined, restored) follows the history discovery names: the
+        // vote record of that history says up to which round this node stays silent.
+        self.votes.switch(self.discovery.founder());
+        if let Some(v) = self.votes.vote_from() {
+            st.set_vote_from(v);
+        }
         let outs = st.start(now);
         self.state = Some(st);
         self.refresh_hash();
@@ -615,12 +621,8 @@ impl Node {
                 );
                 let theta0 =
                     flat::init_values(&self.layout, &self.cfg.run.model, self.cfg.run.config.seed);
-                self.votes.switch(founders.first().copied());
                 let proto = self.cfg.run.protocol(theta0.len());
-                let mut st = State::genesis(proto, self.key.clone(), theta0, founders);
-                if let Some(v) = self.votes.vote_from() {
-                    st.set_vote_from(v);
-                }
+                let st = State::genesis(proto, self.key.clone(), theta0, founders);
                 self.start_state(st)?;
             }
             Action::Join {
@@ -647,12 +649,8 @@ impl Node {
                     members,
                     "found the run under way: joining (fetching its state from peers)"
                 );
-                self.votes.switch(Some(founder));
                 let proto = self.cfg.run.protocol(self.layout_len());
-                let mut st = State::joiner(proto, self.key.clone(), contacts);
-                if let Some(v) = self.votes.vote_from() {
-                    st.set_vote_from(v);
-                }
+                let st = State::joiner(proto, self.key.clone(), contacts);
                 self.start_state(st)?;
             }
             Action::Contact(p) => self.feed(InEvent::Contact(p))?,

@@ -260,21 +260,17 @@ impl State {
         if seal.next_members.is_empty() || !seal.next_members.windows(2).all(|w| w[0] < w[1]) {
             return Err("member list");
         }
-        let newcomers = seal
+        let newcomers: Vec<&PeerKey> = seal
             .next_members
             .iter()
             .filter(|p| self.members.binary_search(p).is_err())
-            .count();
-        if newcomers > max_joins(self.members.len()) {
+            .collect();
+        if newcomers.len() > max_joins(self.members.len()) {
             return Err("more newcomers than a round admits");
         }
         // Every newcomer asked to join, in a JOIN of its own that the run's policy admits.
         let mut joins = seal.joins.iter();
-        for p in seal
-            .next_members
-            .iter()
-            .filter(|p| self.members.binary_search(p).is_err())
-        {
+        for p in newcomers {
             let Some(j) = joins.next() else {
                 return Err("a newcomer without its JOIN");
             };
