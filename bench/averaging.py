@@ -12,7 +12,7 @@ all-reduce bound 2·S·(n−1)/n.
 
 Usage: python3 bench/averaging.py [--nodes 2,4,8] [--mb 4,32,128] [--rounds 4] [--keep DIR]
 (--keep DIR keeps every process's log under DIR instead of a temporary directory.)
-Binaries come from $CARGO_TARGET_DIR/release (default ~/.cache/diloco-target/release).
+Binaries come from $CARGO_TARGET_DIR/release (default: the repository's target/release).
 """
 
 import argparse
@@ -140,7 +140,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--keep", help="keep the logs in this directory")
     args = ap.parse_args()
-    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/diloco-target"))
+    target = Path(os.environ.get("CARGO_TARGET_DIR", Path(__file__).resolve().parent.parent / "target"))
     bindir = target / "release"
     for b in ("diloco-node", "diloco-bootstrap"):
         if not (bindir / b).exists():

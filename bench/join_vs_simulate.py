@@ -7,7 +7,7 @@ global parameters after every round side by side, and one JSON line with the lar
 
 Usage: python3 bench/join_vs_simulate.py [--rounds 10] [--inner-steps 20] [--data FILE]
            [--model tiny] [--batch 16] [--eval-windows 256] [--keep DIR]
-Binaries come from $CARGO_TARGET_DIR/release (default ~/.cache/diloco-target/release).
+Binaries come from $CARGO_TARGET_DIR/release (default: the repository's target/release).
 Data samples differ (join peers draw from the whole corpus keyed by their peer ids, the
 simulator deals i.i.d. blocks by seed), so the curves agree within sampling noise, not bit
 for bit.
@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--outer-lr", type=float, default=None, help="default: the run config default")
     ap.add_argument("--keep", default=None)
     a = ap.parse_args()
-    bindir = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/diloco-target")) / "release"
+    bindir = Path(os.environ.get("CARGO_TARGET_DIR", Path(__file__).resolve().parent.parent / "target")) / "release"
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="join-vs-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     rc = {"model": a.model, "inner_steps": a.inner_steps, "rounds": a.rounds, "batch": a.batch,

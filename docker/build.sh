@@ -4,13 +4,12 @@
 # for the entrypoint scripts (docker/Dockerfile.local). Same layout and entrypoints as the images
 # of docker/Dockerfile, which builds from source on a normal base image.
 #
-# Binaries come from $CARGO_TARGET_DIR/release (default ~/.cache/diloco-target, as in .ci/run,
-# else ./target); when absent they are built with the test build (same features as the tests).
+# Binaries come from $CARGO_TARGET_DIR/release (default ./target, as for `cargo run`; .ci/run
+# sets ~/.cache/diloco-target); when absent they are built with the test build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/diloco-target}"
-[ -d "$CARGO_TARGET_DIR" ] || CARGO_TARGET_DIR=$PWD/target
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 bin="$CARGO_TARGET_DIR/release"
 if [ ! -x "$bin/diloco-node" ] || [ ! -x "$bin/diloco-bootstrap" ]; then
   echo "== build.sh: binaries missing in $bin; building them (cargo test --no-run)"

@@ -8,7 +8,9 @@
 # DILOCO_REQUIRE_BROWSER=1 (as in .ci/run), which makes a missing browser a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/diloco-target}"
+# The same target directory as the README's `cargo run` (./target) unless told otherwise
+# (.ci/run keeps one under ~/.cache across clones).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 python3 -c 'import safetensors, numpy' 2>/dev/null || python3 -m pip install --quiet safetensors numpy
@@ -17,8 +19,8 @@ echo "== cargo test --release --workspace"
 cargo test --release --workspace --locked
 
 echo "== python checkpoint test"
-# `cargo test` above already built the binary (integration tests use it); building it again with
-# `cargo build` would pick other feature unifications and recompile burn.
+# `cargo test` above already built the binary (integration tests use it); `cargo build` or the
+# README's `cargo run` would find it up to date (the workspace pins one feature set).
 DILOCO_BIN="$CARGO_TARGET_DIR/release/diloco-node" python3 tests/python/test_checkpoint.py
 
 echo "== dashboard in headless Chromium (demo --nodes 3)"

@@ -8,7 +8,7 @@ set -euo pipefail
 grid=$1 out=$2 jobs=${3:-2}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 py=${BENCH_PYTHON:-$HOME/.cache/bench-venv/bin/python}
-bin=${DILOCO_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/diloco-target}/release/diloco-node}
+bin=${DILOCO_BIN:-${CARGO_TARGET_DIR:-$here/target}/release/diloco-node}
 data=${DATA:-$here/../shared/data/shakespeare.txt}
 touch "$out"
 run_one() {

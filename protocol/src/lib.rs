@@ -15,7 +15,7 @@
 //!   up (a sans-IO state machine beside the averaging one, with its own simulator).
 //! * [`outer`]: the Nesterov outer step, shared by every peer bit for bit.
 //! * [`audit`]: random-projection audits of the owners' aggregates.
-//! * `sim` (feature `sim`, and in this crate's tests): a seeded discrete-event simulator that
+//! * `sim`: a seeded discrete-event simulator that
 //!   runs many peers of [`averaging::State`]; `sim/`: `net` (the simulated network),
 //!   `attacks` (malicious peers).
 //!
@@ -25,6 +25,5 @@ pub mod averaging;
 pub mod codec;
 pub mod discovery;
 pub mod outer;
-#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod wire;

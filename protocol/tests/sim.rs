@@ -285,6 +285,7 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             | Attack::LyingOwner
             | Attack::FutureRounds
             | Attack::HugeBallot
+            | Attack::AheadBallot(_)
             | Attack::JoinFlood(_)
             | Attack::MemberTakeover
             | Attack::SneakIn
@@ -687,6 +688,75 @@ fn a_join_flood_neither_grows_the_group_without_bound_nor_stalls_it() {
             "seed {seed}: the group grew to {:?} (bound {bound})",
             r.max_members
         );
+    }
+}
+
+/// A member that PREPAREs ballots no honest leader can have reached: near `u32::MAX` with every
+/// READY (`HugeBallot`), or up to eight slots ahead of the round's ballot with its READY and
+/// every PROMISE it gives (`AheadBallot(8)`), never proposing under them. Peers refuse a ballot
+/// ahead of their own clock (`BallotAhead`), so the honest ballots decide every round. Without
+/// the bound every peer promised the huge ballot and no round decided after the first READY;
+/// with a bound several slots wide the run stalls behind the attacker's ballots.
+#[test]
+fn ballots_ahead_of_their_time_neither_fork_nor_stall_the_run() {
+    let mut refused = std::collections::BTreeMap::new();
+    for seed in sim::seeds(200) {
+        let n = 4 + (seed % 4) as usize;
+        let mut c = base(seed, n);
+        c.proto.quorum = if seed % 2 == 0 {
+            Quorum::TwoThirds
+        } else {
+            Quorum::Majority
+        };
+        let attack = if seed % 3 == 0 {
+            Attack::HugeBallot
+        } else {
+            Attack::AheadBallot(8)
+        };
+        c.malicious.push((n - 1, attack));
+        c.max_time = 200_000;
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
+        *refused.entry(format!("{attack:?}")).or_insert(0) += r
+            .rejections
+            .iter()
+            .filter(|(_, f, kind, w)| {
+                *f == n - 1 && *kind == "PREPARE" && matches!(w, Reject::BallotAhead { .. })
+            })
+            .count();
+    }
+    if sim::seeds(200).len() >= 3 {
+        assert!(
+            refused.len() == 2 && refused.values().all(|&k| k > 0),
+            "ballots ahead of their time were not refused: {refused:?}"
+        );
+    }
+}
+
+/// Members that crash early in a round and restart from their disks several ballot slots
+/// later, when the survivor's ballots have moved on and the round needs them to decide: they
+/// take the survivor's ballots on the evidence of its PROMISE (`ballot_bound`), not only on
+/// their own clock, so the round decides. With the clock alone a late peer refused the
+/// leader's ballots forever (both advance one per attempt timeout).
+#[test]
+fn members_restarted_into_a_round_catch_up_with_its_ballots() {
+    for seed in sim::seeds(200) {
+        let n = 2 + (seed % 2) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 3;
+        for peer in 1..n {
+            c.faults.push(Fault::Crash {
+                peer,
+                at: 50 + seed % 300,
+            });
+        }
+        c.faults.push(Fault::RestartAll {
+            at: 6_000 + (seed % 5) * 1_000,
+            stale_rounds: Some(0),
+        });
+        c.max_time = 120_000;
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
     }
 }
 

@@ -15,7 +15,7 @@ use crate::wire::{
 };
 
 use super::aggregate::{norm, norm_bound};
-use super::{bit, max_joins, now_ge, Leading, Reject, Rule, State, Timer};
+use super::{bit, max_joins, now_ge, Leading, Reject, Rule, State, Timer, BALLOT_EARLY};
 
 impl State {
     pub(super) fn leader_progress(&mut self) {
@@ -179,9 +179,62 @@ impl State {
         self.gossip(Body::Seal(Propose { ballot, seal }));
     }
 
+    /// The highest ballot this peer promises or accepts now. Ballot `b`'s leader starts
+    /// `b * attempt_timeout` after the round's first READY (the `Attempt` timers); this peer
+    /// accepts ballot `b` from `1 / BALLOT_EARLY` of a slot before its own clock reaches that
+    /// time (peers see the first READY at slightly different times), or once `n − quorum + 1`
+    /// members promised a ballot at least that high (one of them is honest unless the run has
+    /// more faults than it tolerates, and an honest member promises only what its clock or
+    /// this same evidence allowed): a peer that entered the round late, say restarted from
+    /// its checkpoint, catches up with the leaders' ballots instead of refusing them forever.
+    /// Without the bound one PREPARE near `u32::MAX` from a member that leads it takes every
+    /// peer's promise, no honest ballot can pass it, and the round never decides; with it a
+    /// malicious leader holds at most its own slots.
+    pub(super) fn ballot_bound(&mut self) -> u32 {
+        self.note_reference();
+        let t = self.cfg.attempt_timeout.max(1);
+        let since = self
+            .now
+            .saturating_sub(self.r.reference.unwrap_or(self.now));
+        let slot = since.saturating_add(t / BALLOT_EARLY) / t;
+        let clock = u32::try_from(slot).unwrap_or(u32::MAX);
+        let k = self.members.len().saturating_sub(self.quorum()) + 1;
+        let mut seen: Vec<u32> = self.r.promised_by.values().copied().collect();
+        seen.sort_unstable_by(|a, b| b.cmp(a));
+        clock.max(seen.get(k - 1).copied().unwrap_or(0))
+    }
+
+    /// Promises the PREPAREs refused as early that the evidence now allows, lowest first.
+    fn retry_ahead(&mut self) {
+        if self.r.ahead.is_empty() {
+            return;
+        }
+        let bound = self.ballot_bound();
+        let mut due: Vec<(u32, PeerKey)> = self
+            .r
+            .ahead
+            .iter()
+            .filter(|(_, b)| **b <= bound)
+            .map(|(p, b)| (*b, *p))
+            .collect();
+        due.sort_unstable();
+        for (b, p) in due {
+            self.r.ahead.remove(&p);
+            self.on_prepare(p, b);
+        }
+    }
+
     pub(super) fn on_prepare(&mut self, signer: PeerKey, b: u32) {
         if Some(signer) != self.leader(b) {
             self.reject(signer, "PREPARE", Reject::NotAllowed("PREPARE"));
+            return;
+        }
+        let bound = self.ballot_bound();
+        if b > bound {
+            if self.r.ahead.get(&signer).is_none_or(|x| *x < b) {
+                self.r.ahead.insert(signer, b);
+            }
+            self.reject(signer, "PREPARE", Reject::BallotAhead { ballot: b, bound });
             return;
         }
         if b > self.r.promised && self.round >= self.vote_from {
@@ -195,6 +248,13 @@ impl State {
     }
 
     pub(super) fn on_promise(&mut self, signer: PeerKey, p: Promise) {
+        if self.members.binary_search(&signer).is_ok() {
+            let seen = self.r.promised_by.entry(signer).or_insert(0);
+            if p.ballot > *seen {
+                *seen = p.ballot;
+                self.retry_ahead();
+            }
+        }
         let q = self.quorum();
         let Some(Leading::Preparing { ballot, promises }) = &mut self.r.leading else {
             return;
@@ -230,6 +290,11 @@ impl State {
         let Body::Seal(p) = &env.body else { return };
         if Some(env.signer) != self.leader(ballot) {
             self.reject(env.signer, "SEAL", Reject::NotAllowed("SEAL"));
+            return;
+        }
+        let bound = self.ballot_bound();
+        if ballot > bound {
+            self.reject(env.signer, "SEAL", Reject::BallotAhead { ballot, bound });
             return;
         }
         if let Err(why) = self.check_seal(&p.seal) {

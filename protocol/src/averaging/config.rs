@@ -7,6 +7,11 @@ use crate::wire::{self, Hash, Join, PeerKey};
 
 use super::Time;
 
+/// A peer accepts ballot `b` from `attempt_timeout / BALLOT_EARLY` before its own clock says
+/// ballot `b`'s leader may start: this covers peers whose rounds started up to half a slot
+/// apart, and no more (a leader of ballot `b + 1` that runs early cannot cut ballot `b` short).
+pub const BALLOT_EARLY: u64 = 2;
+
 /// Rounds of decision proofs and aggregates a peer keeps to serve catch-up.
 pub const RETAIN_ROUNDS: u64 = 8;
 /// Most messages for the next round buffered while this round finishes.

@@ -101,6 +101,14 @@ pub enum Reject {
     /// The message is internally inconsistent.
     #[error("malformed {0}")]
     Malformed(&'static str),
+    /// A PREPARE or SEAL under a ballot no honest leader can have reached yet.
+    #[error("ballot {ballot} is beyond {bound}, the highest accepted now (ballots advance one per attempt_timeout)")]
+    BallotAhead {
+        /// The ballot received.
+        ballot: u32,
+        /// The highest ballot this peer accepts now.
+        bound: u32,
+    },
     /// The sender signed two conflicting messages.
     #[error("equivocation")]
     Equivocation,

@@ -246,7 +246,7 @@ impl State {
         }
     }
 
-    fn note_reference(&mut self) {
+    pub(super) fn note_reference(&mut self) {
         if self.r.reference.is_some() {
             return;
         }

@@ -80,9 +80,9 @@ mod sync;
 
 pub use aggregate::aggregate;
 pub use config::{
-    max_joins, Admission, Config, Quorum, Rule, LONE_STATE_RETRIES, MAX_ANNOUNCED_PENDING,
-    MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES, REPLAY_MAX_ROUNDS, RETAIN_ROUNDS,
-    STATE_PATIENCE_RETRIES,
+    max_joins, Admission, Config, Quorum, Rule, BALLOT_EARLY, LONE_STATE_RETRIES,
+    MAX_ANNOUNCED_PENDING, MAX_BUFFERED, MAX_STATES_SERVED, MAX_STATE_CANDIDATES,
+    REPLAY_MAX_ROUNDS, RETAIN_ROUNDS, STATE_PATIENCE_RETRIES,
 };
 pub use events::{InEvent, OutEvent, Reject, Time, Timer};
 pub use ranking::{leader_order, shard_count, shard_owners};
@@ -188,6 +188,12 @@ struct RoundState {
     tentative: HashMap<Hash, Tentative>,
     commits: HashMap<(u32, Hash, Hash), BTreeMap<PeerKey, Arc<Envelope>>>,
     leading: Option<Leading>,
+    /// The highest ballot each member was seen to PROMISE this round (evidence that an honest
+    /// clock reached it, [`State::ballot_bound`]).
+    promised_by: BTreeMap<PeerKey, u32>,
+    /// Per leader, the highest PREPARE refused as ahead of this peer's clock: promised once
+    /// the evidence catches up with it.
+    ahead: BTreeMap<PeerKey, u32>,
     /// JOINs admissible under the run's policy, by signer.
     joins: BTreeMap<PeerKey, Arc<Envelope>>,
     decide_target: Option<(u32, Hash, Hash)>,

@@ -20,7 +20,6 @@
 //!   joining died, say its lone founder was killed before anyone synced) drops its state and
 //!   discovers again, so the peers present found the run afresh.
 
-#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 
 use std::cmp::Reverse;

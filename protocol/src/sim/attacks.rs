@@ -11,6 +11,14 @@ use crate::wire::{self, Body, Direct, Envelope, Hash, Ready};
 use super::{det_vec, model_delta, Attack, Sim};
 
 impl Sim {
+    /// Peer `i`'s leader rank in its current round and the number of members.
+    fn rank_of(&self, i: usize) -> Option<(u64, u64)> {
+        let st = self.peers[i].state.as_ref()?;
+        let order = averaging::leader_order(&st.chain(), st.members());
+        let rank = order.iter().position(|p| *p == self.peers[i].id)?;
+        Some((rank as u64, order.len() as u64))
+    }
+
     pub(super) fn send_gossip_with_attack(&mut self, i: usize, env: Arc<Envelope>) {
         let attack = self.peers[i].attack;
         let run = self.cfg.proto.run;
@@ -95,21 +103,59 @@ impl Sim {
                 let f = Envelope::sign(&stranger, run, env.round + 5, env.chain, env.body.clone());
                 self.gossip_from(i, Arc::new(f));
             }
-            Some(Attack::HugeBallot) => {
-                let rank = self.peers[i].state.as_ref().and_then(|st| {
-                    let order = averaging::leader_order(&st.chain(), st.members());
-                    let rank = order.iter().position(|p| *p == self.peers[i].id)?;
-                    Some((rank as u64, order.len() as u64))
-                });
-                if let (Body::Ready(_), Some((rank, n))) = (&env.body, rank) {
-                    let top = u64::from(u32::MAX);
-                    let mut b = top - top % n + rank;
-                    if b > top {
-                        b -= n;
+            Some(Attack::AheadBallot(k)) => {
+                let from = match &env.body {
+                    Body::Ready(_) => Some(0u64),
+                    Body::Promise(p) => Some(u64::from(p.ballot)),
+                    _ => None,
+                };
+                if let (Some(b), Some((rank, n))) = (from, self.rank_of(i)) {
+                    // Every b' in b+1..=b+k with b' = rank (mod n), lowest first: a peer
+                    // promises the highest of them its bound lets through.
+                    let top = (b + u64::from(k)).min(u64::from(u32::MAX));
+                    for ahead in (b + 1..=top).filter(|x| x % n == rank) {
+                        let f = Envelope::sign(
+                            &key,
+                            run,
+                            env.round,
+                            env.chain,
+                            Body::Prepare(ahead as u32),
+                        );
+                        self.gossip_from(i, Arc::new(f));
                     }
-                    let f =
-                        Envelope::sign(&key, run, env.round, env.chain, Body::Prepare(b as u32));
-                    self.gossip_from(i, Arc::new(f));
+                }
+            }
+            Some(Attack::HugeBallot) => {
+                let huge = self.rank_of(i).map(|(rank, n)| {
+                    let top = u64::from(u32::MAX);
+                    let b = top - top % n + rank;
+                    if b > top {
+                        b - n
+                    } else {
+                        b
+                    }
+                });
+                let body = huge.and_then(|b| match &env.body {
+                    Body::Ready(_) => Some(Body::Prepare(b as u32)),
+                    // Its own SEAL again, under the huge ballot (no PREPARE needed to try).
+                    Body::Seal(p) => Some(Body::Seal(wire::Propose {
+                        ballot: b as u32,
+                        seal: p.seal.clone(),
+                    })),
+                    _ => None,
+                });
+                if let Some(body) = body {
+                    if let (Body::Prepare(b), Some(_)) = (&body, huge) {
+                        // Its own PROMISE of it too: one member's word is not evidence enough.
+                        let promise = Body::Promise(wire::Promise {
+                            ballot: *b,
+                            accepted: None,
+                        });
+                        self.gossip_from(i, resigned(&key, &env, body.clone()));
+                        self.gossip_from(i, resigned(&key, &env, promise));
+                    } else {
+                        self.gossip_from(i, resigned(&key, &env, body));
+                    }
                 }
             }
             Some(Attack::JoinFlood(k)) => {

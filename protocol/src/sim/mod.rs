@@ -60,8 +60,14 @@ pub enum Attack {
     /// five rounds ahead: an outsider pretending the run is further on.
     FutureRounds,
     /// A member that, with every READY, also gossips a PREPARE under the largest ballot it
-    /// leads (near `u32::MAX`): peers that promised it could never accept an honest ballot.
+    /// leads (near `u32::MAX`) and its own PROMISE of it, and as a leader its SEAL again under
+    /// that ballot: peers that promised or accepted it could never accept an honest ballot.
     HugeBallot,
+    /// A member that stays ahead: with its READY (ballot 0) and with every PROMISE it gives
+    /// (ballot b), it also PREPAREs every ballot it leads in `b + 1 ..= b + k`, and never
+    /// proposes under them. If peers let ballots a few slots early through, it holds their
+    /// promise ahead of the honest leaders' ballots for good.
+    AheadBallot(u32),
     /// With every READY, also gossips JOINs signed by this many fresh keys that never do
     /// anything else (Sybil joiners inflating the member list and its quorum).
     JoinFlood(u8),
