@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SIZES = {"tiny": (128, 4, 4, 128), "small": (512, 8, 8, 256)}
+SIZES = {"tiny": (128, 4, 4, 128), "small": (512, 8, 8, 256), "base": (768, 18, 12, 1024)}
 
 
 class Block(nn.Module):
@@ -50,7 +50,7 @@ class Model(nn.Module):
 
     def forward(self, x):
         t = x.shape[1]
-        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
         h = self.tok(x) + self.pos[:t]
         for blk in self.blocks:
             h = blk(h, mask)
@@ -65,11 +65,13 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
+    dev = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     data = torch.frombuffer(bytearray(open(a.data, "rb").read()), dtype=torch.uint8).long()
-    model = Model(*SIZES[a.model])
+    model = Model(*SIZES[a.model]).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
     warm = 2
@@ -77,7 +79,7 @@ def main():
         if step == warm:
             t0 = time.perf_counter()
         idx = torch.randint(0, len(data) - a.seq - 1, (a.batch,), generator=gen)
-        w = torch.stack([data[i:i + a.seq + 1] for i in idx])
+        w = torch.stack([data[i:i + a.seq + 1] for i in idx]).to(dev)
         logits = model(w[:, :-1]).reshape(-1, 256)
         lse = torch.logsumexp(logits, -1)
         ce = (lse - logits.gather(1, w[:, 1:].reshape(-1, 1)).squeeze(1)).mean()
@@ -86,6 +88,8 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     print(json.dumps({
         "impl": "pytorch", "torch": torch.__version__, "model": a.model,
@@ -94,6 +98,8 @@ def main():
         "tokens_per_s": a.steps * a.batch * a.seq / dt,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "last_loss": float(ce),
+        "device": a.device,
+        "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else None,
     }))
 
 

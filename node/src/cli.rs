@@ -43,6 +43,10 @@ pub struct Cli {
     /// for log collectors).
     #[arg(long, global = true, env = "DILOCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Threads for the CPU backend's tensor kernels (matmuls, element-wise ops); 0 means one per
+    /// core (or RAYON_NUM_THREADS when set). Tokens per second scale with it; set it lower to leave cores to other work.
+    #[arg(long, global = true, env = "DILOCO_THREADS", default_value_t = 0)]
+    pub threads: usize,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -82,6 +86,154 @@ pub enum Command {
     /// --data), print their dashboard addresses and follow the run until Ctrl+C, which stops
     /// every process cleanly (final checkpoints written).
     Demo(DemoArgs),
+    /// Run a study: a grid file of `simulate` runs with seeds, several at once, results
+    /// appended as JSON lines (re-running makes only what is missing); then a report with
+    /// mean ± std over seeds, the change against data-parallel, and SVG plots.
+    #[command(subcommand)]
+    Study(StudyCommand),
+    /// Compute utilization of data-parallel and DiLoCo on a given link, and the bandwidth each
+    /// needs for 50–99 % utilization (the wall-clock model of "Scaling Laws for DiLoCo").
+    Plan(PlanArgs),
+}
+
+/// `study` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StudyCommand {
+    /// Make every run of a grid file that is not yet in the results file.
+    Run(StudyRunArgs),
+    /// Write report.md and SVG plots from a results file.
+    Report(StudyReportArgs),
+}
+
+/// `study run` flags.
+#[derive(Debug, Args)]
+pub struct StudyRunArgs {
+    /// The grid file (JSON; see docs/STUDY.md).
+    pub grid: PathBuf,
+    /// Results file (JSON lines, appended; default: the grid's path with .jsonl).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Training text for every run.
+    #[arg(
+        long,
+        env = "DILOCO_DATA",
+        default_value = "../shared/data/shakespeare.txt"
+    )]
+    pub data: PathBuf,
+    /// Runs at once (default: cores / --threads-per-run).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// CPU threads each run may use.
+    #[arg(long, default_value_t = 1)]
+    pub threads_per_run: usize,
+    /// Compute backend of the runs (only `cpu` gives results that repeat bit for bit).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+    pub backend: BackendChoice,
+    /// Write the report (next to the results file) when the runs are done.
+    #[arg(long)]
+    pub report: bool,
+}
+
+/// `study report` flags.
+#[derive(Debug, Args)]
+pub struct StudyReportArgs {
+    /// Results file(s) written by `study run`.
+    #[arg(required = true)]
+    pub results: Vec<PathBuf>,
+    /// Folder for report.md and the plots (default: the first results file's folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Title of the report.
+    #[arg(long, default_value = "DiLoCo study")]
+    pub title: String,
+}
+
+/// `plan` flags.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Model parameters (e.g. 25.6e6, or a model name: tiny, small, base).
+    #[arg(long, default_value = "small")]
+    pub params: String,
+    /// Compute seconds of one inner step on one peer.
+    #[arg(long, default_value_t = 1.0)]
+    pub step_time: f64,
+    /// Inner steps per round H.
+    #[arg(long, default_value_t = 100)]
+    pub inner_steps: u64,
+    /// Outer-gradient codec DiLoCo sends (f32, f16, bf16, int8, fp4).
+    #[arg(long, default_value = "int8")]
+    pub quantize: String,
+    /// Bits per gradient value data-parallel sends.
+    #[arg(long, default_value_t = 16.0)]
+    pub dp_bits: f64,
+    /// Peers in the all-reduce.
+    #[arg(long, default_value_t = 8)]
+    pub peers: u64,
+    /// Each peer's link bandwidth in Mbit/s.
+    #[arg(long, default_value_t = 100.0)]
+    pub bandwidth_mbit: f64,
+    /// Latency of one all-reduce in milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    pub latency_ms: f64,
+    /// Fraction of a step's compute that can hide a sync (0: none, as the node does today).
+    #[arg(long, default_value_t = 0.0)]
+    pub overlap: f64,
+}
+
+impl PlanArgs {
+    /// Validates the flags into the model's inputs.
+    pub fn to_plan(&self) -> Result<crate::study::plan::Plan, UsageError> {
+        let params = match ModelConfig::parse(&self.params) {
+            Ok(m) => m.num_params() as f64,
+            Err(_) => match self.params.parse::<f64>() {
+                Ok(n) if n.is_finite() && n >= 1.0 => n,
+                _ => {
+                    return usage(format!(
+                        "--params '{}': give a count such as 25.6e6 or a model name (tiny, small, base)",
+                        self.params
+                    ))
+                }
+            },
+        };
+        let q: Quantization = self
+            .quantize
+            .parse()
+            .map_err(|e| UsageError(format!("--quantize: {e}")))?;
+        let pos = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                usage(format!("{name} must be a positive number, not {v}"))
+            }
+        };
+        if self.inner_steps == 0 || self.peers == 0 {
+            return usage("--inner-steps and --peers must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.overlap)
+            || !self.latency_ms.is_finite()
+            || self.latency_ms < 0.0
+        {
+            return usage("--overlap must be within 0..1 and --latency-ms at least 0");
+        }
+        Ok(crate::study::plan::Plan {
+            params,
+            step_time: pos("--step-time", self.step_time)?,
+            inner_steps: self.inner_steps,
+            // Block-quantized codecs also send one f32 scale per block.
+            diloco_bits: q.bits() as f64
+                + match q {
+                    Quantization::Int8 | Quantization::Fp4 => {
+                        32.0 / diloco_protocol::codec::BLOCK as f64
+                    }
+                    _ => 0.0,
+                },
+            dp_bits: pos("--dp-bits", self.dp_bits)?,
+            peers: self.peers,
+            bandwidth: pos("--bandwidth-mbit", self.bandwidth_mbit)? * 1e6,
+            latency: self.latency_ms / 1e3,
+            overlap: self.overlap,
+        })
+    }
 }
 
 /// `demo` flags. Flags after `--` are passed to every node's `join`.

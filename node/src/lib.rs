@@ -20,4 +20,5 @@ pub mod demo;
 pub mod driver;
 pub mod net;
 pub mod runconfig;
+pub mod study;
 pub mod train;

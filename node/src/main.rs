@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 fn main() {
+    diloco_node::train::backend::tune_allocator();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -25,6 +26,10 @@ fn main() {
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
+    }
+    if let Err(e) = diloco_node::train::backend::set_threads(cli.threads) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
     }
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -89,6 +94,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             diloco_node::demo::run(&args, &stop)?;
             Ok(())
         }
+        Command::Study(cmd) => study(cmd),
+        Command::Plan(args) => {
+            print!("{}", args.to_plan()?.report());
+            Ok(())
+        }
         Command::Simulate(args) => {
             let cfg = args.to_config()?;
             let (corpus, dev) = prepare(&args.common, cfg.seq, cfg.replicas)?;
@@ -107,6 +117,145 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             emit(args.common.json, &report)
         }
     }
+}
+
+fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
+    use diloco_node::cli::StudyCommand;
+    use diloco_node::study::{grid, runner};
+    match cmd {
+        StudyCommand::Run(args) => {
+            let text = std::fs::read_to_string(&args.grid)
+                .with_context(|| format!("reading the grid file {}", args.grid.display()))?;
+            let g =
+                grid::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.grid.display()))?;
+            if !args.data.is_file() {
+                anyhow::bail!(
+                    "--data {}: no such file (give the training text every run uses)",
+                    args.data.display()
+                );
+            }
+            if args.threads_per_run == 0 {
+                anyhow::bail!("--threads-per-run must be at least 1");
+            }
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| args.grid.with_extension("jsonl"));
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let jobs = args.jobs.unwrap_or((cores / args.threads_per_run).max(1));
+            if jobs == 0 {
+                anyhow::bail!("--jobs must be at least 1");
+            }
+            let opts = runner::RunOptions {
+                bin: std::env::current_exe().context("finding this binary for the child runs")?,
+                data: args.data.canonicalize().unwrap_or(args.data.clone()),
+                jobs,
+                threads: args.threads_per_run,
+                backend: match args.backend {
+                    backend::BackendChoice::Cpu => "cpu",
+                    backend::BackendChoice::Wgpu => "wgpu",
+                    backend::BackendChoice::Cuda => "cuda",
+                    backend::BackendChoice::Auto => "auto",
+                }
+                .into(),
+                logs: out.with_extension("logs"),
+                out: out.clone(),
+            };
+            let stop = stop_flag()?;
+            let summary = runner::run(&g, &opts, &stop)?;
+            eprintln!(
+                "study {}: {} made now, {} already there, {} failed, {} interrupted; results in {}",
+                g.name,
+                summary.done,
+                summary.skipped,
+                summary.failed,
+                summary.interrupted,
+                out.display()
+            );
+            if args.report && summary.failed == 0 && summary.interrupted == 0 {
+                let dir = out
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default();
+                write_report(&[out.clone()], &dir, &g.name)?;
+            }
+            if summary.failed > 0 {
+                anyhow::bail!(
+                    "{} run(s) failed; their logs are in {}",
+                    summary.failed,
+                    opts.logs.display()
+                );
+            }
+            Ok(())
+        }
+        StudyCommand::Report(args) => {
+            let dir = match &args.out {
+                Some(d) => d.clone(),
+                None => args.results[0]
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default(),
+            };
+            write_report(&args.results, &dir, &args.title)
+        }
+    }
+}
+
+fn write_report(
+    results: &[std::path::PathBuf],
+    dir: &std::path::Path,
+    title: &str,
+) -> anyhow::Result<()> {
+    use diloco_node::study::{plot, report, runner};
+    let mut lines = Vec::new();
+    for r in results {
+        lines.extend(runner::load(r)?);
+    }
+    if lines.is_empty() {
+        anyhow::bail!(
+            "no results in {}: run `diloco-node study run GRID` first",
+            results[0].display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let rows = report::rows(&lines);
+    let mut plots = Vec::new();
+    if plot::loss_vs_tokens(&rows, &dir.join("loss_vs_tokens.svg"), title)? {
+        plots.push((
+            "loss_vs_tokens.svg".to_string(),
+            "eval loss against tokens".to_string(),
+        ));
+    }
+    if plot::vs_dp_by_m(&rows, &dir.join("vs_dp.svg"), title)? {
+        plots.push((
+            "vs_dp.svg".to_string(),
+            "change against data-parallel by M".to_string(),
+        ));
+    }
+    let files = results
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let shown = if dir.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        dir
+    };
+    let command = format!(
+        "diloco-node study report {files} --out {} --title {title:?}",
+        shown.display()
+    );
+    let md = report::markdown(title, &rows, &command, &plots);
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote {} ({} rows) and {} plot(s)",
+        path.display(),
+        rows.len(),
+        plots.len()
+    );
+    Ok(())
 }
 
 fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {

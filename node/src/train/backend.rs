@@ -20,6 +20,8 @@ pub enum BackendChoice {
     Wgpu,
     /// burn's pure-Rust CPU backend (`flex`).
     Cpu,
+    /// burn's CUDA backend on the first NVIDIA GPU (a build with `--features cuda`).
+    Cuda,
 }
 
 /// Errors selecting a device.
@@ -29,6 +31,46 @@ pub enum BackendError {
     /// wgpu was requested but no adapter could be initialised.
     #[error("--backend wgpu: no usable WebGPU adapter ({0}); install a Vulkan/Metal driver (on Debian without a GPU: apt-get install mesa-vulkan-drivers) or use --backend cpu")]
     NoAdapter(String),
+    /// CUDA was requested from a build without it, or the device could not be started.
+    #[error("--backend cuda: {0}")]
+    Cuda(String),
+    /// The CPU thread pool could not be set up (it was already started, or the OS refused).
+    #[error("--threads: cannot start the CPU thread pool ({0})")]
+    Threads(String),
+}
+
+/// Sizes the CPU backend's thread pool (burn-flex and its matmuls run on rayon's global pool):
+/// `0` keeps rayon's default (`RAYON_NUM_THREADS` if set, else one thread per core). Call once,
+/// before any tensor work; returns the thread count.
+pub fn set_threads(threads: usize) -> Result<usize, BackendError> {
+    let mut pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("cpu-kernel-{i}"));
+    if threads > 0 {
+        pool = pool.num_threads(threads);
+    }
+    pool.build_global()
+        .map_err(|e| BackendError::Threads(e.to_string()))?;
+    Ok(rayon::current_num_threads())
+}
+
+/// Tells glibc's allocator to keep freed tensor buffers instead of returning them to the OS.
+///
+/// Every tensor op of the CPU backend allocates its output; by default glibc serves buffers over
+/// 128 KiB with a fresh `mmap` and unmaps them on free, so each step pays page faults and page
+/// clearing for memory it just released (a large share of a `tiny` step; BENCHMARKS.md). Raising
+/// the mmap threshold to its maximum (32 MiB) and the trim threshold keeps that memory in the
+/// heap for reuse; peak RSS stays the same. No effect on other platforms or allocators.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+/// The CPU backend's thread count in use.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// The selected device and a description for logs.
@@ -47,10 +89,11 @@ pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
     let cpu = || Selected {
         device: Device::flex(),
         kind: "cpu",
-        description: "flex (CPU)".into(),
+        description: format!("flex (CPU, {} threads)", threads()),
     };
     match choice {
         BackendChoice::Cpu => Ok(cpu()),
+        BackendChoice::Cuda => init_cuda().map_err(BackendError::Cuda),
         BackendChoice::Wgpu => init_wgpu().map(|(s, _)| s).map_err(BackendError::NoAdapter),
         BackendChoice::Auto => match init_wgpu() {
             Ok((s, false)) => {
@@ -70,6 +113,35 @@ pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
             }
         },
     }
+}
+
+#[cfg(feature = "cuda")]
+fn init_cuda() -> Result<Selected, String> {
+    // Creating the first tensor starts the CUDA context; a missing driver panics inside cubecl.
+    let device = Device::cuda(0);
+    let probe = std::panic::catch_unwind(|| {
+        burn::tensor::Tensor::<1>::from_floats([1.0f32], &device)
+            .into_data()
+            .to_vec::<f32>()
+            .ok()
+    });
+    match probe {
+        Ok(Some(v)) if v == [1.0] => Ok(Selected {
+            device,
+            kind: "cuda",
+            description: "CUDA device 0".into(),
+        }),
+        _ => {
+            Err("no usable CUDA device (is the NVIDIA driver installed and a GPU visible?)".into())
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn init_cuda() -> Result<Selected, String> {
+    Err("this binary was built without CUDA: rebuild with \
+         `cargo build --release -p diloco-node --features cuda`, or use --backend wgpu"
+        .into())
 }
 
 /// Initialises wgpu; returns the device and whether its adapter is a software (CPU) one.

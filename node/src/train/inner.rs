@@ -327,11 +327,14 @@ impl Replica {
     ) -> Result<Option<RoundResult>, RoundError> {
         self.set_params(theta)?;
         let mut loss = 0.0f64;
+        let mut inner_s = 0.0f64;
         for step in first..first + steps {
             if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
                 return Ok(None);
             }
+            let t = std::time::Instant::now();
             let stats = self.step(&batch(step), cfg.lr_at(step), cfg);
+            inner_s += t.elapsed().as_secs_f64();
             loss += stats.loss as f64;
             on_step(step, &stats);
         }
@@ -340,6 +343,7 @@ impl Replica {
             delta,
             loss: (loss / steps.max(1) as f64) as f32,
             tokens: self.take_tokens(),
+            inner_s,
         }))
     }
 }
@@ -353,6 +357,9 @@ pub struct RoundResult {
     pub loss: f32,
     /// Tokens trained on (the replica's weight in the outer step).
     pub tokens: u64,
+    /// Seconds spent in the inner steps themselves (batches included); the rest of the round's
+    /// time is DiLoCo's per-round overhead.
+    pub inner_s: f64,
 }
 
 /// Why a round of inner steps could not run.

@@ -55,8 +55,8 @@ pub enum SimError {
     Round(#[from] RoundError),
 }
 
-/// Everything a simulation needs.
-#[derive(Debug, Clone)]
+/// Everything a simulation needs (serialised into its report, so a result says what made it).
+#[derive(Debug, Clone, Serialize)]
 pub struct SimulateConfig {
     /// DiLoCo or DP.
     pub mode: Mode,
@@ -173,8 +173,15 @@ pub struct SimReport {
     pub dropped: u64,
     /// Wall-clock seconds.
     pub elapsed_s: f64,
+    /// Seconds a round spends outside its inner steps (DiLoCo: loading the global parameters,
+    /// reading the local ones, outer gradients, codec round trip, averaging, Nesterov step;
+    /// summed over the replicas, which a real run does in parallel on their own machines), mean
+    /// over rounds; 0 for DP.
+    pub overhead_s_per_round: f64,
     /// Eval loss over the run.
     pub eval_history: Vec<EvalPoint>,
+    /// The configuration that produced this report.
+    pub config: SimulateConfig,
     /// Final global parameters (not serialised).
     #[serde(skip)]
     pub global: Vec<f32>,
@@ -229,6 +236,7 @@ pub fn run(
         history: Vec::new(),
     };
     let mut train_time = 0.0f64;
+    let mut overhead = 0.0f64;
     let mut tokens = 0u64;
     let mut step = 0u64;
     let mut rounds = 0u64;
@@ -258,6 +266,7 @@ pub fn run(
                 let mut step_loss = vec![0.0f64; round_steps as usize];
                 let mut deltas = Vec::with_capacity(m);
                 let mut weights = Vec::with_capacity(m);
+                let mut inner_s = 0.0f64;
                 for (i, (r, stream)) in replicas.iter_mut().zip(&streams).enumerate() {
                     let last = i + 1 == m;
                     let done = r.train_round(
@@ -285,6 +294,7 @@ pub fn run(
                     let Some(done) = done else {
                         unreachable!("a round without a stop flag always finishes")
                     };
+                    inner_s += done.inner_s;
                     let lost = cfg.drop_prob > 0.0
                         && (drop_rng.next_u64() as f64 / u64::MAX as f64) < cfg.drop_prob;
                     if lost {
@@ -299,6 +309,7 @@ pub fn run(
                     let delta = outer::weighted_mean(&views, &weights)?;
                     outer::nesterov_step(cfg.outer, &mut global, &mut momentum, &delta)?;
                 }
+                overhead += t0.elapsed().as_secs_f64() - inner_s;
                 bytes += allreduce_bytes(n_params, bits, m);
             }
             Mode::Dp => {
@@ -348,7 +359,12 @@ pub fn run(
         global_hash: outer::hash_f32(&global),
         dropped,
         elapsed_s: started.elapsed().as_secs_f64(),
+        overhead_s_per_round: match cfg.mode {
+            Mode::Diloco if rounds > 0 => overhead / rounds as f64,
+            _ => 0.0,
+        },
         eval_history: eval.history,
+        config: cfg.clone(),
         global,
     })
 }

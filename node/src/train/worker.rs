@@ -239,6 +239,15 @@ impl Trainer {
             Some(&self.stop),
             |_, _| {},
         )?;
+        if let Some(r) = &done {
+            let secs = t0.elapsed().as_secs_f64();
+            tracing::debug!(
+                round,
+                inner_s = r.inner_s,
+                overhead_s = secs - r.inner_s,
+                "round trained (overhead: loading the global parameters, reading the local ones, outer gradient)"
+            );
+        }
         Ok(match done {
             Some(r) => Done::Trained {
                 round,
