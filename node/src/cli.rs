@@ -129,7 +129,8 @@ pub struct StudyRunArgs {
     /// Compute backend of the runs (only `cpu` gives results that repeat bit for bit).
     #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
     pub backend: BackendChoice,
-    /// Write the report (next to the results file) when the runs are done.
+    /// Write the report when the runs are done, into a folder named like the results file
+    /// without its extension (results.jsonl: results/report.md and its plots).
     #[arg(long)]
     pub report: bool,
 }
@@ -631,6 +632,10 @@ pub struct SimulateArgs {
     /// Probability that a replica's outer gradient is lost in a round.
     #[arg(long, env = "DILOCO_DROP_PROB", default_value_t = 0.0)]
     pub drop_prob: f64,
+    /// Send only this fraction of each outer gradient's entries (the largest; 0 < f ≤ 1),
+    /// with error feedback: what a replica leaves out is added to its next round's gradient.
+    #[arg(long, env = "DILOCO_TOP_K")]
+    pub top_k: Option<f64>,
     /// Evaluate the global model every N steps (0: only at the end).
     #[arg(long, env = "DILOCO_EVAL_EVERY", default_value_t = 0)]
     pub eval_every: u64,
@@ -779,7 +784,16 @@ impl SimulateArgs {
             .quantize
             .parse()
             .map_err(|e| UsageError(format!("--quantize: {e}")))?;
+        if let Some(f) = self.top_k {
+            if !(f > 0.0 && f <= 1.0) {
+                return usage(format!("--top-k {f}: give a fraction in (0, 1], e.g. 0.01"));
+            }
+            if self.mode == Mode::Dp {
+                return usage("--top-k applies to DiLoCo's outer gradients, not --mode dp");
+            }
+        }
         Ok(SimulateConfig {
+            top_k: self.top_k,
             mode: self.mode,
             replicas: self.replicas,
             inner_steps: self.inner_steps,

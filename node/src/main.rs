@@ -173,11 +173,8 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
                 out.display()
             );
             if args.report && summary.failed == 0 && summary.interrupted == 0 {
-                let dir = out
-                    .parent()
-                    .map(std::path::Path::to_path_buf)
-                    .unwrap_or_default();
-                write_report(&[out.clone()], &dir, &g.name)?;
+                // Results in a/b.jsonl: the report in a/b/.
+                write_report(&[out.clone()], &out.with_extension(""), &g.name)?;
             }
             if summary.failed > 0 {
                 anyhow::bail!(

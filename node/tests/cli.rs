@@ -437,3 +437,109 @@ fn json_logs_are_one_object_a_line() {
         "{stderr}"
     );
 }
+
+/// `study run` makes a grid's runs as child processes, records them, makes only what is missing
+/// when run again (a new seed), repeats a run bit for bit, and `study report` writes the table
+/// and plots; a bad grid gets an error naming the key.
+#[test]
+fn study_runs_a_grid_resumes_it_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.txt");
+    std::fs::write(
+        &data,
+        "the quick brown fox jumps over the lazy dog. ".repeat(400),
+    )
+    .unwrap();
+    let grid = dir.path().join("g.json");
+    let body = |seeds: &str| {
+        format!(
+            r#"{{"name": "t", "base": {{"model": "d16-l1-h2-c16", "steps": 8, "batch": 4,
+            "seq": 16, "warmup": 2, "inner_steps": 4, "eval_every": 4, "eval_windows": 4}},
+            "seeds": {seeds}, "runs": [{{"mode": "dp"}},
+            {{"mode": "diloco", "replicas": 2, "outer_lr": 0.6, "quantize": "int8"}}]}}"#
+        )
+    };
+    std::fs::write(&grid, body("[0]")).unwrap();
+    let (g, d) = (grid.to_str().unwrap(), data.to_str().unwrap());
+    let out = run(&["study", "run", g, "--data", d, "--jobs", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = dir.path().join("g.jsonl");
+    let lines = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let first = lines(&results);
+    assert_eq!(first.len(), 2);
+    for l in &first {
+        for f in [
+            "mode",
+            "replicas",
+            "inner_steps",
+            "outer_lr",
+            "batch",
+            "steps",
+            "seed",
+            "codec",
+            "eval_loss",
+            "eval_history",
+            "tokens",
+            "bytes",
+            "wall_s",
+            "git_commit",
+        ] {
+            assert!(l.get(f).is_some(), "{f} missing in {l}");
+        }
+    }
+    // A second seed: only the two new runs are made.
+    std::fs::write(&grid, body("[0, 1]")).unwrap();
+    let out = run(&["study", "run", g, "--data", d, "--report"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 made now, 2 already there"), "{err}");
+    let all = lines(&results);
+    assert_eq!(all.len(), 4);
+    // The same row and seed, made again into another file, give the same numbers.
+    let again = dir.path().join("again.jsonl");
+    std::fs::write(&grid, body("[1]")).unwrap();
+    let out = run(&[
+        "study",
+        "run",
+        g,
+        "--data",
+        d,
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    for l in lines(&again) {
+        let twin = all.iter().find(|a| a["key"] == l["key"]).expect("same key");
+        assert_eq!(twin["eval_loss"], l["eval_loss"]);
+        assert_eq!(twin["global_hash"], l["global_hash"]);
+    }
+    let report = std::fs::read_to_string(dir.path().join("g/report.md")).unwrap();
+    assert!(report.contains("| diloco | 2 | 4 | 0.6 |"), "{report}");
+    assert!(report.contains(" ± "), "{report}");
+    assert!(dir.path().join("g/loss_vs_tokens.svg").exists());
+    assert!(dir.path().join("g/vs_dp.svg").exists());
+    std::fs::write(&grid, r#"{"base": {"inner-steps": 4}}"#).unwrap();
+    fails_with(
+        &["study", "run", g, "--data", d],
+        "unknown key 'inner-steps' in base",
+    );
+    fails_with(
+        &[
+            "study",
+            "report",
+            dir.path().join("none.jsonl").to_str().unwrap(),
+        ],
+        "no results",
+    );
+    fails_with(&["plan", "--params", "lots"], "--params 'lots'");
+}

@@ -35,6 +35,7 @@ pub const KEYS: &[&str] = &[
     "outer_momentum",
     "quantize",
     "drop_prob",
+    "top_k",
     "eval_every",
     "eval_windows",
     "shards",

@@ -21,7 +21,7 @@ use crate::train::inner::{Evaluator, InnerConfig, Replica, RoundError};
 use crate::train::model::ModelConfig;
 use crate::train::progress::Progress;
 use burn::prelude::Device;
-use diloco_protocol::codec::{quantize_roundtrip, Quantization};
+use diloco_protocol::codec::{quantize_roundtrip, ErrorFeedback, Quantization};
 use diloco_protocol::outer::{self, OuterConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -53,6 +53,9 @@ pub enum SimError {
     /// A replica's round of inner steps failed.
     #[error(transparent)]
     Round(#[from] RoundError),
+    /// Encoding an outer gradient failed (a bug: lengths are fixed by the model).
+    #[error(transparent)]
+    Codec(#[from] diloco_protocol::codec::CodecError),
 }
 
 /// Everything a simulation needs (serialised into its report, so a result says what made it).
@@ -76,6 +79,9 @@ pub struct SimulateConfig {
     pub inner: InnerConfig,
     /// Outer-gradient codec.
     pub quantize: Quantization,
+    /// Fraction of the outer gradient's entries each replica sends (the largest, with error
+    /// feedback carrying the rest into its next round); `None`: all, dense.
+    pub top_k: Option<f64>,
     /// Probability that a replica's outer gradient is lost in a round.
     pub drop_prob: f64,
     /// Seed for initial parameters, data order and drops.
@@ -254,6 +260,14 @@ pub fn run(
         Mode::Dp => vec![Replica::new(&cfg.model, device, &global)?],
     };
     let mut momentum = vec![0f32; n_params];
+    // Top-k: each replica's residual (what its encodings left out so far), and the number kept.
+    let top_k = cfg
+        .top_k
+        .map(|f| ((n_params as f64 * f).ceil() as usize).clamp(1, n_params));
+    let mut feedback: Vec<ErrorFeedback> = match top_k {
+        Some(_) => (0..m).map(|_| ErrorFeedback::new(n_params)).collect(),
+        None => Vec::new(),
+    };
     let mut drop_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xd209_d209);
     while step < cfg.steps && !stop.load(Ordering::Relaxed) {
         let round_steps = h.min(cfg.steps - step);
@@ -267,6 +281,7 @@ pub fn run(
                 let mut deltas = Vec::with_capacity(m);
                 let mut weights = Vec::with_capacity(m);
                 let mut inner_s = 0.0f64;
+                let mut sparse_bytes = 0u64;
                 for (i, (r, stream)) in replicas.iter_mut().zip(&streams).enumerate() {
                     let last = i + 1 == m;
                     let done = r.train_round(
@@ -300,7 +315,17 @@ pub fn run(
                     if lost {
                         dropped += 1;
                     } else {
-                        deltas.push(quantize_roundtrip(cfg.quantize, &done.delta));
+                        match (top_k, feedback.get_mut(i)) {
+                            (Some(k), Some(ef)) => {
+                                let (bytes_sent, sent) =
+                                    ef.encode(cfg.quantize, Some(k), &done.delta)?;
+                                // A sparse vector cannot be reduce-scattered: every replica's
+                                // message reaches the m − 1 others (ring all-gather).
+                                sparse_bytes += bytes_sent.len() as u64 * (m as u64 - 1);
+                                deltas.push(sent);
+                            }
+                            _ => deltas.push(quantize_roundtrip(cfg.quantize, &done.delta)),
+                        }
                         weights.push(done.tokens as f64);
                     }
                 }
@@ -310,7 +335,11 @@ pub fn run(
                     outer::nesterov_step(cfg.outer, &mut global, &mut momentum, &delta)?;
                 }
                 overhead += t0.elapsed().as_secs_f64() - inner_s;
-                bytes += allreduce_bytes(n_params, bits, m);
+                bytes += match top_k {
+                    // Mean over replicas of what each sent this round.
+                    Some(_) => std::mem::take(&mut sparse_bytes) / m as u64,
+                    None => allreduce_bytes(n_params, bits, m),
+                };
             }
             Mode::Dp => {
                 for k in 0..round_steps {
@@ -352,9 +381,10 @@ pub fn run(
         train_loss: last_loss,
         tokens_per_s: tokens as f64 / train_time.max(1e-9),
         bytes_sent_per_replica: bytes,
-        quantize: match cfg.mode {
-            Mode::Diloco => cfg.quantize.to_string(),
-            Mode::Dp => "f32".into(),
+        quantize: match (cfg.mode, cfg.top_k) {
+            (Mode::Diloco, Some(f)) => format!("{}+top{}%", cfg.quantize, (f * 1e4).round() / 1e2),
+            (Mode::Diloco, None) => cfg.quantize.to_string(),
+            (Mode::Dp, _) => "f32".into(),
         },
         global_hash: outer::hash_f32(&global),
         dropped,
@@ -376,6 +406,7 @@ mod tests {
 
     fn cfg(mode: Mode, replicas: usize, h: u64, steps: u64) -> SimulateConfig {
         SimulateConfig {
+            top_k: None,
             mode,
             replicas,
             inner_steps: h,
@@ -432,6 +463,34 @@ mod tests {
             dl.eval_loss.is_finite() && dp.eval_loss.is_finite(),
             "{dl:?} {dp:?}"
         );
+    }
+
+    #[test]
+    fn top_k_sends_a_fraction_and_carries_the_rest() {
+        let corpus = Corpus::load(&DataSpec {
+            eval_fraction: 0.05,
+            ..Default::default()
+        })
+        .unwrap();
+        let (stop, dev) = (AtomicBool::new(false), Device::flex());
+        let go =
+            |c: &SimulateConfig| run(c, &corpus, &dev, &mut Progress::hidden(), &stop).unwrap();
+        let dense = go(&cfg(Mode::Diloco, 2, 5, 10));
+        let mut c = cfg(Mode::Diloco, 2, 5, 10);
+        c.top_k = Some(0.05);
+        let sparse = go(&c);
+        // 5 % of the entries (index + int8 value + block scales, zstd) is far less than dense.
+        assert!(
+            sparse.bytes_sent_per_replica * 4 < dense.bytes_sent_per_replica,
+            "{} vs {}",
+            sparse.bytes_sent_per_replica,
+            dense.bytes_sent_per_replica
+        );
+        assert!(sparse.bytes_sent_per_replica > 0);
+        assert_ne!(sparse.global_hash, dense.global_hash);
+        assert_eq!(sparse.quantize, "int8+top5%");
+        assert!(sparse.eval_loss.is_finite());
+        assert_eq!(go(&c).global_hash, sparse.global_hash, "not deterministic");
     }
 
     #[test]
