@@ -6,6 +6,9 @@
 #   bash bench/gpu.sh                      # builds the node with --features gpu-fast,cuda
 #   GPU_BIN=path/to/diloco-node bash bench/gpu.sh   # or uses a binary built elsewhere
 #
+# Building needs the crates (cargo fetch) and, for `cuda`, internet access: cubecl-cuda's build
+# downloads an LLVM bundle. On a machine without network, build elsewhere and pass GPU_BIN.
+#
 # Env: GPU_MODELS (default "small base"), GPU_BATCH (16), GPU_SEQ (256), GPU_STEPS_small (40),
 # GPU_STEPS_base (12), BENCH_PYTHON (python3 with torch+CUDA; its rows are skipped without it),
 # BENCH_DATA (../shared/data/shakespeare.txt). A backend that does not start (no Vulkan driver,
