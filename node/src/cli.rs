@@ -44,7 +44,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "DILOCO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Threads for the CPU backend's tensor kernels (matmuls, element-wise ops); 0 means one per
-    /// core (or RAYON_NUM_THREADS when set). Tokens per second scale with it; set it lower to leave cores to other work.
+    /// core (or RAYON_NUM_THREADS when set). Larger models gain more from extra threads; set it
+    /// lower to leave cores to other work. Results do not depend on it.
     #[arg(long, global = true, env = "DILOCO_THREADS", default_value_t = 0)]
     pub threads: usize,
     /// What to do.
