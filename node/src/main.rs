@@ -151,13 +151,9 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
                 data: args.data.canonicalize().unwrap_or(args.data.clone()),
                 jobs,
                 threads: args.threads_per_run,
-                backend: match args.backend {
-                    backend::BackendChoice::Cpu => "cpu",
-                    backend::BackendChoice::Wgpu => "wgpu",
-                    backend::BackendChoice::Cuda => "cuda",
-                    backend::BackendChoice::Auto => "auto",
-                }
-                .into(),
+                backend: clap::ValueEnum::to_possible_value(&args.backend)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_else(|| "cpu".into()),
                 logs: out.with_extension("logs"),
                 out: out.clone(),
             };
@@ -174,7 +170,11 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
             );
             if args.report && summary.failed == 0 && summary.interrupted == 0 {
                 // Results in a/b.jsonl: the report in a/b/.
-                write_report(&[out.clone()], &out.with_extension(""), &g.name)?;
+                report_done(diloco_node::study::write_report(
+                    &[out.clone()],
+                    &out.with_extension(""),
+                    &g.name,
+                )?);
             }
             if summary.failed > 0 {
                 anyhow::bail!(
@@ -193,66 +193,23 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
                     .map(std::path::Path::to_path_buf)
                     .unwrap_or_default(),
             };
-            write_report(&args.results, &dir, &args.title)
+            report_done(diloco_node::study::write_report(
+                &args.results,
+                &dir,
+                &args.title,
+            )?);
+            Ok(())
         }
     }
 }
 
-fn write_report(
-    results: &[std::path::PathBuf],
-    dir: &std::path::Path,
-    title: &str,
-) -> anyhow::Result<()> {
-    use diloco_node::study::{plot, report, runner};
-    let mut lines = Vec::new();
-    for r in results {
-        lines.extend(runner::load(r)?);
-    }
-    if lines.is_empty() {
-        anyhow::bail!(
-            "no results in {}: run `diloco-node study run GRID` first",
-            results[0].display()
-        );
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let rows = report::rows(&lines);
-    let mut plots = Vec::new();
-    if plot::loss_vs_tokens(&rows, &dir.join("loss_vs_tokens.svg"), title)? {
-        plots.push((
-            "loss_vs_tokens.svg".to_string(),
-            "eval loss against tokens".to_string(),
-        ));
-    }
-    if plot::vs_dp_by_m(&rows, &dir.join("vs_dp.svg"), title)? {
-        plots.push((
-            "vs_dp.svg".to_string(),
-            "change against data-parallel by M".to_string(),
-        ));
-    }
-    let files = results
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let shown = if dir.as_os_str().is_empty() {
-        std::path::Path::new(".")
-    } else {
-        dir
-    };
-    let command = format!(
-        "diloco-node study report {files} --out {} --title {title:?}",
-        shown.display()
-    );
-    let md = report::markdown(title, &rows, &command, &plots);
-    let path = dir.join("report.md");
-    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+fn report_done(w: diloco_node::study::Written) {
     eprintln!(
         "wrote {} ({} rows) and {} plot(s)",
-        path.display(),
-        rows.len(),
-        plots.len()
+        w.path.display(),
+        w.rows,
+        w.plots
     );
-    Ok(())
 }
 
 fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {

@@ -34,6 +34,12 @@ pub enum StudyError {
         /// What failed.
         source: std::io::Error,
     },
+    /// A report was asked of results files holding no result.
+    #[error("no results in {0}: run `diloco-node study run GRID` first")]
+    NoResults(PathBuf),
+    /// A plot could not be written.
+    #[error(transparent)]
+    Plot(#[from] crate::study::plot::PlotError),
     /// A line of the results file is not a result this tool wrote.
     #[error("{path}:{line}: not a result line ({why}); fix or remove that line")]
     BadLine {
