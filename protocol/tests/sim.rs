@@ -289,7 +289,8 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             | Attack::JoinFlood(_)
             | Attack::MemberTakeover
             | Attack::SneakIn
-            | Attack::SybilDonors => true,
+            | Attack::SybilDonors
+            | Attack::EquivocatingLeader => true,
         };
         // Per seed the attacker may miss the CLOSE (then nothing of it reaches an owner); over
         // all seeds every attack must have been caught with its reason.
@@ -733,6 +734,33 @@ fn ballots_ahead_of_their_time_neither_fork_nor_stall_the_run() {
     }
 }
 
+/// A Byzantine leader (`EquivocatingLeader`, n = 4–7 under `two-thirds`): it signs two SEALs
+/// under each ballot it leads (the honest one to half the peers, one with every shard MISSING
+/// to the others), sends its COMMITs to one peer only, so that at most that peer decides and
+/// the others fail over, and claims in its PROMISEs to have accepted the other SEAL. The
+/// honest peers never decide two SEALs for one round and decide every round.
+#[test]
+fn a_byzantine_leader_cannot_fork_the_run() {
+    for seed in sim::seeds(200) {
+        let n = 4 + (seed % 4) as usize;
+        let mut c = base(seed, n);
+        c.proto.quorum = Quorum::TwoThirds;
+        c.malicious.push((n - 1, Attack::EquivocatingLeader));
+        // Training far longer than a ballot: the one peer that decided speaks again only after
+        // the others have failed over.
+        c.train_time = 30_000;
+        c.max_time = 600_000;
+        let r = sim::run(c.clone());
+        eprintln!(
+            "seed {seed} n {n} min_round {} decided {:?} rej {}",
+            r.min_round(),
+            r.decided.iter().map(|d| d.len()).collect::<Vec<_>>(),
+            r.rejections.len()
+        );
+        check_decides_all(seed, &c, &r);
+    }
+}
+
 /// Members that crash early in a round and restart from their disks several ballot slots
 /// later, when the survivor's ballots have moved on and the round needs them to decide: they
 /// take the survivor's ballots on the evidence of its PROMISE (`ballot_bound`), not only on
@@ -850,7 +878,11 @@ fn sybil_donors_cannot_hand_a_member_a_state() {
         c.malicious.push((n - 2, Attack::SybilDonors));
         c.max_time = 300_000;
         if seed % 2 == 1 {
-            // Restored peers trust only their members until a decision confirms them.
+            // Restored peers trust only their members until a decision confirms them. They
+            // stay members while down: evicting them would leave the two attackers 2 of 5, more
+            // than `two-thirds` tolerates (then a third of the members vouching for a State is
+            // no longer proof that an honest one did).
+            c.proto.evict_after_rounds = 1_000;
             c.rounds = 8;
             c.faults.push(Fault::Crash { peer: 0, at: 900 });
             c.faults.push(Fault::Crash { peer: 1, at: 1_300 });

@@ -11,7 +11,8 @@ use rand_chacha::rand_core::RngCore;
 
 use crate::codec;
 use crate::wire::{
-    Agg, Body, Direct, Envelope, Hash, PeerKey, Promise, Propose, Seal, SealedShard,
+    Accept, Agg, Body, Certificate, Commit, Direct, Envelope, Hash, PeerKey, Promise, Propose,
+    Seal, SealedShard, Signature,
 };
 
 use super::aggregate::{norm, norm_bound};
@@ -176,7 +177,16 @@ impl State {
             joins: joins.into_iter().map(|(_, _, e)| (*e).clone()).collect(),
         };
         self.r.leading = Some(Leading::Proposed);
-        self.gossip(Body::Seal(Propose { ballot, seal }));
+        let promises = if ballot == 0 {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.r.justification)
+        };
+        self.gossip(Body::Seal(Propose {
+            ballot,
+            seal,
+            promises,
+        }));
     }
 
     /// The highest ballot this peer promises or accepts now. Ballot `b`'s leader starts
@@ -239,15 +249,16 @@ impl State {
         }
         if b > self.r.promised && self.round >= self.vote_from {
             self.r.promised = b;
-            let accepted = self.r.accepted.clone();
+            let prepared = self.r.prepared.clone();
             self.gossip(Body::Promise(Promise {
                 ballot: b,
-                accepted,
+                prepared,
             }));
         }
     }
 
-    pub(super) fn on_promise(&mut self, signer: PeerKey, p: Promise) {
+    pub(super) fn on_promise(&mut self, env: Arc<Envelope>, p: &Promise) {
+        let signer = env.signer;
         if self.members.binary_search(&signer).is_ok() {
             let seen = self.r.promised_by.entry(signer).or_insert(0);
             if p.ballot > *seen {
@@ -255,32 +266,65 @@ impl State {
                 self.retry_ahead();
             }
         }
-        let q = self.quorum();
-        let Some(Leading::Preparing { ballot, promises }) = &mut self.r.leading else {
+        let Some(Leading::Preparing { ballot, .. }) = &self.r.leading else {
             return;
         };
         if p.ballot != *ballot {
             return;
         }
-        let ballot = *ballot;
-        promises.insert(signer, p);
+        // A PROMISE whose certificate does not verify would make this leader's SEAL one that
+        // every acceptor refuses: reported, not counted.
+        if let Some(c) = &p.prepared {
+            if let Err(why) = self.check_certificate(c, p.ballot) {
+                self.reject(signer, "PROMISE", Reject::Malformed(why));
+                return;
+            }
+        }
+        if let Some(Leading::Preparing { promises, .. }) = &mut self.r.leading {
+            promises.insert(signer, env);
+        }
+        self.finish_prepare();
+    }
+
+    /// With a quorum of valid PROMISEs for the ballot it leads, the leader re-proposes the SEAL
+    /// of the highest certificate among them (it must hold that SEAL; if it does not, it
+    /// waits for it: [`State::on_seal`] calls this again) or, with none certified, closes the
+    /// round afresh under its ballot. Either way its SEAL carries the PROMISEs.
+    pub(super) fn finish_prepare(&mut self) {
+        let q = self.quorum();
+        let Some(Leading::Preparing { ballot, promises }) = &self.r.leading else {
+            return;
+        };
         if promises.len() < q {
             return;
         }
+        let ballot = *ballot;
         let best = promises
             .values()
-            .filter_map(|p| p.accepted.clone())
-            .max_by_key(|a| a.ballot);
+            .filter_map(|e| match &e.body {
+                Body::Promise(p) => p.prepared.as_ref().map(|c| (c.ballot, c.seal)),
+                _ => None,
+            })
+            .max();
+        let justification: Vec<Envelope> = promises.values().map(|e| (**e).clone()).collect();
         match best {
-            Some(prev) => {
+            Some((_, h)) => {
+                let Some(seal) = self.r.proposals.values().find_map(|e| match &e.body {
+                    Body::Seal(p) if p.seal.hash() == h => Some(p.seal.clone()),
+                    _ => None,
+                }) else {
+                    return;
+                };
                 self.r.leading = Some(Leading::Proposed);
                 self.gossip(Body::Seal(Propose {
                     ballot,
-                    seal: prev.seal,
+                    seal,
+                    promises: justification,
                 }));
             }
             None => {
                 self.r.leading = None;
+                self.r.justification = justification;
                 self.do_close(ballot);
             }
         }
@@ -301,11 +345,188 @@ impl State {
             self.reject(env.signer, "SEAL", Reject::Malformed(why));
             return;
         }
+        if let Err(why) = self.check_justification(p) {
+            self.reject(env.signer, "SEAL", Reject::Malformed(why));
+            return;
+        }
         self.r.proposals.insert(ballot, env.clone());
+        self.finish_prepare();
         if ballot < self.r.promised {
             return;
         }
         self.start_apply(env);
+    }
+
+    /// Votes ACCEPT for a valid SEAL under `ballot` once this peer has applied it (so it
+    /// holds, and serves, every sealed aggregate: a certified SEAL, which later leaders must
+    /// re-propose, is never one whose data is lost): at most one SEAL per ballot, never under
+    /// a ballot below this peer's promise, never in a round it may have voted in before a
+    /// restart.
+    pub(super) fn accept(&mut self, ballot: u32, seal: Hash) {
+        if !self.is_member()
+            || self.round < self.vote_from
+            || ballot < self.r.promised
+            || self.r.accepted.is_some_and(|(b, _)| b >= ballot)
+        {
+            return;
+        }
+        self.r.promised = ballot;
+        self.r.accepted = Some((ballot, seal));
+        self.gossip(Body::Accept(Accept { ballot, seal }));
+    }
+
+    /// A member's ACCEPT: counted towards that SEAL's certificate; with a quorum this peer
+    /// holds the certificate and may COMMIT the SEAL once it has applied it.
+    pub(super) fn on_accept(&mut self, env: &Envelope, a: Accept) {
+        let bound = self.ballot_bound();
+        if a.ballot > bound {
+            self.reject(
+                env.signer,
+                "ACCEPT",
+                Reject::BallotAhead {
+                    ballot: a.ballot,
+                    bound,
+                },
+            );
+            return;
+        }
+        let q = self.quorum();
+        let votes = self.r.accepts.entry((a.ballot, a.seal)).or_default();
+        votes.insert(env.signer, env.sig);
+        if votes.len() < q
+            || self
+                .r
+                .prepared
+                .as_ref()
+                .is_some_and(|c| c.ballot >= a.ballot)
+        {
+            return;
+        }
+        let votes: Vec<(PeerKey, Signature)> = votes.iter().map(|(p, s)| (*p, *s)).collect();
+        for (p, _) in &votes {
+            self.r.votes_checked.insert((*p, a.ballot, a.seal));
+        }
+        self.r.prepared = Some(Certificate {
+            ballot: a.ballot,
+            seal: a.seal,
+            votes,
+        });
+        self.maybe_commit(a.ballot, a.seal);
+    }
+
+    /// Checks a certificate carried by a PROMISE for `ballot`: under a lower ballot, at least
+    /// a quorum of distinct members (sorted), every signature theirs over the round's ACCEPT.
+    pub(super) fn check_certificate(
+        &mut self,
+        c: &Certificate,
+        ballot: u32,
+    ) -> Result<(), &'static str> {
+        if c.ballot >= ballot {
+            return Err("a certificate under a ballot not below the PROMISE's");
+        }
+        if c.votes.len() < self.quorum() || c.votes.len() > self.members.len() {
+            return Err("a certificate without a quorum");
+        }
+        if !c.votes.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Err("a certificate with unsorted or repeated votes");
+        }
+        for vote in &c.votes {
+            if self.members.binary_search(&vote.0).is_err() {
+                return Err("a certificate with a non-member's vote");
+            }
+            let key = (vote.0, c.ballot, c.seal);
+            if self.r.votes_checked.contains(&key) {
+                continue;
+            }
+            if !c
+                .vote_envelope(self.cfg.run, self.round, self.chain, *vote)
+                .verify_signature()
+            {
+                return Err("a certificate with a bad signature");
+            }
+            if self.r.votes_checked.len() < 1 << 16 {
+                self.r.votes_checked.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that a proposal under ballot > 0 follows from a quorum of signed PROMISEs for
+    /// its ballot (this round, distinct members, sorted by signer) and re-proposes the SEAL of
+    /// the highest certificate among them, if any (Paxos' rule, checked by every acceptor
+    /// rather than trusted to the leader). A proposal under ballot 0 carries no PROMISEs.
+    pub(super) fn check_justification(&mut self, p: &Propose) -> Result<(), &'static str> {
+        if p.ballot == 0 {
+            return if p.promises.is_empty() {
+                Ok(())
+            } else {
+                Err("PROMISEs under ballot 0")
+            };
+        }
+        if p.promises.len() < self.quorum() || p.promises.len() > self.members.len() {
+            return Err("a SEAL without a quorum of PROMISEs");
+        }
+        if !p.promises.windows(2).all(|w| w[0].signer < w[1].signer) {
+            return Err("PROMISEs unsorted or repeated");
+        }
+        let mut best: Option<(u32, Hash)> = None;
+        for e in &p.promises {
+            let Body::Promise(pr) = &e.body else {
+                return Err("a justification that is no PROMISE");
+            };
+            if pr.ballot != p.ballot
+                || e.run != self.cfg.run
+                || e.round != self.round
+                || e.chain != self.chain
+                || self.members.binary_search(&e.signer).is_err()
+                || !e.verify_signature()
+            {
+                return Err("a PROMISE of another ballot, round or signer");
+            }
+            if let Some(c) = &pr.prepared {
+                self.check_certificate(c, p.ballot)?;
+                match best {
+                    Some((b, h)) if b == c.ballot && h != c.seal => {
+                        return Err("two certificates under one ballot");
+                    }
+                    Some((b, _)) if b >= c.ballot => {}
+                    _ => best = Some((c.ballot, c.seal)),
+                }
+            }
+        }
+        match best {
+            Some((_, h)) if h != p.seal.hash() => Err("a SEAL that is not the certified one"),
+            _ => Ok(()),
+        }
+    }
+
+    /// COMMITs `(ballot, seal)` once this peer has applied the SEAL and holds its certificate,
+    /// under a ballot not below its promise, once per ballot.
+    pub(super) fn maybe_commit(&mut self, ballot: u32, seal: Hash) {
+        if !self.is_member()
+            || self.round < self.vote_from
+            || ballot < self.r.promised
+            || self.r.committed.is_some_and(|b| b >= ballot)
+            || self
+                .r
+                .accepts
+                .get(&(ballot, seal))
+                .is_none_or(|v| v.len() < self.quorum())
+        {
+            return;
+        }
+        let Some(t) = self.r.tentative.get(&seal) else {
+            return;
+        };
+        let (state, next_chain) = (t.state, t.next_chain);
+        self.r.promised = ballot;
+        self.r.committed = Some(ballot);
+        self.gossip(Body::Commit(Commit {
+            ballot,
+            seal,
+            next_chain,
+            state,
+        }));
     }
 
     pub(super) fn check_seal(&self, seal: &Seal) -> Result<(), &'static str> {

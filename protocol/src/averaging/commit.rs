@@ -1,5 +1,5 @@
 //! Applying and deciding: fetch a SEAL's aggregates, apply the Nesterov step tentatively,
-//! COMMIT, and once a quorum of COMMITs agrees finalize the round and move to the next.
+//! COMMIT (with the SEAL's certificate), and once a quorum of COMMITs agrees finalize the round and move to the next.
 
 use std::sync::Arc;
 
@@ -13,15 +13,17 @@ impl State {
     /// Begins (or resumes) fetching the aggregates of a proposal, then applies it.
     pub(super) fn start_apply(&mut self, env: Arc<Envelope>) {
         let Body::Seal(p) = &env.body else { return };
+        // Whoever accepted or committed this SEAL has applied it and holds its aggregates.
+        let h = p.seal.hash();
         let mut sources = vec![env.signer];
-        for (_, m) in self
-            .r
-            .commits
-            .iter()
-            .filter(|((_, h, _), _)| *h == p.seal.hash())
-        {
+        for (_, m) in self.r.commits.iter().filter(|((_, x, _), _)| *x == h) {
             sources.extend(m.keys().copied());
         }
+        for (_, m) in self.r.accepts.iter().filter(|((_, x), _)| *x == h) {
+            sources.extend(m.keys().copied());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        sources.retain(|p| seen.insert(*p));
         for s in p.seal.shards.iter().flatten() {
             if !self.store.contains_key(&s.data) {
                 let mut src = vec![s.owner];
@@ -102,26 +104,17 @@ impl State {
             );
         }
         self.r.applying = None;
-        let (state, next_chain) = {
-            let t = &self.r.tentative[&seal_hash];
-            (t.state, t.next_chain)
-        };
+        let state = self.r.tentative[&seal_hash].state;
         if let Some((_, h, st)) = self.r.decide_target {
             if h == seal_hash && st == state {
                 self.finalize(seal_hash);
                 return;
             }
         }
-        if p.ballot >= self.r.promised && self.is_member() && self.round >= self.vote_from {
-            self.r.promised = p.ballot;
-            self.r.accepted = Some(p.clone());
-            self.gossip(Body::Commit(Commit {
-                ballot: p.ballot,
-                seal: seal_hash,
-                next_chain,
-                state,
-            }));
-        }
+        // ACCEPT, then COMMIT once the SEAL's certificate (a quorum of ACCEPTs) is complete:
+        // here if it already is, else in `on_accept`.
+        self.accept(p.ballot, seal_hash);
+        self.maybe_commit(p.ballot, seal_hash);
     }
 
     pub(super) fn on_commit(&mut self, env: Arc<Envelope>, c: Commit) {

@@ -137,6 +137,7 @@ impl State {
             Body::Agg(a) => Some((2, a.shard, a.close)),
             Body::Seal(p) => Some((3, p.ballot, Hash::default())),
             Body::Commit(c) => Some((4, c.ballot, Hash::default())),
+            Body::Accept(a) => Some((5, a.ballot, Hash::default())),
             _ => None,
         };
         let Some((tag, n, h)) = slot else {
@@ -193,7 +194,8 @@ impl State {
             Body::Close(c) => self.on_close(&env, c.clone()),
             Body::Agg(a) => self.on_agg(signer, a.clone()),
             Body::Prepare(b) => self.on_prepare(signer, *b),
-            Body::Promise(p) => self.on_promise(signer, p.clone()),
+            Body::Promise(p) => self.on_promise(env.clone(), p),
+            Body::Accept(a) => self.on_accept(&env, *a),
             Body::Seal(p) => self.on_seal(env.clone(), p.ballot),
             Body::Commit(c) => self.on_commit(env.clone(), *c),
             Body::Join(j) => {

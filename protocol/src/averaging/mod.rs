@@ -62,8 +62,8 @@ use ed25519_dalek::SigningKey;
 use rand_chacha::rand_core::RngCore;
 
 use crate::wire::{
-    self, Agg, AuditEntry, Body, Close, DecisionProof, Direct, Envelope, Hash, Invite, Join,
-    PeerKey, Promise, Propose, Ready, Verifier,
+    self, Agg, AuditEntry, Body, Certificate, Close, DecisionProof, Direct, Envelope, Hash, Invite,
+    Join, PeerKey, Ready, Signature, Verifier,
 };
 
 mod aggregate;
@@ -156,7 +156,8 @@ struct OwnerState {
 enum Leading {
     Preparing {
         ballot: u32,
-        promises: BTreeMap<PeerKey, Promise>,
+        /// Valid PROMISEs for the ballot, by signer (their certificates checked on arrival).
+        promises: BTreeMap<PeerKey, Arc<Envelope>>,
     },
     Collecting {
         ballot: u32,
@@ -182,7 +183,19 @@ struct RoundState {
     owned: BTreeMap<(Hash, u32), OwnerState>,
     aggs: BTreeMap<(Hash, u32), Vec<(PeerKey, Agg)>>,
     promised: u32,
-    accepted: Option<Propose>,
+    /// The highest ballot this peer ACCEPTed a SEAL under, with the SEAL's hash (one SEAL per
+    /// ballot at most).
+    accepted: Option<(u32, Hash)>,
+    /// The highest ballot this peer COMMITted under.
+    committed: Option<u32>,
+    /// ACCEPT votes seen: (ballot, SEAL hash) -> member -> signature.
+    accepts: BTreeMap<(u32, Hash), BTreeMap<PeerKey, Signature>>,
+    /// The highest-ballot certificate (quorum of ACCEPTs) this peer holds.
+    prepared: Option<Certificate>,
+    /// ACCEPT signatures already verified inside certificates: (signer, ballot, SEAL hash).
+    votes_checked: BTreeSet<(PeerKey, u32, Hash)>,
+    /// The PROMISEs that justify the ballot this peer leads (attached to its SEAL).
+    justification: Vec<Envelope>,
     proposals: BTreeMap<u32, Arc<Envelope>>,
     applying: Option<(Arc<Envelope>, Vec<PeerKey>)>,
     tentative: HashMap<Hash, Tentative>,

@@ -15,6 +15,19 @@ use super::{
 
 impl State {
     pub(super) fn maybe_sync(&mut self, from: PeerKey) {
+        // A restored peer not yet confirmed by a decision asks a different member each time
+        // within the patience window: otherwise members that gossip later rounds the most
+        // (say, attackers sending copies of their messages ahead) would be the only ones it
+        // asks before it falls back on trusting strangers.
+        let (now, patience) = (self.now, self.state_patience());
+        if self.unconfirmed.is_some()
+            && self
+                .sync_asked
+                .get(&from)
+                .is_some_and(|t| now < t.saturating_add(patience))
+        {
+            return;
+        }
         let due = self
             .last_sync
             .is_none_or(|t| self.now >= t + self.cfg.retry);

@@ -23,6 +23,9 @@ impl Sim {
         let attack = self.peers[i].attack;
         let run = self.cfg.proto.run;
         let key = self.peers[i].key.clone();
+        if attack == Some(Attack::EquivocatingLeader) && self.equivocating_leader(i, &env) {
+            return;
+        }
         let env = match (attack, &env.body) {
             (
                 Some(
@@ -141,6 +144,7 @@ impl Sim {
                     Body::Seal(p) => Some(Body::Seal(wire::Propose {
                         ballot: b as u32,
                         seal: p.seal.clone(),
+                        promises: p.promises.clone(),
                     })),
                     _ => None,
                 });
@@ -149,7 +153,7 @@ impl Sim {
                         // Its own PROMISE of it too: one member's word is not evidence enough.
                         let promise = Body::Promise(wire::Promise {
                             ballot: *b,
-                            accepted: None,
+                            prepared: None,
                         });
                         self.gossip_from(i, resigned(&key, &env, body.clone()));
                         self.gossip_from(i, resigned(&key, &env, promise));
@@ -221,6 +225,135 @@ impl Sim {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// `EquivocatingLeader`: splits its SEALs, withholds its COMMITs, lies in its PROMISEs.
+    /// Returns whether it sent `env` (or what replaced it) itself.
+    fn equivocating_leader(&mut self, i: usize, env: &Arc<Envelope>) -> bool {
+        let key = self.peers[i].key.clone();
+        match &env.body {
+            Body::Seal(p) => {
+                let mut other = p.seal.clone();
+                for s in &mut other.shards {
+                    *s = None;
+                }
+                self.peers[i].other_seal = Some((env.round, p.ballot, other.clone()));
+                let alt = resigned(
+                    &key,
+                    env,
+                    Body::Seal(wire::Propose {
+                        ballot: p.ballot,
+                        seal: other,
+                        promises: p.promises.clone(),
+                    }),
+                );
+                // The honest SEAL to one peer short of a quorum with itself, so that only the
+                // peer its COMMIT reaches sees a quorum; the other SEAL to the rest.
+                let q = self.peers[i]
+                    .state
+                    .as_ref()
+                    .map_or(1, |st| st.config().quorum.size(st.members().len()));
+                let got_v = move |t: usize| t < q - 1 || t == i;
+                self.gossip_to(i, env.clone(), got_v);
+                self.gossip_to(i, alt, move |t| !got_v(t));
+                self.propose_later(i, env, p.ballot);
+                true
+            }
+            Body::Commit(c)
+                if self.peers[i]
+                    .other_seal
+                    .as_ref()
+                    .is_some_and(|(r, b, _)| *r == env.round && *b == c.ballot) =>
+            {
+                let one = usize::from(i == 0);
+                self.gossip_to(i, env.clone(), |t| t == one);
+                true
+            }
+            Body::Promise(p) => {
+                let Some((round, ballot, other)) = self.peers[i].other_seal.clone() else {
+                    return false;
+                };
+                if round != env.round || ballot >= p.ballot {
+                    return false;
+                }
+                // A certificate of the other SEAL: its own ACCEPT of it, and a quorum's worth
+                // of copies of that vote (the best it can do without honest votes).
+                let seal = other.hash();
+                let vote = Envelope::sign(
+                    &key,
+                    env.run,
+                    env.round,
+                    env.chain,
+                    Body::Accept(wire::Accept { ballot, seal }),
+                );
+                let q = self.peers[i]
+                    .state
+                    .as_ref()
+                    .map_or(1, |st| st.config().quorum.size(st.members().len()));
+                let lie = wire::Promise {
+                    ballot: p.ballot,
+                    prepared: Some(wire::Certificate {
+                        ballot,
+                        seal,
+                        votes: vec![(vote.signer, vote.sig); q],
+                    }),
+                };
+                self.gossip_from(i, resigned(&key, env, Body::Promise(lie)));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `EquivocatingLeader`, under the next ballot it leads in the round (`ballot + n`): the
+    /// other SEAL again, with no PROMISEs, to everyone, followed by its own ACCEPT and COMMIT
+    /// of it (the state after a zero step), all signed now and delivered when that ballot's
+    /// slot begins (its own state has moved on by then if it decided the first SEAL).
+    fn propose_later(&mut self, i: usize, env: &Envelope, ballot: u32) {
+        let Some((_, _, other)) = self.peers[i].other_seal.clone() else {
+            return;
+        };
+        let Some(st) = self.peers[i].state.as_ref() else {
+            return;
+        };
+        let n = st.members().len().max(1) as u32;
+        let later = ballot.saturating_add(n);
+        let (mut theta, mut momentum) = (st.theta().to_vec(), st.momentum().to_vec());
+        let zero = vec![0f32; theta.len()];
+        if crate::outer::nesterov_step(st.config().outer, &mut theta, &mut momentum, &zero).is_err()
+        {
+            return;
+        }
+        let seal = other.hash();
+        let at = self.now + u64::from(later) * st.config().attempt_timeout;
+        let key = self.peers[i].key.clone();
+        let bodies = [
+            Body::Seal(wire::Propose {
+                ballot: later,
+                seal: other,
+                promises: Vec::new(),
+            }),
+            Body::Accept(wire::Accept {
+                ballot: later,
+                seal,
+            }),
+            Body::Commit(wire::Commit {
+                ballot: later,
+                seal,
+                next_chain: Hash::of_parts(&[&env.chain.0, &seal.0]),
+                state: averaging::state_hash(&theta, &momentum),
+            }),
+        ];
+        for (k, body) in bodies.into_iter().enumerate() {
+            let e = resigned(&key, env, body);
+            for t in (0..self.peers.len()).filter(|t| *t != i) {
+                let ev = averaging::InEvent::Gossip {
+                    env: e.clone(),
+                    verified: false,
+                };
+                self.schedule(at + 5 * k as u64, t, super::Ev::In(ev));
+            }
         }
     }
 
@@ -428,7 +561,11 @@ impl Sim {
             run,
             round,
             chain,
-            Body::Seal(wire::Propose { ballot: 0, seal }),
+            Body::Seal(wire::Propose {
+                ballot: 0,
+                seal,
+                promises: Vec::new(),
+            }),
         );
         let commit = wire::Commit {
             ballot: 0,

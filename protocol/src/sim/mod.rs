@@ -84,6 +84,17 @@ pub enum Attack {
     /// COMMITs as the quorum), which the first key also sends to every peer unasked. Two such
     /// members are two member donors that agree.
     SybilDonors,
+    /// A Byzantine leader. As the leader of a ballot it signs two SEALs under it: the honest
+    /// one goes to the lowest `quorum − 1` peer indices (a quorum with itself), one with every
+    /// shard MISSING to the others. It sends its COMMIT of the honest one to one peer only
+    /// (that peer may decide, the rest fail over). In that round its PROMISEs claim a certificate
+    /// of the other SEAL made of copies of its own ACCEPT (honest leaders refuse them, so they
+    /// may lack a quorum of PROMISEs); and
+    /// when the next ballot it leads in the round begins it proposes the other SEAL to
+    /// everyone, with no PROMISEs, and ACCEPTs and COMMITs it (signed in advance: its own state
+    /// may have decided the first SEAL by then). Without the acceptors' checks of PROMISE quorums and
+    /// certificates the peers that did not decide the first SEAL decide the other.
+    EquivocatingLeader,
 }
 
 /// A scheduled fault.
@@ -334,6 +345,8 @@ struct Peer {
     bad_shards: Option<(u64, Vec<Vec<u8>>, Vec<Hash>)>,
     fake_payloads: HashMap<Hash, Vec<u8>>,
     lie_map: HashMap<Hash, Hash>,
+    /// `EquivocatingLeader`: the other SEAL it signed in a round (round, ballot, SEAL).
+    other_seal: Option<(u64, u32, crate::wire::Seal)>,
     /// The invitation its JOINs carry.
     invite: Option<Invite>,
     churned: bool,
@@ -496,6 +509,7 @@ impl Sim {
             bad_shards: None,
             fake_payloads: HashMap::new(),
             lie_map: HashMap::new(),
+            other_seal: None,
             invite: None,
             churned: false,
             voted: None,

@@ -34,6 +34,17 @@ impl Sim {
     }
 
     pub(super) fn gossip_from(&mut self, from: usize, env: Arc<Envelope>) {
+        self.gossip_to(from, env, |_| true);
+    }
+
+    /// Gossip that reaches only the peers `to` picks (a malicious sender choosing its
+    /// audience; honest gossip goes to everyone).
+    pub(super) fn gossip_to(
+        &mut self,
+        from: usize,
+        env: Arc<Envelope>,
+        pick: impl Fn(usize) -> bool,
+    ) {
         // Every gossip goes through the wire format and the cap, as on a real network.
         let (size, env) = match env.to_bytes() {
             Ok(b) => match Envelope::from_bytes(&b) {
@@ -67,7 +78,12 @@ impl Sim {
             }
         };
         for to in 0..self.peers.len() {
-            if to == from || !self.alive(to) || self.cut(from, to) || self.chance(self.cfg.loss) {
+            if to == from
+                || !pick(to)
+                || !self.alive(to)
+                || self.cut(from, to)
+                || self.chance(self.cfg.loss)
+            {
                 continue;
             }
             let at = self.now + self.latency();

@@ -72,7 +72,7 @@ impl Verifier {
 }
 
 /// Whether two envelopes from one signer conflict (equivocation): same run, round and kind
-/// (for AGG: same CLOSE and shard; for SEAL and PROMISE: same ballot; for CLOSE: same ballot)
+/// (for AGG: same CLOSE and shard; for CLOSE, SEAL, ACCEPT and COMMIT: same ballot)
 /// with different content. Both must carry valid signatures for this to count as evidence.
 pub fn conflicting(a: &Envelope, b: &Envelope) -> bool {
     if a.signer != b.signer || a.run != b.run || a.round != b.round || a.body == b.body {
@@ -83,6 +83,7 @@ pub fn conflicting(a: &Envelope, b: &Envelope) -> bool {
         (Body::Close(x), Body::Close(y)) => x.ballot == y.ballot,
         (Body::Agg(x), Body::Agg(y)) => x.close == y.close && x.shard == y.shard,
         (Body::Seal(x), Body::Seal(y)) => x.ballot == y.ballot,
+        (Body::Accept(x), Body::Accept(y)) => x.ballot == y.ballot,
         (Body::Commit(x), Body::Commit(y)) => x.ballot == y.ballot,
         _ => false,
     }

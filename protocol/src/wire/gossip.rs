@@ -102,6 +102,11 @@ pub struct Propose {
     pub ballot: u32,
     /// The proposed SEAL.
     pub seal: Seal,
+    /// Under ballot > 0: the signed PROMISE envelopes of at least a quorum of the round's
+    /// members for this ballot, sorted by signer, that justify the proposal (if any of them
+    /// carries a [`Certificate`], the SEAL must be the one the highest certifies). Empty under
+    /// ballot 0, whose leader needs nobody's promise.
+    pub promises: Vec<Envelope>,
 }
 
 /// PROMISE: answer to PREPARE.
@@ -109,8 +114,58 @@ pub struct Propose {
 pub struct Promise {
     /// The ballot promised.
     pub ballot: u32,
-    /// The highest-ballot proposal this peer accepted in this round, if any.
-    pub accepted: Option<Propose>,
+    /// The highest-ballot [`Certificate`] this peer holds in this round, if any.
+    pub prepared: Option<Certificate>,
+}
+
+/// ACCEPT: "I accept this SEAL under this ballot", the first of the two votes on a SEAL (sent
+/// before fetching its aggregates). A member accepts at most one SEAL per ballot and COMMITs a
+/// SEAL only once it holds a quorum of ACCEPTs of it, a [`Certificate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Accept {
+    /// The ballot.
+    pub ballot: u32,
+    /// Hash of the SEAL ([`Seal::hash`]).
+    pub seal: Hash,
+}
+
+/// A quorum of ACCEPTs of one SEAL under one ballot: the signers and their signatures over
+/// the envelope `Body::Accept(Accept { ballot, seal })` of the round (same run, round and
+/// chain). With fewer than a third of the members dishonest, two certificates under one ballot
+/// name the same SEAL, and a SEAL decided under a ballot has one.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Certificate {
+    /// The ballot.
+    pub ballot: u32,
+    /// Hash of the SEAL.
+    pub seal: Hash,
+    /// (signer, signature) per ACCEPT, sorted by signer.
+    pub votes: Vec<(PeerKey, Signature)>,
+}
+
+impl Certificate {
+    /// The ACCEPT envelope that vote `(signer, sig)` signed, in a round with this run, round
+    /// and chain (for [`Envelope::verify_signature`]).
+    pub fn vote_envelope(
+        &self,
+        run: Hash,
+        round: u64,
+        chain: Hash,
+        (signer, sig): (PeerKey, Signature),
+    ) -> Envelope {
+        Envelope {
+            version: WIRE_VERSION,
+            signer,
+            run,
+            round,
+            chain,
+            body: Body::Accept(Accept {
+                ballot: self.ballot,
+                seal: self.seal,
+            }),
+            sig,
+        }
+    }
 }
 
 /// COMMIT: "I applied this SEAL under this ballot; here is my state" (Paxos "accepted").
@@ -242,6 +297,9 @@ pub enum Body {
     Announce(Announce),
     /// Random-projection audit of a contributor's shards against the owners' aggregates.
     Audit(Audit),
+    /// Ballot phase 2b, first vote: the SEAL is accepted (its certificate is a quorum of
+    /// these).
+    Accept(Accept),
 }
 
 /// One audited aggregate in an [`Audit`].
@@ -280,16 +338,17 @@ impl Body {
             Body::Evidence(_) => "EVIDENCE",
             Body::Announce(_) => "ANNOUNCE",
             Body::Audit(_) => "AUDIT",
+            Body::Accept(_) => "ACCEPT",
         }
     }
 
     /// Whether sending this body casts a Paxos vote that must be made durable first (see
-    /// `State::set_vote_from`): PROMISE and COMMIT, and an ANNOUNCE of either (a PROMISE
-    /// carrying a SEAL over the gossip cap goes out as an ANNOUNCE).
+    /// `State::set_vote_from`): PROMISE, ACCEPT and COMMIT, and an ANNOUNCE of any of them (a
+    /// PROMISE carrying a large certificate goes out as an ANNOUNCE).
     pub fn is_vote(&self) -> bool {
         match self {
-            Body::Promise(_) | Body::Commit(_) => true,
-            Body::Announce(a) => a.kind == 4 || a.kind == 6,
+            Body::Promise(_) | Body::Accept(_) | Body::Commit(_) => true,
+            Body::Announce(a) => matches!(a.kind, 4 | 6 | 11),
             _ => false,
         }
     }
@@ -308,6 +367,7 @@ impl Body {
             Body::Evidence(_) => 8,
             Body::Announce(_) => 9,
             Body::Audit(_) => 10,
+            Body::Accept(_) => 11,
         }
     }
 }

@@ -59,12 +59,35 @@ fn sample_bodies() -> Vec<Body> {
         Body::Prepare(4),
         Body::Promise(Promise {
             ballot: 4,
-            accepted: Some(Propose {
+            prepared: Some(Certificate {
                 ballot: 1,
-                seal: seal.clone(),
+                seal: seal.hash(),
+                votes: vec![(PeerKey::of(&key(1)), Signature([7; 64]))],
             }),
         }),
-        Body::Seal(Propose { ballot: 0, seal }),
+        Body::Seal(Propose {
+            ballot: 0,
+            seal: seal.clone(),
+            promises: vec![],
+        }),
+        Body::Seal(Propose {
+            ballot: 2,
+            seal,
+            promises: vec![Envelope::sign(
+                &key(1),
+                Hash::of(b"run"),
+                3,
+                Hash::of(b"chain"),
+                Body::Promise(Promise {
+                    ballot: 2,
+                    prepared: None,
+                }),
+            )],
+        }),
+        Body::Accept(Accept {
+            ballot: 2,
+            seal: Hash::of(b"s"),
+        }),
         Body::Commit(Commit {
             ballot: 0,
             seal: Hash::of(b"s"),
@@ -235,7 +258,14 @@ fn close_and_seal_with_1000_contributors_travel_by_announcement() {
         next_members: members,
         joins: vec![],
     };
-    for body in [Body::Close(close), Body::Seal(Propose { ballot: 3, seal })] {
+    for body in [
+        Body::Close(close),
+        Body::Seal(Propose {
+            ballot: 3,
+            seal,
+            promises: vec![],
+        }),
+    ] {
         let full = Envelope::sign(&k7, run, 9, Hash::of(b"chain"), body);
         // Too large for gossip, as it was before announcements.
         assert!(matches!(full.to_bytes(), Err(WireError::TooLarge { .. })));
