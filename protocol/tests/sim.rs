@@ -751,12 +751,6 @@ fn a_byzantine_leader_cannot_fork_the_run() {
         c.train_time = 30_000;
         c.max_time = 600_000;
         let r = sim::run(c.clone());
-        eprintln!(
-            "seed {seed} n {n} min_round {} decided {:?} rej {}",
-            r.min_round(),
-            r.decided.iter().map(|d| d.len()).collect::<Vec<_>>(),
-            r.rejections.len()
-        );
         check_decides_all(seed, &c, &r);
     }
 }

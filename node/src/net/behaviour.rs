@@ -150,3 +150,15 @@ pub(super) fn build(
     }
     Ok(swarm)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gossip topic prefix (in `diloco-p2p`, which the bootstrap node shares) must name the
+    /// averaging protocol's current wire version, or nodes of two versions would share a topic.
+    #[test]
+    fn the_gossip_topic_is_the_averaging_protocol_id() {
+        assert_eq!(AVG_TOPIC, diloco_protocol::wire::AVG_PROTOCOL);
+    }
+}

@@ -228,11 +228,68 @@ impl Sim {
         }
     }
 
-    /// `EquivocatingLeader`: splits its SEALs, withholds its COMMITs, lies in its PROMISEs.
+    /// `EquivocatingLeader`: splits its SEALs, withholds its ACCEPTs and COMMITs, lies in its
+    /// PROMISEs.
     /// Returns whether it sent `env` (or what replaced it) itself.
     fn equivocating_leader(&mut self, i: usize, env: &Arc<Envelope>) -> bool {
         let key = self.peers[i].key.clone();
+        // Under later ballots of the split round its state's votes are dropped (it signed its
+        // own in advance, `propose_later`), and its state's proposal is replaced by the other
+        // SEAL with the PROMISEs the state collected (which certify the first SEAL).
+        let later = |b: u32| {
+            self.peers[i]
+                .other_seal
+                .clone()
+                .filter(|(r, split, _)| *r == env.round && b > *split)
+        };
         match &env.body {
+            Body::Accept(wire::Accept { ballot, .. })
+            | Body::Commit(wire::Commit { ballot, .. })
+                if later(*ballot).is_some() =>
+            {
+                true
+            }
+            Body::Seal(p) if later(p.ballot).is_some() => {
+                let Some((_, _, other)) = later(p.ballot) else {
+                    return true;
+                };
+                // By ballot: the PROMISEs its state collected, none, or a quorum of PROMISEs
+                // (claiming no certificate) "signed" by members with its own signature.
+                let promises = match p.ballot % 3 {
+                    0 => p.promises.clone(),
+                    1 => Vec::new(),
+                    _ => {
+                        let Some(st) = self.peers[i].state.as_ref() else {
+                            return true;
+                        };
+                        let q = st.config().quorum.size(st.members().len());
+                        let body = Body::Promise(wire::Promise {
+                            ballot: p.ballot,
+                            prepared: None,
+                        });
+                        let mine = resigned(&key, env, body.clone());
+                        st.members()
+                            .iter()
+                            .take(q)
+                            .map(|m| Envelope {
+                                signer: *m,
+                                ..(*mine).clone()
+                            })
+                            .collect()
+                    }
+                };
+                let alt = resigned(
+                    &key,
+                    env,
+                    Body::Seal(wire::Propose {
+                        ballot: p.ballot,
+                        seal: other,
+                        promises,
+                    }),
+                );
+                self.gossip_from(i, alt);
+                true
+            }
             Body::Seal(p) => {
                 let mut other = p.seal.clone();
                 for s in &mut other.shards {
@@ -260,11 +317,15 @@ impl Sim {
                 self.propose_later(i, env, p.ballot);
                 true
             }
-            Body::Commit(c)
+            // Its COMMIT of its own SEAL always, its ACCEPT in odd rounds only: then the peers
+            // other than `one` may commit (and `one` decide) without holding a certificate.
+            Body::Commit(wire::Commit { ballot, .. })
+            | Body::Accept(wire::Accept { ballot, .. })
                 if self.peers[i]
                     .other_seal
                     .as_ref()
-                    .is_some_and(|(r, b, _)| *r == env.round && *b == c.ballot) =>
+                    .is_some_and(|(r, b, _)| *r == env.round && b == ballot)
+                    && (matches!(env.body, Body::Commit(_)) || env.round % 2 == 1) =>
             {
                 let one = usize::from(i == 0);
                 self.gossip_to(i, env.clone(), |t| t == one);
@@ -277,26 +338,36 @@ impl Sim {
                 if round != env.round || ballot >= p.ballot {
                     return false;
                 }
-                // A certificate of the other SEAL: its own ACCEPT of it, and a quorum's worth
-                // of copies of that vote (the best it can do without honest votes).
+                // A certificate of the other SEAL under the highest ballot below the PROMISE's
+                // (so it outranks any honest one): in turn its own ACCEPT alone, or its ACCEPT
+                // with a quorum's worth of members' "votes" it signed itself.
                 let seal = other.hash();
+                let under = p.ballot - 1;
                 let vote = Envelope::sign(
                     &key,
                     env.run,
                     env.round,
                     env.chain,
-                    Body::Accept(wire::Accept { ballot, seal }),
+                    Body::Accept(wire::Accept {
+                        ballot: under,
+                        seal,
+                    }),
                 );
-                let q = self.peers[i]
-                    .state
-                    .as_ref()
-                    .map_or(1, |st| st.config().quorum.size(st.members().len()));
+                let mut votes = vec![(vote.signer, vote.sig)];
+                if (env.round + u64::from(p.ballot)) % 2 == 0 {
+                    if let Some(st) = self.peers[i].state.as_ref() {
+                        let q = st.config().quorum.size(st.members().len());
+                        let others = st.members().iter().filter(|m| **m != vote.signer);
+                        votes.extend(others.take(q - 1).map(|m| (*m, vote.sig)));
+                    }
+                }
+                votes.sort_by_key(|v| v.0);
                 let lie = wire::Promise {
                     ballot: p.ballot,
                     prepared: Some(wire::Certificate {
-                        ballot,
+                        ballot: under,
                         seal,
-                        votes: vec![(vote.signer, vote.sig); q],
+                        votes,
                     }),
                 };
                 self.gossip_from(i, resigned(&key, env, Body::Promise(lie)));
@@ -306,10 +377,10 @@ impl Sim {
         }
     }
 
-    /// `EquivocatingLeader`, under the next ballot it leads in the round (`ballot + n`): the
-    /// other SEAL again, with no PROMISEs, to everyone, followed by its own ACCEPT and COMMIT
-    /// of it (the state after a zero step), all signed now and delivered when that ballot's
-    /// slot begins (its own state has moved on by then if it decided the first SEAL).
+    /// `EquivocatingLeader`, for every later ballot up to the next one it leads in the round
+    /// (`ballot + n`): its ACCEPT and COMMIT of the other SEAL (the state after a zero step),
+    /// signed now and delivered to everyone when that ballot's slot begins: whichever ballot
+    /// proposes the other SEAL, its votes are there to complete a certificate and a quorum.
     fn propose_later(&mut self, i: usize, env: &Envelope, ballot: u32) {
         let Some((_, _, other)) = self.peers[i].other_seal.clone() else {
             return;
@@ -318,7 +389,6 @@ impl Sim {
             return;
         };
         let n = st.members().len().max(1) as u32;
-        let later = ballot.saturating_add(n);
         let (mut theta, mut momentum) = (st.theta().to_vec(), st.momentum().to_vec());
         let zero = vec![0f32; theta.len()];
         if crate::outer::nesterov_step(st.config().outer, &mut theta, &mut momentum, &zero).is_err()
@@ -326,33 +396,32 @@ impl Sim {
             return;
         }
         let seal = other.hash();
-        let at = self.now + u64::from(later) * st.config().attempt_timeout;
+        let state = averaging::state_hash(&theta, &momentum);
+        let next_chain = Hash::of_parts(&[&env.chain.0, &seal.0]);
+        let slot = st.config().attempt_timeout;
         let key = self.peers[i].key.clone();
-        let bodies = [
-            Body::Seal(wire::Propose {
-                ballot: later,
-                seal: other,
-                promises: Vec::new(),
-            }),
-            Body::Accept(wire::Accept {
-                ballot: later,
-                seal,
-            }),
-            Body::Commit(wire::Commit {
-                ballot: later,
-                seal,
-                next_chain: Hash::of_parts(&[&env.chain.0, &seal.0]),
-                state: averaging::state_hash(&theta, &momentum),
-            }),
-        ];
-        for (k, body) in bodies.into_iter().enumerate() {
-            let e = resigned(&key, env, body);
-            for t in (0..self.peers.len()).filter(|t| *t != i) {
-                let ev = averaging::InEvent::Gossip {
-                    env: e.clone(),
-                    verified: false,
-                };
-                self.schedule(at + 5 * k as u64, t, super::Ev::In(ev));
+        let now = self.now;
+        for b in ballot.saturating_add(1)..=ballot.saturating_add(n) {
+            let bodies = [
+                Body::Accept(wire::Accept { ballot: b, seal }),
+                Body::Commit(wire::Commit {
+                    ballot: b,
+                    seal,
+                    next_chain,
+                    state,
+                }),
+            ];
+            // Once that ballot's SEAL may have gone out.
+            let at = now + u64::from(b) * slot + slot / 4;
+            for (k, body) in bodies.into_iter().enumerate() {
+                let e = resigned(&key, env, body);
+                for t in (0..self.peers.len()).filter(|t| *t != i) {
+                    let ev = averaging::InEvent::Gossip {
+                        env: e.clone(),
+                        verified: false,
+                    };
+                    self.schedule(at + 5 * k as u64, t, super::Ev::In(ev));
+                }
             }
         }
     }

@@ -86,14 +86,18 @@ pub enum Attack {
     SybilDonors,
     /// A Byzantine leader. As the leader of a ballot it signs two SEALs under it: the honest
     /// one goes to the lowest `quorum − 1` peer indices (a quorum with itself), one with every
-    /// shard MISSING to the others. It sends its COMMIT of the honest one to one peer only
-    /// (that peer may decide, the rest fail over). In that round its PROMISEs claim a certificate
-    /// of the other SEAL made of copies of its own ACCEPT (honest leaders refuse them, so they
-    /// may lack a quorum of PROMISEs); and
-    /// when the next ballot it leads in the round begins it proposes the other SEAL to
-    /// everyone, with no PROMISEs, and ACCEPTs and COMMITs it (signed in advance: its own state
-    /// may have decided the first SEAL by then). Without the acceptors' checks of PROMISE quorums and
-    /// certificates the peers that did not decide the first SEAL decide the other.
+    /// shard MISSING to the others. It sends its COMMIT of the honest one (and in odd
+    /// rounds its ACCEPT) to one peer only (that peer may decide, the rest fail over, in odd
+    /// rounds without a certificate). In that
+    /// round (whose COMMITs it ignores, to stay in it) its PROMISEs claim a certificate of the other SEAL under the ballot just below
+    /// theirs, made of its own ACCEPT alone or of "votes" of a quorum of members that it
+    /// signed itself (honest leaders refuse them, so they may lack a quorum of PROMISEs); and
+    /// under the next ballot it leads in the round it proposes the other SEAL to
+    /// everyone, by ballot with the PROMISEs its state collected (which certify the first),
+    /// with none, or with a quorum of members' PROMISEs it signed itself; its ACCEPTs
+    /// and COMMITs of the other SEAL for every ballot up to that one signed in advance.
+    /// Without the acceptors' checks of PROMISE quorums and certificates, or COMMITs without a
+    /// certificate, the peers that did not decide the first SEAL decide another.
     EquivocatingLeader,
 }
 
@@ -785,6 +789,16 @@ impl Sim {
                 if let Some(fake) = fake {
                     self.direct_from(i, *from, Arc::new(fake));
                 }
+                return;
+            }
+        }
+        if let (Some(Attack::EquivocatingLeader), InEvent::Gossip { env, .. }) =
+            (self.peers[i].attack, &ev)
+        {
+            // It ignores COMMITs of the round it split, so that its state stays in that round
+            // (and keeps lying in its PROMISEs) after the others decided.
+            let split = self.peers[i].other_seal.as_ref().map(|(r, ..)| *r);
+            if matches!(env.body, Body::Commit(_)) && split == Some(env.round) {
                 return;
             }
         }
