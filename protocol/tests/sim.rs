@@ -755,6 +755,27 @@ fn a_byzantine_leader_cannot_fork_the_run() {
     }
 }
 
+/// Messages that are very late: 20 % of all messages take up to three ballot slots longer
+/// (congested links; messages overtake each other). A member that promised a ballot may then
+/// receive a lower ballot's SEAL, or finish applying one, after the new leader was told that
+/// nothing was certified: it must neither ACCEPT nor COMMIT it, or two SEALs are decided.
+#[test]
+fn late_messages_neither_fork_nor_stall_the_run() {
+    for seed in sim::seeds(200) {
+        let n = 3 + (seed % 5) as usize;
+        let mut c = base(seed, n);
+        c.proto.quorum = if seed % 2 == 0 {
+            Quorum::TwoThirds
+        } else {
+            Quorum::Majority
+        };
+        c.spikes = (0.2, 3 * c.proto.attempt_timeout);
+        c.max_time = 300_000;
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
+    }
+}
+
 /// Members that crash early in a round and restart from their disks several ballot slots
 /// later, when the survivor's ballots have moved on and the round needs them to decide: they
 /// take the survivor's ballots on the evidence of its PROMISE (`ballot_bound`), not only on

@@ -185,6 +185,9 @@ pub struct SimConfig {
     pub admission: Option<fn(Vec<PeerKey>) -> Admission>,
     /// One-way latency range in ms.
     pub latency: (Time, Time),
+    /// Latency spikes: with this probability a message (gossip or direct) takes up to this
+    /// many ms more (a congested or stalled link; messages overtake each other).
+    pub spikes: (f64, Time),
     /// Probability that one gossip delivery is lost.
     pub loss: f64,
     /// Probability that one gossip delivery is duplicated.
@@ -221,6 +224,7 @@ impl SimConfig {
             len,
             proto,
             latency: (10, 60),
+            spikes: (0.0, 0),
             loss: 0.0,
             dup: 0.0,
             train_time: 500,

@@ -13,7 +13,13 @@ use super::{Ev, Sim};
 impl Sim {
     pub(super) fn latency(&mut self) -> Time {
         let (a, b) = self.cfg.latency;
-        a + (self.rng.next_u64() % (b - a + 1))
+        let base = a + (self.rng.next_u64() % (b - a + 1));
+        let (p, max) = self.cfg.spikes;
+        if max > 0 && self.chance(p) {
+            base + self.rng.next_u64() % max
+        } else {
+            base
+        }
     }
 
     fn chance(&mut self, p: f64) -> bool {
