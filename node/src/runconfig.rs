@@ -376,6 +376,17 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
     }
 }
 
+/// The longest outer gradient an honest member can produce, which READYs may claim
+/// (`diloco_protocol::averaging::Config::norm_cap`). An AdamW step (β2 ≥ β1², as here) moves a
+/// coordinate by about `lr` at most for the gradient part, plus `lr · wd · |θ|` for the decay:
+/// over H steps and N coordinates at most `H · lr · √N` for the first; four times that, and
+/// room for the decay of weights up to 10 in size. A claim beyond it can only be a lie (or a
+/// broken trainer) that would widen the owners' and leader's norm bounds.
+pub fn norm_cap(inner_steps: u64, lr: f64, weight_decay: f64, len: usize) -> f32 {
+    let gradient_part = inner_steps as f64 * lr * (len as f64).sqrt();
+    (gradient_part * 4.0 * (1.0 + 10.0 * weight_decay)) as f32
+}
+
 impl Run {
     /// The run id as the hex string peers show and compare.
     pub fn id_hex(&self) -> String {
@@ -393,6 +404,7 @@ impl Run {
         p.admission = self.admission.clone();
         // A peer's weight is capped at what one honest round can process.
         p.token_cap = c.inner_steps * (c.batch * c.seq) as u64;
+        p.norm_cap = norm_cap(c.inner_steps, c.lr, c.weight_decay, len);
         p.straggler_timeout = c.straggler_timeout_ms;
         p.agg_timeout = c.agg_timeout_ms;
         p.attempt_timeout = c.attempt_timeout_ms;
@@ -413,6 +425,20 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_norm_cap_is_above_what_adamw_can_move() {
+        // Tiny model, the default H and lr: every coordinate moving by lr in every step, the
+        // longest honest outer gradient, fits four times over.
+        let (h, lr, wd, n) = (50, 1e-3, 0.1, 873_728);
+        let cap = norm_cap(h, lr, wd, n);
+        let longest = h as f64 * lr * (n as f64).sqrt();
+        assert!(
+            cap.is_finite() && f64::from(cap) >= 4.0 * longest,
+            "{cap} vs {longest}"
+        );
+        assert_eq!(norm_cap(0, lr, wd, n), 0.0);
+    }
 
     #[test]
     fn admission_policies_parse_and_say_what_is_wrong() {

@@ -314,15 +314,24 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
 }
 
 #[test]
-fn robust_rules_bound_a_scaled_gradient_attacker() {
+fn robust_rules_or_the_norm_cap_bound_a_scaled_gradient_attacker() {
     for seed in sim::seeds(200) {
         let n = 7;
         let mut clean = base(seed, n);
         clean.rounds = 1;
-        let rule = if seed % 2 == 0 {
-            Rule::NormScreen { factor: 3.0 }
-        } else {
-            Rule::TrimmedMean { trim: 0.2 }
+        let rule = match seed % 3 {
+            0 => Rule::NormScreen { factor: 3.0 },
+            1 => Rule::TrimmedMean { trim: 0.2 },
+            // The plain mean trusts every contribution; the run's norm cap refuses the
+            // attacker's READY, whose (truthful) claim is far beyond what honest members reach.
+            _ => {
+                let theta0 = sim::run(clean.clone())
+                    .thetas
+                    .first()
+                    .map(|(_, _, t)| t.iter().map(|x| x * x).sum::<f32>().sqrt());
+                clean.proto.norm_cap = theta0.unwrap_or(1.0);
+                Rule::Mean
+            }
         };
         clean.proto.rule = rule;
         let mut attacked = clean.clone();
@@ -345,6 +354,15 @@ fn robust_rules_bound_a_scaled_gradient_attacker() {
             diff < 0.5 * scale,
             "seed {seed} {rule:?}: moved by {diff} (|theta| = {scale})"
         );
+        if rule == Rule::Mean {
+            assert!(
+                b.rejections.iter().any(|(_, f, kind, w)| *f == n - 1
+                    && *kind == "READY"
+                    && matches!(w, Reject::NormTooLarge { .. })),
+                "seed {seed}: the attacker's READY was not refused"
+            );
+            assert!(a.rejections.is_empty(), "seed {seed}: honest READY refused");
+        }
     }
 }
 

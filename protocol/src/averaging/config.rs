@@ -153,6 +153,12 @@ pub struct Config {
     pub max_shards: usize,
     /// Cap on a contribution's weight (H x local batch tokens).
     pub token_cap: u64,
+    /// Largest outer-gradient norm a READY may claim: a READY claiming more (or a norm that is
+    /// not a finite number ≥ 0) is refused, so that no claim can widen the owners' and the
+    /// leader's norm bounds or the audit tolerance beyond what an honest member can produce.
+    /// An honest member whose outer gradient is longer (it should not be, see the node's
+    /// bound) scales it down to the cap. Default: no cap (`f32::MAX`).
+    pub norm_cap: f32,
     /// Outer optimizer.
     pub outer: OuterConfig,
     /// Decision quorum.
@@ -188,6 +194,7 @@ impl Config {
             codec: Quantization::F32,
             max_shards: 256,
             token_cap: u64::MAX,
+            norm_cap: f32::MAX,
             outer: OuterConfig::default(),
             quorum: Quorum::Majority,
             rule: Rule::Mean,

@@ -29,6 +29,13 @@ impl State {
             }
             tokens = tokens.saturating_add(old_tokens);
         }
+        // Beyond the run's cap no READY would be admitted: scale down to it (after the codec's
+        // rounding, which may lengthen the vector a little, the claim must still fit).
+        let len = norm(&delta);
+        if len > self.cfg.norm_cap && len.is_finite() {
+            let s = self.cfg.norm_cap / len * 0.99;
+            delta.iter_mut().for_each(|d| *d *= s);
+        }
         let k = self.k();
         let shards: Vec<Vec<u8>> = codec::shards(self.cfg.len, k)
             .into_iter()
@@ -229,6 +236,18 @@ impl State {
     }
 
     fn on_ready(&mut self, env: &Envelope, r: Ready) {
+        let claim = f32::from_bits(r.norm_bits);
+        if !(claim >= 0.0 && claim <= self.cfg.norm_cap) {
+            self.reject(
+                env.signer,
+                "READY",
+                Reject::NormTooLarge {
+                    got: claim,
+                    bound: self.cfg.norm_cap,
+                },
+            );
+            return;
+        }
         if env.signer == self.me {
             if let Some(c) = self.r.contrib.as_mut() {
                 c.ready_id = env.id();
