@@ -403,8 +403,8 @@ impl State {
             return;
         }
         let votes: Vec<(PeerKey, Signature)> = votes.iter().map(|(p, s)| (*p, *s)).collect();
-        for (p, _) in &votes {
-            self.r.votes_checked.insert((*p, a.ballot, a.seal));
+        for v in &votes {
+            self.r.votes_checked.insert(vote_key(a.ballot, a.seal, v));
         }
         self.r.prepared = Some(Certificate {
             ballot: a.ballot,
@@ -434,7 +434,9 @@ impl State {
             if self.members.binary_search(&vote.0).is_err() {
                 return Err("a certificate with a non-member's vote");
             }
-            let key = (vote.0, c.ballot, c.seal);
+            // Keyed by the signature bytes too: a vote known to be genuine does not vouch for
+            // other bytes claimed to be its signature (which peers without the cache refuse).
+            let key = vote_key(c.ballot, c.seal, vote);
             if self.r.votes_checked.contains(&key) {
                 continue;
             }
@@ -693,4 +695,10 @@ impl State {
             );
         }
     }
+}
+
+/// The key of one ACCEPT vote in `RoundState::votes_checked`: ballot, SEAL, signer and the
+/// signature's bytes.
+fn vote_key(ballot: u32, seal: Hash, (signer, sig): &(PeerKey, Signature)) -> Hash {
+    Hash::of_parts(&[&ballot.to_le_bytes(), &seal.0, &signer.0, &sig.0])
 }

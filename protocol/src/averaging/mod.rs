@@ -192,8 +192,9 @@ struct RoundState {
     accepts: BTreeMap<(u32, Hash), BTreeMap<PeerKey, Signature>>,
     /// The highest-ballot certificate (quorum of ACCEPTs) this peer holds.
     prepared: Option<Certificate>,
-    /// ACCEPT signatures already verified inside certificates: (signer, ballot, SEAL hash).
-    votes_checked: BTreeSet<(PeerKey, u32, Hash)>,
+    /// ACCEPT votes whose signatures were verified (gossip or certificates), by
+    /// `ballot::vote_key`: each signature is checked once per round.
+    votes_checked: BTreeSet<Hash>,
     /// The PROMISEs that justify the ballot this peer leads (attached to its SEAL).
     justification: Vec<Envelope>,
     proposals: BTreeMap<u32, Arc<Envelope>>,
