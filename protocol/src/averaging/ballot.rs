@@ -702,3 +702,256 @@ impl State {
 fn vote_key(ballot: u32, seal: Hash, (signer, sig): &(PeerKey, Signature)) -> Hash {
     Hash::of_parts(&[&ballot.to_le_bytes(), &seal.0, &signer.0, &sig.0])
 }
+
+#[cfg(test)]
+mod tests {
+    //! The acceptors' checks of a SEAL's justification, case by case: every field of every
+    //! PROMISE and certificate that could be forged, replayed from elsewhere or repeated.
+    use super::*;
+    use crate::averaging::{Config, Quorum};
+    use crate::wire::Close;
+    use ed25519_dalek::SigningKey;
+
+    const RUN: &[u8] = b"justification-test";
+
+    /// Four members under `two-thirds` (quorum 3), the state of the first, and a fifth key
+    /// that is no member.
+    fn setup() -> (Vec<SigningKey>, SigningKey, State) {
+        let mut keys: Vec<SigningKey> = (1..=4u8)
+            .map(|i| SigningKey::from_bytes(&[i; 32]))
+            .collect();
+        keys.sort_by_key(PeerKey::of);
+        let members: Vec<PeerKey> = keys.iter().map(PeerKey::of).collect();
+        let mut cfg = Config::new(Hash::of(RUN), 64);
+        cfg.quorum = Quorum::TwoThirds;
+        let st = State::genesis(cfg, keys[0].clone(), vec![0.0; 64], members);
+        (keys, SigningKey::from_bytes(&[9; 32]), st)
+    }
+
+    fn seal(tag: u8) -> Seal {
+        Seal {
+            close: Close {
+                ballot: 0,
+                contributors: Vec::new(),
+            },
+            close_id: Hash::of(&[tag]),
+            shards: Vec::new(),
+            next_members: Vec::new(),
+            joins: Vec::new(),
+        }
+    }
+
+    fn promise(
+        st: &State,
+        key: &SigningKey,
+        ballot: u32,
+        prepared: Option<Certificate>,
+    ) -> Envelope {
+        let body = Body::Promise(Promise { ballot, prepared });
+        Envelope::sign(key, st.cfg.run, st.round, st.chain, body)
+    }
+
+    /// A certificate of `seal` under `ballot`, voted by `keys` (sorted by signer).
+    fn cert(st: &State, keys: &[&SigningKey], ballot: u32, seal: Hash) -> Certificate {
+        let mut votes: Vec<(PeerKey, Signature)> = keys
+            .iter()
+            .map(|k| {
+                let e = Envelope::sign(
+                    k,
+                    st.cfg.run,
+                    st.round,
+                    st.chain,
+                    Body::Accept(Accept { ballot, seal }),
+                );
+                (e.signer, e.sig)
+            })
+            .collect();
+        votes.sort_by_key(|v| v.0);
+        Certificate {
+            ballot,
+            seal,
+            votes,
+        }
+    }
+
+    fn check(
+        st: &mut State,
+        ballot: u32,
+        seal: Seal,
+        mut promises: Vec<Envelope>,
+    ) -> Result<(), &'static str> {
+        promises.sort_by_key(|e| e.signer);
+        st.check_justification(&Propose {
+            ballot,
+            seal,
+            promises,
+        })
+    }
+
+    #[test]
+    fn a_quorum_of_valid_promises_justifies_a_fresh_seal_and_fewer_do_not() {
+        let (k, _, mut st) = setup();
+        let p: Vec<Envelope> = k[..3].iter().map(|x| promise(&st, x, 1, None)).collect();
+        assert_eq!(check(&mut st, 1, seal(1), p.clone()), Ok(()));
+        assert!(check(&mut st, 1, seal(1), p[..2].to_vec()).is_err());
+        assert!(
+            check(&mut st, 0, seal(1), p.clone()).is_err(),
+            "ballot 0 carries none"
+        );
+        assert_eq!(check(&mut st, 0, seal(1), Vec::new()), Ok(()));
+        // The same member twice is one promise, however many copies.
+        let twice = vec![p[0].clone(), p[0].clone(), p[1].clone()];
+        assert!(check(&mut st, 1, seal(1), twice).is_err());
+        // Unsorted.
+        let mut unsorted = p.clone();
+        unsorted.sort_by_key(|e| std::cmp::Reverse(e.signer));
+        let r = st.check_justification(&Propose {
+            ballot: 1,
+            seal: seal(1),
+            promises: unsorted,
+        });
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn every_field_of_a_promise_is_checked() {
+        let (k, outsider, mut st) = setup();
+        let good = |st: &State| -> Vec<Envelope> {
+            k[..2].iter().map(|x| promise(st, x, 1, None)).collect()
+        };
+        let (run, round, chain) = (st.cfg.run, st.round, st.chain);
+        let body = |b| {
+            Body::Promise(Promise {
+                ballot: b,
+                prepared: None,
+            })
+        };
+        let bad = [
+            (
+                "another ballot",
+                Envelope::sign(&k[2], run, round, chain, body(2)),
+            ),
+            (
+                "another run",
+                Envelope::sign(&k[2], Hash::of(b"x"), round, chain, body(1)),
+            ),
+            (
+                "another round",
+                Envelope::sign(&k[2], run, round + 1, chain, body(1)),
+            ),
+            (
+                "another chain",
+                Envelope::sign(&k[2], run, round, Hash::of(b"x"), body(1)),
+            ),
+            (
+                "a non-member",
+                Envelope::sign(&outsider, run, round, chain, body(1)),
+            ),
+            ("a bad signature", {
+                let mut e = Envelope::sign(&k[2], run, round, chain, body(1));
+                e.sig.0[0] ^= 1;
+                e
+            }),
+            (
+                "no PROMISE",
+                Envelope::sign(&k[2], run, round, chain, Body::Prepare(1)),
+            ),
+        ];
+        for (what, e) in bad {
+            let mut p = good(&st);
+            p.push(e);
+            assert!(
+                check(&mut st, 1, seal(1), p).is_err(),
+                "a PROMISE of {what} was counted"
+            );
+        }
+    }
+
+    #[test]
+    fn the_seal_must_be_the_one_the_highest_certificate_names() {
+        let (k, _, mut st) = setup();
+        let (a, b) = (seal(1), seal(2));
+        let ca = cert(&st, &[&k[0], &k[1], &k[2]], 0, a.hash());
+        let cb = cert(&st, &[&k[1], &k[2], &k[3]], 1, b.hash());
+        // One certificate: only its SEAL.
+        let one = |st: &State| {
+            vec![
+                promise(st, &k[0], 2, Some(ca.clone())),
+                promise(st, &k[1], 2, None),
+                promise(st, &k[2], 2, None),
+            ]
+        };
+        let p = one(&st);
+        assert_eq!(check(&mut st, 2, a.clone(), p.clone()), Ok(()));
+        assert!(check(&mut st, 2, b.clone(), p).is_err());
+        // Two certificates under different ballots, in either order: the higher wins.
+        for (x, y) in [(0, 1), (1, 0)] {
+            let certs = [Some(ca.clone()), Some(cb.clone())];
+            let p = vec![
+                promise(&st, &k[x], 2, certs[0].clone()),
+                promise(&st, &k[y], 2, certs[1].clone()),
+                promise(&st, &k[3], 2, None),
+            ];
+            assert_eq!(
+                check(&mut st, 2, b.clone(), p.clone()),
+                Ok(()),
+                "order {x}{y}"
+            );
+            assert!(check(&mut st, 2, a.clone(), p).is_err(), "order {x}{y}");
+        }
+        // Two certificates under one ballot (impossible with fewer than a third dishonest):
+        // refused whichever SEAL is proposed.
+        let ca1 = cert(&st, &[&k[0], &k[1], &k[2]], 1, a.hash());
+        let p = vec![
+            promise(&st, &k[0], 2, Some(ca1)),
+            promise(&st, &k[1], 2, Some(cb.clone())),
+            promise(&st, &k[3], 2, None),
+        ];
+        assert!(check(&mut st, 2, a.clone(), p.clone()).is_err());
+        assert!(check(&mut st, 2, b.clone(), p).is_err());
+    }
+
+    #[test]
+    fn every_vote_of_a_certificate_is_checked() {
+        let (k, outsider, mut st) = setup();
+        let a = seal(1);
+        let h = a.hash();
+        let valid = cert(&st, &[&k[0], &k[1], &k[2]], 0, h);
+        assert_eq!(st.check_certificate(&valid, 1), Ok(()));
+        let mut bad = vec![
+            ("too few votes", cert(&st, &[&k[0], &k[1]], 0, h)),
+            (
+                "a non-member's vote",
+                cert(&st, &[&k[0], &k[1], &outsider], 0, h),
+            ),
+            (
+                "a ballot not below the PROMISE's",
+                cert(&st, &[&k[0], &k[1], &k[2]], 1, h),
+            ),
+        ];
+        let mut repeated = valid.clone();
+        repeated.votes = vec![valid.votes[0]; 3];
+        bad.push(("one vote three times", repeated));
+        let mut forged = valid.clone();
+        forged.votes[2].1 = forged.votes[0].1;
+        bad.push(("a signature not the signer's", forged));
+        let mut unsorted = valid.clone();
+        unsorted.votes.reverse();
+        bad.push(("unsorted votes", unsorted));
+        for (what, c) in bad {
+            assert!(
+                st.check_certificate(&c, 1).is_err(),
+                "a certificate with {what} passed"
+            );
+        }
+        // A PROMISE carrying such a certificate spoils the SEAL's justification.
+        let mut few = valid.clone();
+        few.votes.truncate(2);
+        let p = vec![
+            promise(&st, &k[0], 1, Some(few)),
+            promise(&st, &k[1], 1, None),
+            promise(&st, &k[2], 1, None),
+        ];
+        assert!(check(&mut st, 1, a, p).is_err());
+    }
+}
