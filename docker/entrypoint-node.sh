@@ -7,6 +7,9 @@
 # - DILOCO_BOOTSTRAP, when unset: read from $DILOCO_BOOTSTRAP_FILE (default
 #   /shared/bootstrap.addr, written by the bootstrap container), waiting up to
 #   $DILOCO_BOOTSTRAP_WAIT seconds (default 120) for it to appear.
+# - DILOCO_START_FILE, when set: wait (up to 60 s) until that file exists before anything else,
+#   so a test harness can set the container's network up first (docker/nat.sh routes each
+#   node through its NAT router, then creates the file).
 # - DILOCO_CHECKPOINT_DIR, when unset and /checkpoints is mounted: /checkpoints/<replica>, where
 #   <replica> is this container's compose name (e.g. testnet-node-2, found by a reverse DNS
 #   lookup of its own address on the compose network) or, failing that, its hostname. A replica
@@ -17,6 +20,18 @@ set -eu
 for v in $(env | sed -n 's/^\(DILOCO_[A-Z0-9_]*\)=$/\1/p'); do unset "$v"; done
 
 [ $# -gt 0 ] || set -- join
+
+if [ -n "${DILOCO_START_FILE:-}" ]; then
+  i=0
+  until [ -e "$DILOCO_START_FILE" ]; do
+    if [ "$i" -ge 300 ]; then
+      echo "entrypoint: $DILOCO_START_FILE did not appear within 60 s" >&2
+      exit 1
+    fi
+    i=$((i + 1))
+    sleep 0.2
+  done
+fi
 
 replica_name() {
   host=$(cat /proc/sys/kernel/hostname)
@@ -59,5 +74,5 @@ if [ "$1" = join ]; then
   fi
   echo "entrypoint: bootstrap ${DILOCO_BOOTSTRAP}, checkpoints in ${DILOCO_CHECKPOINT_DIR:-(none)}" >&2
 fi
-unset DILOCO_BOOTSTRAP_FILE DILOCO_BOOTSTRAP_WAIT
+unset DILOCO_BOOTSTRAP_FILE DILOCO_BOOTSTRAP_WAIT DILOCO_START_FILE
 exec diloco-node "$@"

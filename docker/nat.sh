@@ -107,12 +107,14 @@ for r in a b; do
   lan=$([ $r = a ] && echo "$lana" || echo "$lanb")
   relay=$([ $r = a ] && echo true || echo false)
   docker create --name "${P}_n$r" --network "${P}_lan$r" --ip "$lan.3" "${env_args[@]}" \
-    -e DILOCO_RELAY_LISTEN=$relay diloco-node:local "${node_args[@]}" >/dev/null
-  # Route through the router before the node sends anything: start it paused.
+    -e DILOCO_RELAY_LISTEN=$relay -e DILOCO_START_FILE=/tmp/routed \
+    diloco-node:local "${node_args[@]}" >/dev/null
+  # Route through the router before the node sends anything: its entrypoint waits for
+  # /tmp/routed. (This used to pause the container, which failed on a loaded machine with
+  # "OCI runtime pause failed: unable to freeze".)
   docker start "${P}_n$r" >/dev/null
-  docker pause "${P}_n$r" >/dev/null
   nsenter -t "$(pid_of "${P}_n$r")" -n ip route replace default via "$lan.2"
-  docker unpause "${P}_n$r" >/dev/null
+  docker exec "${P}_n$r" sh -c ': > /tmp/routed'
 done
 
 status() { curl -s -m 2 "$1:8080/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["round"], s["group_size"], s["global_hash"])' 2>/dev/null || echo "- - -"; }
