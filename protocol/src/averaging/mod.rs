@@ -518,7 +518,8 @@ impl State {
         shard_count(&self.cfg, self.members.len())
     }
 
-    fn quorum(&self) -> usize {
+    /// How many members' votes decide (or certify) in the current round.
+    pub fn quorum(&self) -> usize {
         self.cfg.quorum.size(self.members.len())
     }
 

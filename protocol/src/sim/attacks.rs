@@ -262,7 +262,7 @@ impl Sim {
                         let Some(st) = self.peers[i].state.as_ref() else {
                             return true;
                         };
-                        let q = st.config().quorum.size(st.members().len());
+                        let q = st.quorum();
                         let body = Body::Promise(wire::Promise {
                             ballot: p.ballot,
                             prepared: None,
@@ -307,10 +307,7 @@ impl Sim {
                 );
                 // The honest SEAL to one peer short of a quorum with itself, so that only the
                 // peer its COMMIT reaches sees a quorum; the other SEAL to the rest.
-                let q = self.peers[i]
-                    .state
-                    .as_ref()
-                    .map_or(1, |st| st.config().quorum.size(st.members().len()));
+                let q = self.peers[i].state.as_ref().map_or(1, |st| st.quorum());
                 let got_v = move |t: usize| t < q - 1 || t == i;
                 self.gossip_to(i, env.clone(), got_v);
                 self.gossip_to(i, alt, move |t| !got_v(t));
@@ -356,7 +353,7 @@ impl Sim {
                 let mut votes = vec![(vote.signer, vote.sig)];
                 if (env.round + u64::from(p.ballot)) % 2 == 0 {
                     if let Some(st) = self.peers[i].state.as_ref() {
-                        let q = st.config().quorum.size(st.members().len());
+                        let q = st.quorum();
                         let others = st.members().iter().filter(|m| **m != vote.signer);
                         votes.extend(others.take(q - 1).map(|m| (*m, vote.sig)));
                     }
