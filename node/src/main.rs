@@ -281,6 +281,7 @@ fn join(args: diloco_node::cli::JoinArgs) -> anyhow::Result<()> {
         relay_listen: args.relay_listen,
         private_network: args.private_network,
         invite,
+        tamper: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -79,6 +79,7 @@ fn node(
         relay_listen: false,
         private_network: false,
         invite: None,
+        tamper: None,
     };
     (cfg, shared)
 }

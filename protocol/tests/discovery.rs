@@ -1,7 +1,8 @@
 //! Discovery properties in the seeded simulator, each over 200 seeds: two histories founded
-//! apart converge on the one the fork-choice rule ranks first; a lone founder killed before
-//! anyone synced leaves the others to found the run afresh; a joiner whose donors vanish gives
-//! up and founds on its own. Replay one seed with `SEED=<seed>`.
+//! apart converge on the one the fork-choice rule ranks first (on proven numbers); a lone
+//! founder killed before anyone synced leaves the others to found the run afresh; a joiner
+//! whose donors vanish gives up and founds on its own; an outsider's fake HELLOs make no synced
+//! node abandon its history; past the fork window a rival is reported, never followed. Replay one seed with `SEED=<seed>`.
 
 use diloco_protocol::discovery::sim::{self, Report, Scenario};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -140,5 +141,56 @@ fn a_joiner_whose_donors_vanish_gives_up_and_founds_alone() {
             settled <= bound,
             "seed {seed}: settled {settled} > {bound}: {why}"
         );
+    }
+}
+
+#[test]
+fn an_outsiders_fake_hellos_make_no_synced_node_abandon_its_history() {
+    for seed in sim::seeds(200) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = 2 + (rng.next_u32() % 4) as usize;
+        let mut sc = Scenario::new(seed, n);
+        // The run is founded and every node synced by 20 s; the outsider then claims a far
+        // bigger history every second, which no node can see proven.
+        sc.liar_from = Some(20_000 + (rng.next_u32() % 5_000) as u64);
+        sc.duration = 90_000;
+        let r = sim::run(sc);
+        let why = describe(&r);
+        assert_eq!(r.histories.len(), 1, "seed {seed}: {why}");
+        assert!(r.agreed().is_some(), "seed {seed}: no agreement: {why}");
+        let abandons: usize = r.nodes.iter().map(|n| n.abandons).sum();
+        assert_eq!(abandons, 0, "seed {seed}: {why}");
+        // Every node probed the claim (once per PROBE_RETRY), none followed it.
+        assert!(r.probes >= n, "seed {seed}: {} probes: {why}", r.probes);
+    }
+}
+
+#[test]
+fn past_the_fork_window_a_rival_is_reported_and_not_followed() {
+    for seed in sim::seeds(200) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (a, b) = (
+            1 + (rng.next_u32() % 2) as usize,
+            2 + (rng.next_u32() % 2) as usize,
+        );
+        let mut sc = Scenario::new(seed, a + b);
+        sc.partition = (0..a + b).map(|i| u8::from(i >= a)).collect();
+        // Rounds of 1 s and a window of 10 rounds: both histories are past it at the heal.
+        sc.round_ms = 1_000;
+        sc.discovery.fork_window = 10;
+        let heal = 20_000;
+        sc.heal_at = Some(heal);
+        sc.duration = heal + 60_000;
+        let r = sim::run(sc);
+        let why = describe(&r);
+        assert_eq!(r.histories.len(), 2, "seed {seed}: {why}");
+        let abandons: usize = r.nodes.iter().map(|n| n.abandons).sum();
+        assert_eq!(abandons, 0, "seed {seed}: {why}");
+        assert!(
+            r.rivals >= a,
+            "seed {seed}: {} rivals reported: {why}",
+            r.rivals
+        );
+        assert_eq!(r.probes, 0, "seed {seed}: {why}");
     }
 }

@@ -24,6 +24,7 @@ mod node;
 pub mod ratelog;
 pub mod restore;
 pub mod status;
+pub mod tamper;
 mod timers;
 pub mod votes;
 
@@ -165,6 +166,8 @@ pub struct JoinConfig {
     pub private_network: bool,
     /// This node's invitation to an `invite` run.
     pub invite: Option<Invite>,
+    /// Fault injection for adversarial tests ([`tamper`]); `None` for every real node.
+    pub tamper: Option<tamper::TamperHook>,
 }
 
 /// Final report of a node.
@@ -364,6 +367,7 @@ async fn run_node(
         votes,
         tally: Tally::default(),
         ratelog: ratelog::RateLog::default(),
+        probes: std::collections::HashMap::new(),
     };
     if let Some((st, loaded)) = restored {
         tracing::info!(

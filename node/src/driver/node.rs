@@ -5,6 +5,7 @@
 
 use super::history::RoundRecord;
 use super::status::{Phase, Shared};
+use super::tamper::{Raw, View};
 use super::timers::Timers;
 use super::votes::VoteLog;
 use super::{report, JoinConfig, JoinError};
@@ -19,6 +20,7 @@ use diloco_protocol::wire::{Body, Direct, Envelope, Hash, Hello, PeerKey};
 use ed25519_dalek::SigningKey;
 use libp2p::PeerId;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,6 +60,9 @@ pub(super) struct Tally {
     pub(super) last_checkpoint: Option<PathBuf>,
 }
 
+/// How long a probe of a rival history waits for its answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The libp2p peer id of a protocol key, as the dashboard shows it.
 fn peer_name(p: &PeerKey) -> String {
     peer::libp2p_peer(p)
@@ -82,6 +87,17 @@ pub(super) struct Node {
     pub(super) tally: Tally,
     /// Rate limit of the warnings remote peers can trigger.
     pub(super) ratelog: super::ratelog::RateLog,
+    /// Peers asked to prove the rival history their HELLO claims (discovery bounds them to
+    /// [`discovery::MAX_PROBES`] at once), with when.
+    pub(super) probes: HashMap<PeerKey, Instant>,
+}
+
+/// Whether `msg` can answer a probe: decision proofs, a state (with its proof), or "not found".
+fn is_proof(msg: &Direct) -> bool {
+    matches!(
+        msg,
+        Direct::SyncProofs(_) | Direct::State { .. } | Direct::NotFound
+    )
 }
 
 impl Node {
@@ -129,6 +145,25 @@ impl Node {
     }
 
     fn dispatch(&mut self, outs: Vec<OutEvent>) -> Result<(), JoinError> {
+        let outs = match &self.cfg.tamper {
+            Some(t) => {
+                let view = View {
+                    state: self.state.as_deref(),
+                    key: &self.key,
+                };
+                t.with(|t| {
+                    outs.into_iter()
+                        .flat_map(|o| match o {
+                            o @ (OutEvent::Gossip(_) | OutEvent::Direct { .. }) => {
+                                t.outgoing(&view, o)
+                            }
+                            o => vec![o],
+                        })
+                        .collect()
+                })
+            }
+            None => outs,
+        };
         for out in outs {
             match out {
                 OutEvent::Gossip(env) => self.publish(&env)?,
@@ -147,17 +182,10 @@ impl Node {
                 }
                 OutEvent::Decided { round, seal, state } => self.on_decided(round, seal, state),
                 OutEvent::Rejected { from, kind, reason } => {
-                    self.tally.rejected += 1;
                     if kind == "JOIN" {
                         self.tally.refused_joins += 1;
                     }
-                    let now = self.shared.now_s();
-                    self.shared.peers(|b| b.rejected(&peer_name(&from), now));
-                    if let Some(skipped) =
-                        self.ratelog.allow(&peer_name(&from), kind, Instant::now())
-                    {
-                        tracing::warn!(from = %hex::encode(&from.0[..8]), kind, %reason, skipped, "message rejected");
-                    }
+                    self.reject(&peer_name(&from), kind, reason.label(), &reason);
                 }
                 OutEvent::Banned { peer } => {
                     tracing::warn!(peer = %hex::encode(&peer.0[..8]), "peer banned on equivocation evidence");
@@ -166,6 +194,25 @@ impl Node {
         }
         self.update_status();
         Ok(())
+    }
+
+    /// Counts a message rejected from `peer` (its libp2p id) in `/status` and `/metrics`, by
+    /// kind and reason, and logs it (rate-limited per peer and kind: a remote peer can send
+    /// rejections at will).
+    fn reject(
+        &mut self,
+        peer: &str,
+        kind: &'static str,
+        reason: &'static str,
+        detail: &dyn std::fmt::Display,
+    ) {
+        self.tally.rejected += 1;
+        let now = self.shared.now_s();
+        self.shared.peers(|b| b.rejected(peer, now));
+        self.shared.count_rejection(kind, reason);
+        if let Some(skipped) = self.ratelog.allow(peer, kind, Instant::now()) {
+            tracing::warn!(%peer, kind, reason, %detail, skipped, "message rejected");
+        }
     }
 
     fn publish(&mut self, env: &Envelope) -> Result<(), JoinError> {
@@ -429,17 +476,7 @@ impl Node {
                         verified: false,
                     })?;
                 }
-                Err(e) => {
-                    self.tally.rejected += 1;
-                    let now = self.shared.now_s();
-                    self.shared.peers(|b| b.rejected(&from.to_string(), now));
-                    if let Some(skipped) =
-                        self.ratelog
-                            .allow(&from.to_string(), "gossip", Instant::now())
-                    {
-                        tracing::warn!(peer = %from, error = %e, skipped, "malformed gossip message dropped");
-                    }
-                }
+                Err(e) => self.reject(&from.to_string(), "gossip", e.label(), &e),
             },
             NetEvent::Direct { from, data } => {
                 let Some(sender) = peer::proto_peer(&from) else {
@@ -448,21 +485,19 @@ impl Node {
                 };
                 self.seen(&from, None);
                 match Direct::from_bytes(&data) {
-                    Ok(msg) => self.feed(InEvent::Direct {
-                        from: sender,
-                        msg: Arc::new(msg),
-                    })?,
-                    Err(e) => {
-                        self.tally.rejected += 1;
-                        let now = self.shared.now_s();
-                        self.shared.peers(|b| b.rejected(&from.to_string(), now));
-                        if let Some(skipped) =
-                            self.ratelog
-                                .allow(&from.to_string(), "direct", Instant::now())
-                        {
-                            tracing::warn!(peer = %from, error = %e, skipped, "malformed direct message dropped");
-                        }
+                    Ok(msg) if self.probes.contains_key(&sender) && is_proof(&msg) => {
+                        self.on_probe_answer(from, sender, msg)?
                     }
+                    Ok(msg) => {
+                        if let Some(replies) = self.tampered_incoming(sender, &msg) {
+                            return self.dispatch(replies);
+                        }
+                        self.feed(InEvent::Direct {
+                            from: sender,
+                            msg: Arc::new(msg),
+                        })?
+                    }
+                    Err(e) => self.reject(&from.to_string(), "direct", e.label(), &e),
                 }
             }
             NetEvent::PeerJoined(p) => {
@@ -472,6 +507,12 @@ impl Node {
                 }
             }
             NetEvent::PeerLeft(p) => tracing::info!(peer = %p, "peer disconnected"),
+            NetEvent::Refused {
+                from,
+                kind,
+                reason,
+                detail,
+            } => self.reject(&from.to_string(), kind, reason, &detail),
             NetEvent::Bootstrapped => self.discover(discovery::Event::Bootstrapped)?,
             NetEvent::SendFailed { to, error } => {
                 tracing::debug!(peer = %to, error = %report(&error), "direct message not delivered (the protocol retries)")
@@ -484,7 +525,7 @@ impl Node {
         let hello = match Hello::from_bytes(data) {
             Ok(h) => h,
             Err(e) => {
-                tracing::debug!(peer = %from, error = %e, "malformed HELLO dropped");
+                self.reject(&from.to_string(), "HELLO", e.label(), &e);
                 return Ok(());
             }
         };
@@ -492,7 +533,12 @@ impl Node {
             return Ok(());
         };
         if sender.0 != hello.peer {
-            tracing::warn!(peer = %from, "HELLO signed by one peer for another; dropped");
+            self.reject(
+                &from.to_string(),
+                "HELLO",
+                "foreign_peer",
+                &"a HELLO naming another peer than its sender",
+            );
             return Ok(());
         }
         self.seen(&from, hello.synced.then_some(hello.round));
@@ -516,8 +562,44 @@ impl Node {
         })
     }
 
+    /// A tamper's answer to a direct message, if one is installed and consumes it.
+    fn tampered_incoming(&self, from: PeerKey, msg: &Direct) -> Option<Vec<OutEvent>> {
+        let t = self.cfg.tamper.as_ref()?;
+        let view = View {
+            state: self.state.as_deref(),
+            key: &self.key,
+        };
+        t.with(|t| t.incoming(&view, from, msg))
+    }
+
+    /// Sends what a tamper injects this tick.
+    fn tampered_tick(&mut self) {
+        let Some(t) = &self.cfg.tamper else { return };
+        let view = View {
+            state: self.state.as_deref(),
+            key: &self.key,
+        };
+        let raws = t.with(|t| t.tick(&view));
+        for r in raws {
+            let sent = match r {
+                Raw::Gossip { hello, data } => {
+                    let topic = if hello { Topic::Hello } else { Topic::Avg };
+                    self.net.publish(topic, data)
+                }
+                Raw::Direct { to, data, sync } => match peer::libp2p_peer(&to) {
+                    Some(p) => self.net.send(p, data, sync),
+                    None => continue,
+                },
+            };
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "injected message not sent");
+            }
+        }
+    }
+
     /// The one-second tick: gossip this node's HELLO, then let discovery act on time.
     pub(super) fn on_tick(&mut self) -> Result<(), JoinError> {
+        self.tampered_tick();
         let hello = self.discovery.hello(self.local());
         if let Err(e) = self.net.publish_hello(&hello) {
             self.net_error("HELLO", e);
@@ -654,6 +736,40 @@ impl Node {
                 self.start_state(st)?;
             }
             Action::Contact(p) => self.feed(InEvent::Contact(p))?,
+            Action::Probe { peer, round } => {
+                let Some(from) = self
+                    .state
+                    .as_ref()
+                    .and_then(|st| st.rival_probe_round(round))
+                else {
+                    return Ok(());
+                };
+                tracing::info!(
+                    peer = %peer_name(&peer), claimed_round = round, proof_of = from,
+                    "a peer claims a better history of this run: asking it for a decision proof"
+                );
+                let now = Instant::now();
+                self.probes
+                    .retain(|_, t| now.duration_since(*t) < PROBE_TIMEOUT);
+                if self.probes.len() < 4 * discovery::MAX_PROBES {
+                    self.probes.insert(peer, now);
+                    if let Err(e) = self.net.send_direct(&peer, &Direct::SyncRequest { from }) {
+                        self.net_error("probe", e);
+                    }
+                }
+            }
+            Action::Rival {
+                founder,
+                round,
+                members,
+            } => {
+                tracing::warn!(
+                    founder = %hex::encode(&founder.0[..8]), claimed_round = round, claimed_members = members,
+                    "another history of this run claims to be ahead, but ours is past the fork window: \
+                     staying (to join it instead, restart this node with an empty --checkpoint-dir)"
+                );
+                self.shared.update(|s| s.rival_histories += 1);
+            }
             Action::GiveUp { silent_ms } => {
                 tracing::warn!(
                     silent_s = silent_ms / 1000,
@@ -666,6 +782,48 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// What a probed peer answered: a decision proof of its history (in SyncProofs, or inside
+    /// a State when it found us too far behind), or nothing. A verified proof goes to
+    /// discovery, which ranks it; anything else is a rejection.
+    fn on_probe_answer(
+        &mut self,
+        from: PeerId,
+        sender: PeerKey,
+        msg: Direct,
+    ) -> Result<(), JoinError> {
+        self.probes.remove(&sender);
+        let proof = match msg {
+            Direct::SyncProofs(mut v) if v.len() == 1 => v.pop(),
+            Direct::State { proof, .. } => Some(*proof),
+            _ => None,
+        };
+        let (Some(proof), Some(st)) = (proof, &self.state) else {
+            self.reject(
+                &from.to_string(),
+                "SYNC",
+                "no_proof",
+                &"a peer claiming a better history sent no decision proof",
+            );
+            return Ok(());
+        };
+        match st.check_rival(&proof) {
+            Ok(rival) => {
+                tracing::info!(
+                    peer = %from, round = rival.round, members = rival.members,
+                    "another history of this run proved by a quorum of its members"
+                );
+                self.discover(discovery::Event::Verified {
+                    from: sender,
+                    rival,
+                })
+            }
+            Err(e) => {
+                self.reject(&from.to_string(), "SYNC", e.label(), &e);
+                Ok(())
+            }
+        }
     }
 
     fn layout_len(&self) -> usize {

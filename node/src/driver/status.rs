@@ -15,6 +15,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,12 @@ pub struct Status {
     pub banned: usize,
     /// Times this node abandoned its history for a better one of the same run.
     pub forks_abandoned: u64,
+    /// Rejected messages by kind and reason (`"JOIN: not_allowed"`, ...), the same counts as
+    /// `diloco_rejections_total{kind, reason}` in `/metrics`.
+    pub rejections: std::collections::BTreeMap<String, u64>,
+    /// Other histories of this run that claimed to rank above this node's past the fork
+    /// window (reported, not followed).
+    pub rival_histories: u64,
     /// Seconds since start.
     pub uptime_s: f64,
 }
@@ -129,6 +136,7 @@ pub struct Metrics {
     stalled_seconds: Gauge<f64, AtomicU64>,
     rounds_decided: Counter,
     rejected: Counter,
+    rejections: Family<Vec<(String, String)>, Counter>,
     refused_joins: Counter,
     bytes_sent: Gauge,
     bytes_received: Gauge,
@@ -214,6 +222,11 @@ impl Shared {
         );
         registry.register("rejected_messages", "Messages rejected", m.rejected.clone());
         registry.register(
+            "rejections",
+            "Messages rejected, by message kind and reason",
+            m.rejections.clone(),
+        );
+        registry.register(
             "refused_joins",
             "JOINs refused by the run's admission policy",
             m.refused_joins.clone(),
@@ -265,6 +278,24 @@ impl Shared {
             .inc_by(s.rejected.saturating_sub(rejected_before));
         m.refused_joins
             .inc_by(s.refused_joins.saturating_sub(refused_before));
+    }
+
+    /// Counts one rejected message of `kind` (a protocol message kind, `gossip`, `direct`,
+    /// `HELLO`) for `reason` (a short label, e.g. `bad_decision`): in `/status` `rejections`,
+    /// in `/metrics` `diloco_rejections_total{kind, reason}` (the total `rejected` is the
+    /// node's own tally). Both are static strings from a fixed set, so the label space is
+    /// bounded.
+    pub fn count_rejection(&self, kind: &'static str, reason: &'static str) {
+        self.metrics
+            .rejections
+            .get_or_create(&vec![
+                ("kind".to_string(), kind.to_string()),
+                ("reason".to_string(), reason.to_string()),
+            ])
+            .inc();
+        self.update(|s| {
+            *s.rejections.entry(format!("{kind}: {reason}")).or_default() += 1;
+        });
     }
 
     /// Seconds since the node started (the time base of history and peer rows).

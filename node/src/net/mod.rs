@@ -170,6 +170,18 @@ pub enum NetEvent {
     PeerJoined(PeerId),
     /// A peer has no connection left.
     PeerLeft(PeerId),
+    /// A message from `from` was refused before decoding (too large for its topic, or a
+    /// direct frame over the size limit or malformed); the node counts it as a rejection.
+    Refused {
+        /// Sender (transport-authenticated).
+        from: PeerId,
+        /// `gossip` or `direct`.
+        kind: &'static str,
+        /// A short label: `too_large`, `bad_frame`.
+        reason: &'static str,
+        /// What exactly.
+        detail: String,
+    },
     /// A direct send failed.
     SendFailed {
         /// Recipient.
@@ -597,6 +609,19 @@ impl Task {
                 message,
             }) => {
                 let (accept, out) = self.classify(&message);
+                if !accept && out.is_none() {
+                    if let Some(from) = message.source {
+                        self.emit(NetEvent::Refused {
+                            from,
+                            kind: "gossip",
+                            reason: "too_large",
+                            detail: format!(
+                                "{} bytes, more than its topic carries (or another topic)",
+                                message.data.len()
+                            ),
+                        });
+                    }
+                }
                 let acceptance = if accept {
                     gossipsub::MessageAcceptance::Accept
                 } else {
@@ -699,6 +724,19 @@ impl Task {
                 self.emit(NetEvent::SendFailed {
                     to: peer,
                     error: SendError::Outbound(error),
+                });
+            }
+            request_response::Event::InboundFailure {
+                peer,
+                error: request_response::InboundFailure::Io(e),
+                ..
+            } if e.kind() == std::io::ErrorKind::InvalidData => {
+                // The frame codec refused the bytes (over the size limit, or not a frame).
+                self.emit(NetEvent::Refused {
+                    from: peer,
+                    kind: "direct",
+                    reason: "bad_frame",
+                    detail: e.to_string(),
                 });
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

@@ -127,6 +127,26 @@ pub enum Reject {
     },
 }
 
+impl Reject {
+    /// A short, stable label of the reason (for metrics labels and log fields).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Reject::Wire(w) => w.label(),
+            Reject::Codec(_) => "codec",
+            Reject::WrongLength { .. } => "wrong_length",
+            Reject::BadProof => "bad_proof",
+            Reject::NormTooLarge { .. } => "norm_too_large",
+            Reject::HashMismatch => "hash_mismatch",
+            Reject::NotAllowed(_) => "not_allowed",
+            Reject::Malformed(_) => "malformed",
+            Reject::BallotAhead { .. } => "ballot_ahead",
+            Reject::Equivocation => "equivocation",
+            Reject::BadDecision(_) => "bad_decision",
+            Reject::AuditFailed { .. } => "audit_failed",
+        }
+    }
+}
+
 /// Outputs.
 #[derive(Debug, Clone)]
 pub enum OutEvent {

@@ -86,6 +86,7 @@ pub use config::{
 };
 pub use events::{InEvent, OutEvent, Reject, Time, Timer};
 pub use ranking::{leader_order, shard_count, shard_owners};
+pub use sync::RivalHistory;
 
 /// Hash of the replicated state (theta_g and momentum, little-endian f32).
 pub fn state_hash(theta: &[f32], momentum: &[f32]) -> Hash {
@@ -286,6 +287,11 @@ impl State {
         let mut s = Self::blank(cfg, key);
         s.momentum = vec![0.0; theta0.len()];
         s.theta = theta0;
+        // Round 0's chain names the founder (the lowest founding key), so that two histories
+        // founded apart differ in every round, round 0 included ([`State::check_rival`]).
+        if let Some(f) = members.first() {
+            s.chain = Hash::of_parts(&[&s.cfg.run.0, &f.0]);
+        }
         s.members = members;
         s.synced = true;
         s.reset_heard();

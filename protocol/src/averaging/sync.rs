@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::codec;
-use crate::wire::{Body, Commit, DecisionProof, Direct, PeerKey, Propose};
+use crate::wire::{Body, Commit, DecisionProof, Direct, Hash, PeerKey, Propose};
 
 use super::{
     max_joins, state_hash, Admission, OutEvent, Quorum, Reject, RoundState, State, StateCandidate,
@@ -321,11 +321,44 @@ impl State {
                 expected: self.cfg.len,
             });
         }
+        let sh = state_hash(&t, &m);
+        let d = self.check_decision(proof, Some(sh))?;
+        if d.round.checked_add(1) != Some(round) {
+            return Err(Reject::BadDecision("no matching COMMIT"));
+        }
+        let (seal_hash, members, signers, next_chain) =
+            (d.seal, d.members, d.signers, d.next_chain);
+        Ok(StateCandidate {
+            round,
+            state: sh,
+            seal: seal_hash,
+            next_chain,
+            members,
+            signers,
+            proof: proof.clone(),
+            theta: t,
+            momentum: m,
+            donors: BTreeSet::new(),
+            since: self.now,
+        })
+    }
+
+    /// Checks a decision proof on its own, without this peer's member list: the SEAL names the
+    /// next round's members (sorted, under an allowlist all listed) and a quorum of them
+    /// ([`state_quorum`]) validly signed COMMITs of that SEAL, with one next chain and, with
+    /// `state`, that state hash.
+    fn check_decision(
+        &self,
+        proof: &DecisionProof,
+        state: Option<Hash>,
+    ) -> Result<Decision, Reject> {
         let Body::Seal(p) = &proof.seal.body else {
             return Err(Reject::BadDecision("not a SEAL"));
         };
+        if proof.seal.run != self.cfg.run {
+            return Err(Reject::BadDecision("SEAL of another run"));
+        }
         let seal_hash = p.seal.hash();
-        let sh = state_hash(&t, &m);
         let members = &p.seal.next_members;
         if members.is_empty() || !members.windows(2).all(|w| w[0] < w[1]) {
             return Err(Reject::BadDecision("member list"));
@@ -341,13 +374,15 @@ impl State {
         if proof.commits.len() > 2 * members.len() + 8 {
             return Err(Reject::BadDecision("more COMMITs than members"));
         }
+        let round = proof.seal.round;
         let mut signers = BTreeSet::new();
         let mut next_chain = None;
         for c in &proof.commits {
             let Body::Commit(cm) = &c.body else { continue };
             if cm.seal == seal_hash
-                && cm.state == sh
-                && c.round.checked_add(1) == Some(round)
+                && state.is_none_or(|s| cm.state == s)
+                && c.round == round
+                && c.chain == proof.seal.chain
                 && c.run == self.cfg.run
                 && next_chain.is_none_or(|n| n == cm.next_chain)
                 && members.binary_search(&c.signer).is_ok()
@@ -363,18 +398,58 @@ impl State {
         if signers.len() < state_quorum(self.cfg.quorum, members.len()) {
             return Err(Reject::BadDecision("no quorum"));
         }
-        Ok(StateCandidate {
+        Ok(Decision {
             round,
-            state: sh,
             seal: seal_hash,
-            next_chain,
             members: members.clone(),
             signers,
-            proof: proof.clone(),
-            theta: t,
-            momentum: m,
-            donors: BTreeSet::new(),
-            since: self.now,
+            next_chain,
+        })
+    }
+
+    /// The round whose decision proof to ask of a peer whose HELLO claims another history at
+    /// `claimed` (the round it is in): this peer's own round if the other is ahead (both
+    /// chains are known there), else the other's last decided round. `None` when the other
+    /// has decided nothing.
+    pub fn rival_probe_round(&self, claimed: u64) -> Option<u64> {
+        if claimed > self.round {
+            Some(self.round)
+        } else {
+            claimed.checked_sub(1)
+        }
+    }
+
+    /// Verifies what a peer that claims another history of this run answered to the request
+    /// for [`State::rival_probe_round`]: a decision proof a quorum of its members signed, of a
+    /// round this peer can compare with its own, and of another history than this one (the
+    /// round's chain differs from this peer's chain in that round, or its SEAL from the one
+    /// this peer decided). Discovery ranks histories by what this returns, never by a HELLO's
+    /// claim; a proof of this peer's own history (a member relabelling it with another
+    /// founder) is refused.
+    pub fn check_rival(&self, proof: &DecisionProof) -> Result<RivalHistory, Reject> {
+        if !self.synced {
+            return Err(Reject::BadDecision("no history of our own to compare with"));
+        }
+        let d = self.check_decision(proof, None)?;
+        let ours = if d.round == self.round {
+            proof.seal.chain == self.chain
+        } else {
+            let Some((_, p)) = self.history.iter().find(|(r, _)| *r == d.round) else {
+                return Err(Reject::BadDecision(
+                    "a round this peer cannot compare (not its round nor one it keeps)",
+                ));
+            };
+            let same_seal = matches!(&p.seal.body, Body::Seal(s) if s.seal.hash() == d.seal);
+            same_seal || p.seal.chain == proof.seal.chain
+        };
+        if ours {
+            return Err(Reject::BadDecision(
+                "a decision of our own history under another founder",
+            ));
+        }
+        Ok(RivalHistory {
+            round: d.round + 1,
+            members: d.members.len(),
         })
     }
 
@@ -542,4 +617,157 @@ fn signed_by(signers: &BTreeSet<PeerKey>, members: &[PeerKey]) -> usize {
         .iter()
         .filter(|p| members.binary_search(p).is_ok())
         .count()
+}
+
+/// What [`State::check_decision`] established.
+struct Decision {
+    /// The decided round.
+    round: u64,
+    /// Hash of the decided SEAL.
+    seal: Hash,
+    /// The next round's members it names.
+    members: Vec<PeerKey>,
+    /// The members among them whose COMMITs verified.
+    signers: BTreeSet<PeerKey>,
+    /// The next round's chain.
+    next_chain: Hash,
+}
+
+/// Another history of this run, as a verified decision proof shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RivalHistory {
+    /// The round after the proven decision (at least that far along).
+    pub round: u64,
+    /// Members of that round.
+    pub members: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`State::check_rival`] case by case: what a peer claiming another history must prove,
+    //! and the forgeries and relabellings it must not get away with.
+    use super::*;
+    use crate::averaging::{Config, Quorum};
+    use crate::wire::{Close, Envelope, Seal};
+    use ed25519_dalek::SigningKey;
+
+    const RUN: &[u8] = b"rival-test";
+
+    fn keys(from: u8, n: u8) -> Vec<SigningKey> {
+        let mut k: Vec<SigningKey> = (from..from + n)
+            .map(|i| SigningKey::from_bytes(&[i; 32]))
+            .collect();
+        k.sort_by_key(PeerKey::of);
+        k
+    }
+
+    fn cfg() -> Config {
+        let mut cfg = Config::new(Hash::of(RUN), 8);
+        cfg.quorum = Quorum::TwoThirds;
+        cfg
+    }
+
+    fn genesis(k: &[SigningKey]) -> State {
+        let members = k.iter().map(PeerKey::of).collect();
+        State::genesis(cfg(), k[0].clone(), vec![0.0; 8], members)
+    }
+
+    /// The proof that `st` decided its round with a SEAL tagged `tag`, COMMITted by `signers`.
+    fn proof(st: &State, signers: &[SigningKey], tag: u8) -> DecisionProof {
+        let seal = Seal {
+            close: Close {
+                ballot: 0,
+                contributors: Vec::new(),
+            },
+            close_id: Hash::of(&[tag]),
+            shards: Vec::new(),
+            next_members: st.members().to_vec(),
+            joins: Vec::new(),
+        };
+        let sh = seal.hash();
+        let body = Body::Seal(Propose {
+            ballot: 0,
+            seal,
+            promises: Vec::new(),
+        });
+        let seal_env = Envelope::sign(&st.key, st.cfg.run, st.round, st.chain, body);
+        let commit = Commit {
+            ballot: 0,
+            seal: sh,
+            next_chain: Hash::of_parts(&[&st.chain.0, &sh.0]),
+            state: Hash::of(b"state"),
+        };
+        let commits = signers
+            .iter()
+            .map(|k| Envelope::sign(k, st.cfg.run, st.round, st.chain, Body::Commit(commit)))
+            .collect();
+        DecisionProof {
+            seal: seal_env,
+            commits,
+        }
+    }
+
+    #[test]
+    fn a_rival_history_proven_by_a_quorum_of_its_members_is_verified() {
+        let (ours, theirs) = (keys(1, 3), keys(11, 4));
+        let me = genesis(&ours);
+        let rival = genesis(&theirs);
+        // Both at round 0: two histories founded apart differ already in round 0's chain.
+        assert_ne!(me.chain(), rival.chain());
+        let p = proof(&rival, &theirs[..3], 1);
+        assert_eq!(
+            me.check_rival(&p),
+            Ok(RivalHistory {
+                round: 1,
+                members: 4
+            })
+        );
+        assert_eq!(me.rival_probe_round(5), Some(0));
+        assert_eq!(me.rival_probe_round(0), None);
+    }
+
+    #[test]
+    fn forged_short_foreign_or_relabelled_proofs_are_refused() {
+        let (ours, theirs) = (keys(1, 3), keys(11, 4));
+        let me = genesis(&ours);
+        let rival = genesis(&theirs);
+        let refused = |p: &DecisionProof| me.check_rival(p).map_err(|e| e.label());
+        // Fewer signers than its own state quorum (of 4 members, up to two of them just
+        // admitted: two).
+        assert_eq!(
+            refused(&proof(&rival, &theirs[..1], 1)),
+            Err("bad_decision")
+        );
+        // Signers that are not the members the SEAL names (Sybils of the claimant).
+        let sybils = keys(31, 3);
+        assert_eq!(refused(&proof(&rival, &sybils, 1)), Err("bad_decision"));
+        // A signature that does not verify.
+        let mut p = proof(&rival, &theirs[..3], 1);
+        p.commits[0].sig = p.commits[1].sig;
+        p.commits[1].sig = p.commits[2].sig;
+        assert_eq!(refused(&p), Err("bad_decision"));
+        // Another run's proof.
+        let mut other = genesis(&theirs);
+        other.cfg.run = Hash::of(b"another run");
+        assert_eq!(
+            refused(&proof(&other, &theirs[..3], 1)),
+            Err("bad_decision")
+        );
+        // Our own history under another founder: the chain is ours.
+        assert_eq!(refused(&proof(&me, &ours, 1)), Err("bad_decision"));
+        // An unsynced peer has nothing to compare with.
+        let joiner = State::joiner(cfg(), ours[0].clone(), Vec::new());
+        assert!(joiner.check_rival(&proof(&rival, &theirs[..3], 1)).is_err());
+    }
+
+    #[test]
+    fn under_an_allowlist_a_rival_must_name_listed_members() {
+        let (ours, theirs) = (keys(1, 3), keys(11, 4));
+        let mut me = genesis(&ours);
+        let mut list: Vec<PeerKey> = ours.iter().map(PeerKey::of).collect();
+        list.sort();
+        me.cfg.admission = Admission::Allowlist(list);
+        let rival = genesis(&theirs);
+        assert!(me.check_rival(&proof(&rival, &theirs[..3], 1)).is_err());
+    }
 }

@@ -15,7 +15,12 @@
 //!   recently, if its own id is among the `founders` lowest; otherwise it waits for them.
 //! * **Fork choice.** Two synced nodes of one run whose histories have different founders
 //!   (they founded without hearing each other) compare (members, round, lower founder id):
-//!   the node whose history ranks lower abandons it and joins the other.
+//!   the node whose history ranks lower abandons it and joins the other. A HELLO's claim only
+//!   starts a *probe*: the node asks the claimant for a decision proof, the driver verifies it
+//!   ([`crate::averaging::State::check_rival`]: a quorum of that history's members signed it,
+//!   and it is not this node's own history relabelled) and reports [`Event::Verified`]; only
+//!   the verified numbers are ranked. Histories older than `fork_window` rounds are never
+//!   abandoned (forks are a genesis accident; past it a rival is only reported).
 //! * **Giving up.** A joiner that hears no synced peer for `give_up` (the history it was
 //!   joining died, say its lone founder was killed before anyone synced) drops its state and
 //!   discovers again, so the peers present found the run afresh.
@@ -23,9 +28,9 @@
 pub mod sim;
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::averaging::Time;
+use crate::averaging::{RivalHistory, Time};
 use crate::wire::{Hello, PeerKey, HELLO_VERSION};
 
 /// Most peers remembered while discovering.
@@ -33,6 +38,15 @@ pub const MAX_HEARD: usize = 4096;
 
 /// A joiner gives up after at least this long without a synced HELLO (ms).
 pub const MIN_GIVE_UP: Time = 30_000;
+
+/// A synced node in a history at this round or later never abandons it for another.
+pub const FORK_WINDOW_ROUNDS: u64 = 100;
+
+/// Most probes of rival histories in flight.
+pub const MAX_PROBES: usize = 8;
+
+/// A peer is probed at most once per this long (ms).
+pub const PROBE_RETRY: Time = 10_000;
 
 /// Settings of discovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +62,8 @@ pub struct Config {
     /// Whether this node may found the run (the admission policy lists it); one that may not
     /// waits for a synced peer to join.
     pub may_found: bool,
+    /// Rounds within which a history may be abandoned for a better one ([`FORK_WINDOW_ROUNDS`]).
+    pub fork_window: u64,
 }
 
 impl Config {
@@ -60,6 +76,7 @@ impl Config {
             give_up: (2 * genesis_wait).max(MIN_GIVE_UP),
             recent: (genesis_wait / 2).max(3_000),
             may_found: true,
+            fork_window: FORK_WINDOW_ROUNDS,
         }
     }
 }
@@ -90,6 +107,14 @@ pub enum Event {
     },
     /// The periodic tick (the driver's is one second).
     Tick,
+    /// The peer `from`, probed after [`Action::Probe`], proved its history: the driver
+    /// verified its decision proof ([`crate::averaging::State::check_rival`]).
+    Verified {
+        /// The probed peer.
+        from: PeerKey,
+        /// What the proof shows.
+        rival: RivalHistory,
+    },
 }
 
 /// Why a discovering node does not found the run yet.
@@ -137,6 +162,26 @@ pub enum Action {
     },
     /// A synced peer, for a joiner's averaging state to fetch from.
     Contact(PeerKey),
+    /// `peer`'s HELLO claims a history of this run that ranks above this node's: ask it for
+    /// the decision proof of [`crate::averaging::State::rival_probe_round`]`(round)` and
+    /// report [`Event::Verified`] if it checks.
+    Probe {
+        /// The claimant.
+        peer: PeerKey,
+        /// The round it claims to be in.
+        round: u64,
+    },
+    /// A history claiming to rank above this node's, which is past the fork window: it is not
+    /// probed nor followed (reported once per founder; an operator who wants it restarts the
+    /// node with an empty checkpoint directory).
+    Rival {
+        /// Its founder.
+        founder: PeerKey,
+        /// The round it claims.
+        round: u64,
+        /// The members it claims.
+        members: u32,
+    },
     /// Nobody holding the run's state was heard for `silent_ms`: drop the averaging state
     /// (it never synced) and discover again.
     GiveUp {
@@ -172,6 +217,10 @@ pub struct Discovery {
     /// When a synced HELLO was last heard (or the node started joining).
     last_synced: Time,
     hello_seq: u64,
+    /// Peers probed, when, and the founder their HELLO named.
+    probes: BTreeMap<PeerKey, (Time, PeerKey)>,
+    /// Founders of rivals reported past the fork window.
+    rivals: BTreeSet<PeerKey>,
 }
 
 impl Discovery {
@@ -189,6 +238,8 @@ impl Discovery {
             founder: None,
             last_synced: now,
             hello_seq: 0,
+            probes: BTreeMap::new(),
+            rivals: BTreeSet::new(),
         }
     }
 
@@ -249,6 +300,7 @@ impl Discovery {
             },
             Event::Hello { from, hello } => self.on_hello(now, from, hello, local),
             Event::Tick => self.on_tick(now, local),
+            Event::Verified { from, rival } => self.on_verified(now, from, rival, local),
         }
     }
 
@@ -302,21 +354,83 @@ impl Discovery {
                 if theirs == mine {
                     return Vec::new();
                 }
-                let rank_theirs = (h.members as usize, h.round, Reverse(theirs));
-                let rank_ours = (l.members, l.round, Reverse(mine));
-                if rank_theirs <= rank_ours {
+                let claim = (h.members as usize, h.round, Reverse(theirs));
+                if claim <= (l.members, l.round, Reverse(mine)) {
                     return Vec::new();
                 }
-                self.follow(now, theirs);
-                vec![Action::Join {
-                    contacts: vec![from],
-                    founder: theirs,
-                    abandon: true,
-                    round: h.round,
-                    members: h.members,
-                }]
+                self.probe(now, from, theirs, &h, l)
             }
         }
+    }
+
+    /// A claim that ranks above this node's history: probe the claimant (once per
+    /// [`PROBE_RETRY`], at most [`MAX_PROBES`] at once), or report it past the fork window.
+    fn probe(
+        &mut self,
+        now: Time,
+        from: PeerKey,
+        theirs: PeerKey,
+        h: &Hello,
+        l: Local,
+    ) -> Vec<Action> {
+        if l.round >= self.cfg.fork_window {
+            if self.rivals.len() >= MAX_HEARD || !self.rivals.insert(theirs) {
+                return Vec::new();
+            }
+            return vec![Action::Rival {
+                founder: theirs,
+                round: h.round,
+                members: h.members,
+            }];
+        }
+        if self
+            .probes
+            .get(&from)
+            .is_some_and(|(t, _)| now < t.saturating_add(PROBE_RETRY))
+        {
+            return Vec::new();
+        }
+        self.probes
+            .retain(|_, (t, _)| now < t.saturating_add(PROBE_RETRY));
+        if self.probes.len() >= MAX_PROBES {
+            return Vec::new();
+        }
+        self.probes.insert(from, (now, theirs));
+        vec![Action::Probe {
+            peer: from,
+            round: h.round,
+        }]
+    }
+
+    /// A probed peer proved its history: abandon ours for it if it ranks higher.
+    fn on_verified(
+        &mut self,
+        now: Time,
+        from: PeerKey,
+        rival: RivalHistory,
+        local: Option<Local>,
+    ) -> Vec<Action> {
+        let Some((_, theirs)) = self.probes.remove(&from) else {
+            return Vec::new();
+        };
+        let (Phase::Following, Some(l), Some(mine)) = (&self.phase, local, self.founder) else {
+            return Vec::new();
+        };
+        if !l.synced || theirs == mine || l.round >= self.cfg.fork_window {
+            return Vec::new();
+        }
+        let proven = (rival.members, rival.round, Reverse(theirs));
+        if proven <= (l.members, l.round, Reverse(mine)) {
+            return Vec::new();
+        }
+        self.follow(now, theirs);
+        vec![Action::Join {
+            contacts: vec![from],
+            founder: theirs,
+            abandon: true,
+            round: rival.round,
+            members: u32::try_from(rival.members).unwrap_or(u32::MAX),
+        }]
     }
 
     fn follow(&mut self, now: Time, founder: PeerKey) {
@@ -517,31 +631,131 @@ mod tests {
         ));
     }
 
+    /// Feeds a HELLO of peer 7 to `d`; if it probes, answers with `proven` as verified.
+    fn claim_then_prove(
+        d: &mut Discovery,
+        claim: Event,
+        proven: Option<(u64, usize)>,
+    ) -> Vec<Action> {
+        let a = d.handle(1, claim, SYNCED);
+        match (&a[..], proven) {
+            ([Action::Probe { peer, .. }], Some((round, members))) => d.handle(
+                2,
+                Event::Verified {
+                    from: *peer,
+                    rival: RivalHistory { round, members },
+                },
+                SYNCED,
+            ),
+            ([Action::Probe { .. }], None) => Vec::new(),
+            _ => a,
+        }
+    }
+
     #[test]
-    fn forks_resolve_by_members_then_round_then_lower_founder() {
+    fn forks_resolve_by_proven_members_then_round_then_lower_founder() {
         let cfg = Config::new(1_000, 1);
         let ours_founder = 4;
         let mk = || Discovery::restored(cfg, key(9), 0, Some(key(ours_founder)));
-        // Fewer members loses, whatever the rounds.
+        let join = |a: &[Action]| matches!(a, [Action::Join { abandon: true, .. }]);
+        // A claim of fewer members is not even probed.
         assert!(mk().handle(1, hello(7, true, 100, 1, 3), SYNCED).is_empty());
-        // More members wins.
+        // A claim of more members is probed, never followed on its own.
         let mut d = mk();
         let a = d.handle(1, hello(7, true, 0, 3, 6), SYNCED);
+        assert_eq!(
+            a,
+            vec![Action::Probe {
+                peer: key(7),
+                round: 0
+            }]
+        );
+        assert_eq!(d.founder(), Some(key(ours_founder)));
+        // Proven more members wins.
+        let mut d = mk();
+        let a = claim_then_prove(&mut d, hello(7, true, 0, 3, 6), Some((1, 3)));
         assert!(
             matches!(&a[..], [Action::Join { abandon: true, founder, .. }] if *founder == key(6))
         );
         assert_eq!(d.founder(), Some(key(6)));
+        // The proof, not the claim, is ranked: a claim of 50 members proven to have 2 at round
+        // 4 loses to ours (2 members, round 5).
+        assert!(claim_then_prove(&mut mk(), hello(7, true, 9, 50, 3), Some((4, 2))).is_empty());
+        // No answer: nothing happens.
+        assert!(claim_then_prove(&mut mk(), hello(7, true, 9, 50, 3), None).is_empty());
         // Equal members: more rounds wins.
-        assert!(mk().handle(1, hello(7, true, 4, 2, 3), SYNCED).is_empty());
-        assert!(!mk().handle(1, hello(7, true, 6, 2, 6), SYNCED).is_empty());
+        assert!(claim_then_prove(&mut mk(), hello(7, true, 4, 2, 3), Some((4, 2))).is_empty());
+        assert!(join(&claim_then_prove(
+            &mut mk(),
+            hello(7, true, 6, 2, 6),
+            Some((6, 2))
+        )));
         // Equal members and rounds: the lower founder id wins.
-        assert!(!mk().handle(1, hello(7, true, 5, 2, 3), SYNCED).is_empty());
+        assert!(join(&claim_then_prove(
+            &mut mk(),
+            hello(7, true, 5, 2, 3),
+            Some((5, 2))
+        )));
         assert!(mk().handle(1, hello(7, true, 5, 2, 6), SYNCED).is_empty());
         // The same history is never a fork; an unsynced peer is never followed.
         assert!(mk()
             .handle(1, hello(7, true, 50, 9, ours_founder), SYNCED)
             .is_empty());
         assert!(mk().handle(1, hello(7, false, 50, 9, 1), SYNCED).is_empty());
+        // A proof from a peer never probed is ignored.
+        let mut d = mk();
+        let v = Event::Verified {
+            from: key(8),
+            rival: RivalHistory {
+                round: 9,
+                members: 9,
+            },
+        };
+        assert!(d.handle(1, v, SYNCED).is_empty());
+    }
+
+    #[test]
+    fn probes_are_bounded_and_old_histories_are_never_abandoned() {
+        let cfg = Config::new(1_000, 1);
+        let mut d = Discovery::restored(cfg, key(200), 0, Some(key(100)));
+        // One probe per peer per PROBE_RETRY.
+        assert_eq!(d.handle(0, hello(7, true, 9, 9, 1), SYNCED).len(), 1);
+        assert!(d
+            .handle(PROBE_RETRY - 1, hello(7, true, 9, 9, 1), SYNCED)
+            .is_empty());
+        assert_eq!(
+            d.handle(PROBE_RETRY, hello(7, true, 9, 9, 1), SYNCED).len(),
+            1
+        );
+        // At most MAX_PROBES at once.
+        let probes: usize = (10..40)
+            .map(|p| d.handle(PROBE_RETRY, hello(p, true, 9, 9, 1), SYNCED).len())
+            .sum();
+        assert_eq!(probes, MAX_PROBES - 1);
+        // Past the fork window: a rival is reported once per founder, not probed; a late proof
+        // is not followed either.
+        let old = Some(Local {
+            synced: true,
+            round: FORK_WINDOW_ROUNDS,
+            members: 2,
+        });
+        let mut d = Discovery::restored(cfg, key(200), 0, Some(key(100)));
+        assert!(matches!(
+            d.handle(1, hello(7, true, 1_000, 9, 1), old)[..],
+            [Action::Rival { .. }]
+        ));
+        assert!(d.handle(2, hello(8, true, 1_000, 9, 1), old).is_empty());
+        let mut d = Discovery::restored(cfg, key(200), 0, Some(key(100)));
+        assert_eq!(d.handle(1, hello(7, true, 9, 9, 1), SYNCED).len(), 1);
+        let v = Event::Verified {
+            from: key(7),
+            rival: RivalHistory {
+                round: 9,
+                members: 9,
+            },
+        };
+        assert!(d.handle(2, v, old).is_empty());
+        assert_eq!(d.founder(), Some(key(100)));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Action, Config, Discovery, Event, Local};
-use crate::averaging::Time;
+use crate::averaging::{RivalHistory, Time};
 use crate::wire::{Hello, PeerKey};
 
 /// A scenario.
@@ -47,6 +47,9 @@ pub struct Scenario {
     /// When this node starts joining a run, kill every synced node `sync_ms / 4` later (its
     /// donors vanish before it synced).
     pub kill_donors_of: Option<usize>,
+    /// From this time on, an outsider gossips a fake HELLO every second to every node: synced,
+    /// a far later round, many members, a founder of its own; it never proves the claim.
+    pub liar_from: Option<Time>,
 }
 
 impl Scenario {
@@ -66,6 +69,7 @@ impl Scenario {
             duration: 120_000,
             kill_founder_after: None,
             kill_donors_of: None,
+            liar_from: None,
         }
     }
 }
@@ -114,6 +118,10 @@ pub struct Report {
     pub killed: Vec<(Time, usize)>,
     /// Node, history and when, each time a joiner synced.
     pub synced: Vec<(Time, usize, usize)>,
+    /// Probes of rival histories sent.
+    pub probes: usize,
+    /// Rivals reported past the fork window.
+    pub rivals: usize,
 }
 
 impl Report {
@@ -156,6 +164,14 @@ enum Ev {
         hello: HelloBytes,
     },
     TrySync(usize),
+    /// Node `from` answers node `to`'s probe (sent when `from` claimed round `claimed`).
+    Prove {
+        to: usize,
+        from: usize,
+        claimed: u64,
+    },
+    /// The outsider's HELLO round.
+    Liar,
     Kill(usize),
     KillSynced,
     Heal,
@@ -176,6 +192,8 @@ struct World {
     killed: Vec<(Time, usize)>,
     synced: Vec<(Time, usize, usize)>,
     founder_killed: bool,
+    probes: usize,
+    rivals: usize,
 }
 
 impl World {
@@ -290,6 +308,21 @@ impl World {
                     self.at(t, Ev::KillSynced);
                 }
             }
+            Action::Probe { peer, round } => {
+                self.probes += 1;
+                if let Some(j) = self.nodes.iter().position(|n| n.key == peer) {
+                    let t = self.now + self.uniform(10, 2 * self.sc.max_delay.max(5));
+                    self.at(
+                        t,
+                        Ev::Prove {
+                            to: i,
+                            from: j,
+                            claimed: round,
+                        },
+                    );
+                }
+            }
+            Action::Rival { .. } => self.rivals += 1,
             Action::Contact(p) => {
                 if let Some(a) = &mut self.nodes[i].avg {
                     if a.contacts.len() < 64 {
@@ -302,6 +335,68 @@ impl World {
                 self.nodes[i].give_ups += 1;
             }
         }
+    }
+
+    /// Node `j` proves its history to `i` if it is alive, reachable and synced on another
+    /// history than `i`'s: what `State::check_rival` would verify from its decision proof.
+    fn prove(&mut self, i: usize, j: usize, claimed: u64) {
+        let (Some(mine), Some(theirs)) = (self.local(i), self.local(j)) else {
+            return;
+        };
+        let hist = |k: usize| self.nodes[k].avg.as_ref().and_then(|a| a.history);
+        if !self.nodes[j].alive
+            || !self.reachable(i, j)
+            || !mine.synced
+            || !theirs.synced
+            || hist(i) == hist(j)
+        {
+            return;
+        }
+        // The proof of round `rival_probe_round(claimed)`, if `j` has decided it.
+        let probe = if claimed > mine.round {
+            mine.round
+        } else {
+            match claimed.checked_sub(1) {
+                Some(r) => r,
+                None => return,
+            }
+        };
+        if probe >= theirs.round {
+            return;
+        }
+        let rival = RivalHistory {
+            round: probe + 1,
+            members: theirs.members,
+        };
+        let from = self.nodes[j].key;
+        self.feed(i, Event::Verified { from, rival });
+    }
+
+    fn liar(&mut self) {
+        let mut key = [0u8; 32];
+        key[0] = 0xee;
+        let hello = Hello {
+            version: crate::wire::HELLO_VERSION,
+            peer: key,
+            seq: self.now,
+            synced: true,
+            round: 1_000_000,
+            members: 10_000,
+            founder: [0; 32],
+        };
+        for to in 0..self.nodes.len() {
+            if self.nodes[to].alive && self.nodes[to].started {
+                let h = hello.clone();
+                self.feed(
+                    to,
+                    Event::Hello {
+                        from: PeerKey(key),
+                        hello: h,
+                    },
+                );
+            }
+        }
+        self.at(self.now + 1_000, Ev::Liar);
     }
 
     fn try_sync(&mut self, i: usize) {
@@ -427,6 +522,8 @@ pub fn run(sc: Scenario) -> Report {
         killed: Vec::new(),
         synced: Vec::new(),
         founder_killed: false,
+        probes: 0,
+        rivals: 0,
     };
     for i in 0..n {
         let t = w.sc.start[i];
@@ -434,6 +531,9 @@ pub fn run(sc: Scenario) -> Report {
     }
     if let Some(t) = w.sc.heal_at {
         w.at(t, Ev::Heal);
+    }
+    if let Some(t) = w.sc.liar_from {
+        w.at(t, Ev::Liar);
     }
     let mut settled_at = None;
     while let Some(Reverse((t, _, ev))) = w.queue.pop() {
@@ -459,6 +559,8 @@ pub fn run(sc: Scenario) -> Report {
                 }
             }
             Ev::TrySync(i) => w.try_sync(i),
+            Ev::Prove { to, from, claimed } if w.nodes[to].alive => w.prove(to, from, claimed),
+            Ev::Liar => w.liar(),
             Ev::Kill(i) => {
                 if w.nodes[i].alive {
                     w.nodes[i].alive = false;
@@ -509,6 +611,8 @@ pub fn run(sc: Scenario) -> Report {
         settled_at,
         killed: w.killed,
         synced: w.synced,
+        probes: w.probes,
+        rivals: w.rivals,
     }
 }
 

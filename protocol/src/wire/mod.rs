@@ -151,5 +151,25 @@ pub enum WireError {
     AnnounceForeign,
 }
 
+impl WireError {
+    /// A short, stable label of the reason (for metrics labels and log fields).
+    pub fn label(&self) -> &'static str {
+        match self {
+            WireError::TooLarge { .. } => "too_large",
+            WireError::Truncated => "truncated",
+            WireError::Malformed(_) => "malformed",
+            WireError::Trailing(_) => "trailing_bytes",
+            WireError::WrongRun => "wrong_run",
+            WireError::OldRound { .. } => "old_round",
+            WireError::FutureRound { .. } => "future_round",
+            WireError::UnknownKey(_) => "unknown_signer",
+            WireError::Banned(_) => "banned_signer",
+            WireError::BadSignature(_) => "bad_signature",
+            WireError::AnnounceMismatch => "announce_mismatch",
+            WireError::AnnounceForeign => "announce_foreign",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
