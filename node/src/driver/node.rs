@@ -57,6 +57,8 @@ pub(super) struct Tally {
     pub(super) stall_warned: Option<Instant>,
     /// It warned that a group of two tolerates no crash.
     pub(super) pair_warned: bool,
+    /// Refused direct frames already counted ([`crate::net::NetStats::frames_refused`]).
+    pub(super) frames_refused: u64,
     pub(super) last_checkpoint: Option<PathBuf>,
 }
 
@@ -209,7 +211,7 @@ impl Node {
         self.tally.rejected += 1;
         let now = self.shared.now_s();
         self.shared.peers(|b| b.rejected(peer, now));
-        self.shared.count_rejection(kind, reason);
+        self.shared.count_rejections(kind, reason, 1);
         if let Some(skipped) = self.ratelog.allow(peer, kind, Instant::now()) {
             tracing::warn!(%peer, kind, reason, %detail, skipped, "message rejected");
         }
@@ -572,6 +574,29 @@ impl Node {
         t.with(|t| t.incoming(&view, from, msg))
     }
 
+    /// Counts the direct frames the network refused since the last tick as rejections (libp2p
+    /// does not say who sent them).
+    fn count_refused_frames(&mut self) {
+        let total = self
+            .net
+            .stats
+            .frames_refused
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let new = total.saturating_sub(self.tally.frames_refused);
+        self.tally.frames_refused = total;
+        if new == 0 {
+            return;
+        }
+        self.tally.rejected += new;
+        self.shared.count_rejections("direct", "bad_frame", new);
+        tracing::warn!(
+            frames = new,
+            kind = "direct",
+            reason = "bad_frame",
+            "message rejected: direct frames over the size limit or not frames (sender unknown)"
+        );
+    }
+
     /// Sends what a tamper injects this tick.
     fn tampered_tick(&mut self) {
         let Some(t) = &self.cfg.tamper else { return };
@@ -584,7 +609,7 @@ impl Node {
             let sent = match r {
                 Raw::Gossip { hello, data } => {
                     let topic = if hello { Topic::Hello } else { Topic::Avg };
-                    self.net.publish(topic, data)
+                    self.net.publish_unchecked(topic, data)
                 }
                 Raw::Direct { to, data, sync } => match peer::libp2p_peer(&to) {
                     Some(p) => self.net.send(p, data, sync),
@@ -600,6 +625,7 @@ impl Node {
     /// The one-second tick: gossip this node's HELLO, then let discovery act on time.
     pub(super) fn on_tick(&mut self) -> Result<(), JoinError> {
         self.tampered_tick();
+        self.count_refused_frames();
         let hello = self.discovery.hello(self.local());
         if let Err(e) = self.net.publish_hello(&hello) {
             self.net_error("HELLO", e);

@@ -280,21 +280,21 @@ impl Shared {
             .inc_by(s.refused_joins.saturating_sub(refused_before));
     }
 
-    /// Counts one rejected message of `kind` (a protocol message kind, `gossip`, `direct`,
+    /// Counts `n` rejected messages of `kind` (a protocol message kind, `gossip`, `direct`,
     /// `HELLO`) for `reason` (a short label, e.g. `bad_decision`): in `/status` `rejections`,
     /// in `/metrics` `diloco_rejections_total{kind, reason}` (the total `rejected` is the
     /// node's own tally). Both are static strings from a fixed set, so the label space is
     /// bounded.
-    pub fn count_rejection(&self, kind: &'static str, reason: &'static str) {
+    pub fn count_rejections(&self, kind: &'static str, reason: &'static str, n: u64) {
         self.metrics
             .rejections
             .get_or_create(&vec![
                 ("kind".to_string(), kind.to_string()),
                 ("reason".to_string(), reason.to_string()),
             ])
-            .inc();
+            .inc_by(n);
         self.update(|s| {
-            *s.rejections.entry(format!("{kind}: {reason}")).or_default() += 1;
+            *s.rejections.entry(format!("{kind}: {reason}")).or_default() += n;
         });
     }
 

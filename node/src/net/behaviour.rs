@@ -44,6 +44,7 @@ pub(super) fn topic(kind: Topic, run: &str) -> gossipsub::IdentTopic {
 pub(super) fn build(
     key: &libp2p::identity::Keypair,
     cfg: &NetConfig,
+    stats: std::sync::Arc<super::NetStats>,
 ) -> Result<Swarm<Behaviour>, NetError> {
     fn transport<E: std::error::Error + Send + Sync + 'static>(e: E) -> NetError {
         NetError::Transport(Box::new(e))
@@ -88,7 +89,7 @@ pub(super) fn build(
                 .with_max_concurrent_streams(16);
             let rr = |name: &'static str| {
                 request_response::Behaviour::with_codec(
-                    FrameCodec::new(max_direct),
+                    FrameCodec::new(max_direct, stats.clone()),
                     [(StreamProtocol::new(name), ProtocolSupport::Full)],
                     rr_cfg.clone(),
                 )

@@ -3,23 +3,28 @@
 //! exercise), its length checked against the cap before anything is allocated; a response is
 //! a bare acknowledgement.
 
+use super::NetStats;
 use diloco_protocol::wire::{frame_header, FrameDecoder, FRAME_HEADER};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::request_response;
 use libp2p::StreamProtocol;
 use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// Length-prefixed request-response codec: a u32 LE length checked against the cap before
 /// anything is allocated, then the bytes. Responses are a bare acknowledgement.
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max: usize,
+    stats: Arc<NetStats>,
 }
 
 impl FrameCodec {
-    /// A codec accepting requests of at most `max` bytes.
-    pub fn new(max: usize) -> Self {
-        FrameCodec { max }
+    /// A codec accepting requests of at most `max` bytes; refused requests are counted in
+    /// `stats.frames_refused`.
+    pub fn new(max: usize, stats: Arc<NetStats>) -> Self {
+        FrameCodec { max, stats }
     }
 }
 
@@ -65,7 +70,11 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.max).await
+        let r = read_frame(io, self.max).await;
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::InvalidData) {
+            self.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
@@ -132,6 +141,31 @@ mod tests {
             assert!(read_frame(&mut futures::io::Cursor::new(&t), 16)
                 .await
                 .is_err());
+        });
+    }
+
+    #[test]
+    fn refused_requests_are_counted() {
+        use request_response::Codec;
+        futures::executor::block_on(async {
+            let stats = Arc::new(NetStats::default());
+            let proto = StreamProtocol::new("/test");
+            let mut buf = Vec::new();
+            write_frame(&mut futures::io::Cursor::new(&mut buf), b"hello")
+                .await
+                .unwrap();
+            let mut small = FrameCodec::new(4, stats.clone());
+            let r = small
+                .read_request(&proto, &mut futures::io::Cursor::new(&buf))
+                .await;
+            assert!(r.is_err());
+            assert_eq!(stats.frames_refused.load(Ordering::Relaxed), 1);
+            let mut big = FrameCodec::new(16, stats.clone());
+            let r = big
+                .read_request(&proto, &mut futures::io::Cursor::new(&buf))
+                .await;
+            assert_eq!(r.unwrap(), b"hello");
+            assert_eq!(stats.frames_refused.load(Ordering::Relaxed), 1);
         });
     }
 }

@@ -170,14 +170,15 @@ pub enum NetEvent {
     PeerJoined(PeerId),
     /// A peer has no connection left.
     PeerLeft(PeerId),
-    /// A message from `from` was refused before decoding (too large for its topic, or a
-    /// direct frame over the size limit or malformed); the node counts it as a rejection.
+    /// A gossip message from `from` was refused before decoding (too large for its topic);
+    /// the node counts it as a rejection. (Refused direct frames have no sender in libp2p's
+    /// events: see [`NetStats::frames_refused`].)
     Refused {
         /// Sender (transport-authenticated).
         from: PeerId,
-        /// `gossip` or `direct`.
+        /// `gossip`.
         kind: &'static str,
-        /// A short label: `too_large`, `bad_frame`.
+        /// A short label: `too_large`.
         reason: &'static str,
         /// What exactly.
         detail: String,
@@ -204,6 +205,10 @@ pub struct NetStats {
     pub connected: AtomicU64,
     /// Peers refused because they are on another run.
     pub refused: AtomicU64,
+    /// Inbound direct frames refused by the frame codec (over the size limit, or not a
+    /// frame); libp2p reports no peer for them, so the node counts them as rejections of kind
+    /// `direct`, reason `bad_frame`.
+    pub frames_refused: AtomicU64,
 }
 
 /// The events of a swarm task.
@@ -236,6 +241,12 @@ impl Client {
                 max: topic.max_bytes(),
             });
         }
+        self.command(Command::Publish { topic, data })
+    }
+
+    /// Publishes bytes without the local size check, for fault injection
+    /// ([`crate::driver::tamper`]): the receivers' checks are what is tested.
+    pub fn publish_unchecked(&self, topic: Topic, data: Vec<u8>) -> Result<(), ClientError> {
         self.command(Command::Publish { topic, data })
     }
 
@@ -305,7 +316,7 @@ pub fn spawn(
     cfg: NetConfig,
     stats: Arc<NetStats>,
 ) -> Result<(Client, Events), NetError> {
-    let swarm = behaviour::build(key, &cfg)?;
+    let swarm = behaviour::build(key, &cfg, stats.clone())?;
     let peer_id = *swarm.local_peer_id();
     let (cmd_tx, cmd_rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (ev_tx, ev_rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -724,19 +735,6 @@ impl Task {
                 self.emit(NetEvent::SendFailed {
                     to: peer,
                     error: SendError::Outbound(error),
-                });
-            }
-            request_response::Event::InboundFailure {
-                peer,
-                error: request_response::InboundFailure::Io(e),
-                ..
-            } if e.kind() == std::io::ErrorKind::InvalidData => {
-                // The frame codec refused the bytes (over the size limit, or not a frame).
-                self.emit(NetEvent::Refused {
-                    from: peer,
-                    kind: "direct",
-                    reason: "bad_frame",
-                    detail: e.to_string(),
                 });
             }
             request_response::Event::InboundFailure { peer, error, .. } => {

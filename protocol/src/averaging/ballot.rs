@@ -164,7 +164,22 @@ impl State {
             .map(|(p, e)| (Hash::of_parts(&[&self.chain.0, &p.0]), *p, e.clone()))
             .collect();
         joins.sort_by_key(|(h, p, _)| (*h, *p));
-        joins.truncate(max_joins(self.members.len()));
+        let bound = max_joins(self.members.len());
+        if joins.len() > bound {
+            // Refused for this round (reported once per round and key; an honest joiner
+            // gossips its JOIN again and gets in later).
+            let deferred: Vec<PeerKey> = joins[bound..].iter().map(|(_, p, _)| *p).collect();
+            for p in deferred {
+                if self.r.joins_deferred.insert(p) {
+                    self.reject(
+                        p,
+                        "JOIN",
+                        Reject::NotAllowed("JOIN over this round's admission bound (max_joins)"),
+                    );
+                }
+            }
+        }
+        joins.truncate(bound);
         joins.sort_by_key(|(_, p, _)| *p);
         next.extend(joins.iter().map(|(_, p, _)| *p));
         next.sort();

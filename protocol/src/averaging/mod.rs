@@ -177,6 +177,8 @@ struct Tentative {
 
 #[derive(Debug, Default)]
 struct RoundState {
+    /// JOINs reported as over this round's admission bound.
+    joins_deferred: BTreeSet<PeerKey>,
     reference: Option<Time>,
     contrib: Option<Contribution>,
     readies: BTreeMap<PeerKey, (Hash, Ready)>,
