@@ -289,6 +289,7 @@ fn malicious_messages_are_rejected_and_honest_peers_agree() {
             | Attack::JoinFlood(_)
             | Attack::MemberTakeover
             | Attack::SneakIn
+            | Attack::SealLies
             | Attack::SybilDonors
             | Attack::EquivocatingLeader => true,
         };
@@ -831,6 +832,52 @@ fn a_leader_cannot_fill_the_group_with_its_own_keys() {
         None,
         "more newcomers than a round admits",
     );
+}
+
+/// A malicious last peer leads some rounds and seals, one lie a round, what no one signed:
+/// every other member evicted, a contributor's READY altered, a shard's weight inflated, a
+/// shard credited to an owner never designated, an aggregate its owner never signed, a
+/// made-up CLOSE id. Every round still
+/// decides (under the next ballot), nobody is evicted, the replicas stay identical, and over
+/// the seeds each lie is refused with its reason.
+#[test]
+fn a_leader_cannot_seal_what_its_signers_did_not_sign() {
+    let lies = [
+        "a contributor evicted",
+        "a contributor without its signed READY",
+        "a shard's weight is not its contributors'",
+        "a shard of no designated owner",
+        "a shard without its owner's signed AGG",
+        "a CLOSE id that is not its CLOSE's",
+    ];
+    let mut refused: std::collections::BTreeMap<&str, usize> = Default::default();
+    for seed in sim::seeds(200) {
+        let n = 4 + (seed % 3) as usize;
+        let mut c = base(seed, n);
+        c.rounds = 7;
+        c.malicious.push((n - 1, Attack::SealLies));
+        c.max_time = 400_000;
+        let r = sim::run(c.clone());
+        check_decides_all(seed, &c, &r);
+        assert_eq!(
+            (r.min_members, r.max_members),
+            (Some(n), Some(n)),
+            "seed {seed}: a lying SEAL changed the group"
+        );
+        for (_, _, kind, w) in &r.rejections {
+            if let (true, Reject::Malformed(m)) = (*kind == "SEAL", w) {
+                *refused.entry(m).or_default() += 1;
+            }
+        }
+    }
+    if sim::seeds(200).len() >= 20 {
+        for why in lies {
+            assert!(
+                refused.get(why).copied().unwrap_or(0) > 0,
+                "no lying SEAL refused with '{why}': {refused:?}"
+            );
+        }
+    }
 }
 
 /// A malicious last peer leads some rounds and seals keys of its own into the member list:

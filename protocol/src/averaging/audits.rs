@@ -129,7 +129,7 @@ impl State {
                 .get(&(close_id, s))
                 .into_iter()
                 .flatten()
-                .all(|(_, a)| {
+                .all(|(_, a, _)| {
                     let got = self.r.audits.get(&(close_id, s, a.data));
                     (0..n).all(|i| !bit(&a.included, i) || got.is_some_and(|g| g.contains_key(&i)))
                 })

@@ -11,8 +11,8 @@ use rand_chacha::rand_core::RngCore;
 
 use crate::codec;
 use crate::wire::{
-    Accept, Agg, Body, Certificate, Commit, Direct, Envelope, Hash, PeerKey, Promise, Propose,
-    Seal, SealedShard, Signature,
+    Accept, Agg, Body, Certificate, Close, Commit, Direct, Envelope, Hash, PeerKey, Promise,
+    Propose, Seal, SealedShard, Signature,
 };
 
 use super::aggregate::{norm, norm_bound};
@@ -29,7 +29,7 @@ impl State {
         // Fetch every candidate we do not hold yet.
         let mut wanted = Vec::new();
         for s in 0..k as u32 {
-            for (owner, a) in self.r.aggs.get(&(close_id, s)).into_iter().flatten() {
+            for (owner, a, _) in self.r.aggs.get(&(close_id, s)).into_iter().flatten() {
                 if !self.store.contains_key(&a.data) && !self.r.fetch_pending.contains_key(&a.data)
                 {
                     wanted.push((a.data, *owner));
@@ -72,23 +72,23 @@ impl State {
         let mut shards = Vec::with_capacity(k);
         for s in 0..k {
             let range = self.shard_range(s);
-            let mut cands: Vec<(u64, usize, Hash, PeerKey, Agg)> = self
+            let mut cands: Vec<(u64, usize, Hash, PeerKey, Agg, Signature)> = self
                 .r
                 .aggs
                 .get(&(close_id, s as u32))
                 .into_iter()
                 .flatten()
-                .map(|(p, a)| {
+                .map(|(p, a, sig)| {
                     let rank = info.owners[s]
                         .iter()
                         .position(|o| o == p)
                         .unwrap_or(usize::MAX);
-                    (u64::MAX - a.weight, rank, a.data, *p, a.clone())
+                    (u64::MAX - a.weight, rank, a.data, *p, a.clone(), *sig)
                 })
                 .collect();
             cands.sort_by_key(|x| (x.0, x.1, x.2));
             let mut pick = None;
-            for (_, _, h, p, a) in cands {
+            for (_, _, h, p, a, sig) in cands {
                 let Some((_, data)) = self.store.get(&h) else {
                     continue;
                 };
@@ -131,6 +131,7 @@ impl State {
                     data: h,
                     included: a.included.clone(),
                     weight: a.weight,
+                    sig,
                 });
                 break;
             }
@@ -151,6 +152,9 @@ impl State {
             .filter(|p| !self.verifier.banned.contains(p))
             .copied()
             .collect();
+        // Contributors stay (acceptors refuse a SEAL evicting one: it was heard this round),
+        // even one banned since the CLOSE; it cannot contribute again and goes next round.
+        next.extend(info.close.contributors.iter().map(|c| c.peer));
         // Admission: at most `max_joins` newcomers a round, in an order no joiner can choose
         // (blake3 of chain and key: a fresh chain every round), so a flood of JOINs from
         // made-up keys cannot inflate the group and its quorum faster than silent members are
@@ -356,13 +360,25 @@ impl State {
             self.reject(env.signer, "SEAL", Reject::BallotAhead { ballot, bound });
             return;
         }
-        if let Err(why) = self.check_seal(&p.seal) {
+        if let Err(why) = self.check_seal(&p.seal, ballot) {
             self.reject(env.signer, "SEAL", Reject::Malformed(why));
             return;
         }
         if let Err(why) = self.check_justification(p) {
             self.reject(env.signer, "SEAL", Reject::Malformed(why));
             return;
+        }
+        // A SEAL its PROMISEs show certified was already accepted by a quorum: it must stay
+        // acceptable whatever this peer's view (refusing it could stall the round for good).
+        let certified = p
+            .promises
+            .iter()
+            .any(|e| matches!(&e.body, Body::Promise(pr) if pr.prepared.is_some()));
+        if !certified {
+            if let Err(why) = self.check_evictions(&p.seal) {
+                self.reject(env.signer, "SEAL", Reject::Malformed(why));
+                return;
+            }
         }
         self.r.proposals.insert(ballot, env.clone());
         self.finish_prepare();
@@ -546,22 +562,93 @@ impl State {
         }));
     }
 
-    pub(super) fn check_seal(&self, seal: &Seal) -> Result<(), &'static str> {
-        let n = seal.close.contributors.len();
+    /// Checks a SEAL proposed under `ballot` against what its inputs' signers signed, the
+    /// same way at every peer of the round: the CLOSE (its id, made by the leader of its
+    /// ballot, not above `ballot`) lists members' READYs with their signatures and bounded
+    /// norm claims; each sealed shard comes from one of its designated owners, whose AGG
+    /// signature it carries, includes only contributors, at least one, and claims exactly
+    /// their capped weights; the next member list keeps every contributor and adds only
+    /// newcomers whose signed JOINs the run's policy admits, at most `max_joins` of them.
+    pub(super) fn check_seal(&self, seal: &Seal, ballot: u32) -> Result<(), &'static str> {
+        let close = &seal.close;
+        let n = close.contributors.len();
         if seal.shards.len() != self.k() {
             return Err("shard count");
         }
-        if n == 0
-            || !seal
-                .close
-                .contributors
-                .windows(2)
-                .all(|w| w[0].peer < w[1].peer)
-        {
+        if close.ballot > ballot {
+            return Err("a CLOSE of a later ballot");
+        }
+        self.check_contributors(close)?;
+        let Some(closer) = self.leader(close.ballot) else {
             return Err("contributors");
+        };
+        let close_id = Hash::of(&Envelope::signing_bytes(
+            &closer,
+            &self.cfg.run,
+            self.round,
+            &self.chain,
+            &Body::Close(close.clone()),
+        ));
+        if seal.close_id != close_id {
+            return Err("a CLOSE id that is not its CLOSE's");
+        }
+        let owners = match self.r.closes.get(&close_id) {
+            Some(info) => info.owners.clone(),
+            None => {
+                let servers: Vec<PeerKey> = close
+                    .contributors
+                    .iter()
+                    .filter(|c| c.info.can_serve)
+                    .map(|c| c.peer)
+                    .collect();
+                super::ranking::shard_owners(&self.chain, &servers, self.k())
+            }
+        };
+        for (s, shard) in seal.shards.iter().enumerate() {
+            let Some(shard) = shard else { continue };
+            if shard.included.len() != n.div_ceil(8)
+                || (n..shard.included.len() * 8).any(|i| bit(&shard.included, i))
+            {
+                return Err("bitmap");
+            }
+            if !owners.get(s).is_some_and(|o| o.contains(&shard.owner)) {
+                return Err("a shard of no designated owner");
+            }
+            let included: Vec<usize> = (0..n).filter(|i| bit(&shard.included, *i)).collect();
+            let weight = included
+                .iter()
+                .map(|i| self.weight(close.contributors[*i].info.tokens))
+                .fold(0u64, u64::saturating_add);
+            if included.is_empty() || weight != shard.weight {
+                return Err("a shard's weight is not its contributors'");
+            }
+            let known = self.r.aggs.get(&(close_id, s as u32)).is_some_and(|l| {
+                l.iter().any(|(o, a, sig)| {
+                    *o == shard.owner
+                        && a.data == shard.data
+                        && a.included == shard.included
+                        && a.weight == shard.weight
+                        && *sig == shard.sig
+                })
+            });
+            if !known
+                && !shard
+                    .agg_envelope(self.cfg.run, self.round, self.chain, close_id, s as u32)
+                    .verify_signature()
+            {
+                return Err("a shard without its owner's signed AGG");
+            }
         }
         if seal.next_members.is_empty() || !seal.next_members.windows(2).all(|w| w[0] < w[1]) {
             return Err("member list");
+        }
+        // A contributor was heard this round: no rule evicts it.
+        if close
+            .contributors
+            .iter()
+            .any(|c| seal.next_members.binary_search(&c.peer).is_err())
+        {
+            return Err("a contributor evicted");
         }
         let newcomers: Vec<&PeerKey> = seal
             .next_members
@@ -595,13 +682,60 @@ impl State {
         if joins.next().is_some() {
             return Err("a JOIN of no newcomer");
         }
-        if seal
-            .shards
+        Ok(())
+    }
+
+    /// Checks a CLOSE's contributor list: sorted, distinct members of this round, none with a
+    /// norm claim its READY could not have carried, each entry the id and signature of a READY
+    /// its contributor signed (not checked again for READYs this peer received itself).
+    pub(super) fn check_contributors(&self, close: &Close) -> Result<(), &'static str> {
+        let c = &close.contributors;
+        if c.is_empty() || !c.windows(2).all(|w| w[0].peer < w[1].peer) {
+            return Err("contributors");
+        }
+        for x in c {
+            if self.members.binary_search(&x.peer).is_err() {
+                return Err("a contributor that is no member");
+            }
+            let claim = f32::from_bits(x.info.norm_bits);
+            if !(claim >= 0.0 && claim <= self.cfg.norm_cap) {
+                return Err("a contributor's norm claim out of bounds");
+            }
+            let known = self
+                .r
+                .readies
+                .get(&x.peer)
+                .is_some_and(|(id, r, sig)| (*id, r, *sig) == (x.ready, &x.info, x.sig));
+            if known {
+                continue;
+            }
+            let env = x.ready_envelope(self.cfg.run, self.round, self.chain);
+            if env.id() != x.ready || !env.verify_signature() {
+                return Err("a contributor without its signed READY");
+            }
+        }
+        Ok(())
+    }
+
+    /// The acceptor's own view of evictions, checked before it votes (never on a decided
+    /// SEAL): a member this peer heard from more recently than an honest leader could have
+    /// missed it for `evict_after_rounds` rounds (two rounds of slack for gossip delays) is
+    /// not silent, and a SEAL evicting it is a leader dropping members it chose.
+    pub(super) fn check_evictions(&self, seal: &Seal) -> Result<(), &'static str> {
+        let evict = self.cfg.evict_after_rounds;
+        let heard = |p: &PeerKey| {
+            self.last_heard
+                .get(p)
+                .is_some_and(|r| r.saturating_add(evict) > self.round.saturating_add(1))
+        };
+        let dropped = self
+            .members
             .iter()
-            .flatten()
-            .any(|s| s.included.len() != n.div_ceil(8))
-        {
-            return Err("bitmap");
+            .filter(|p| seal.next_members.binary_search(p).is_err());
+        for p in dropped {
+            if heard(p) && !self.verifier.banned.contains(p) {
+                return Err("a member evicted that is not silent");
+            }
         }
         Ok(())
     }
@@ -754,6 +888,37 @@ mod tests {
             next_members: Vec::new(),
             joins: Vec::new(),
         }
+    }
+
+    /// A leader may drop only members this acceptor has not heard from for about
+    /// `evict_after_rounds` rounds (or banned ones); one heard lately is not silent.
+    #[test]
+    fn a_seal_evicting_a_member_heard_lately_is_refused() {
+        let (keys, _, mut st) = setup();
+        let gone = PeerKey::of(&keys[3]);
+        let mut s = seal(1);
+        s.next_members = st.members.clone();
+        assert_eq!(st.check_evictions(&s), Ok(()));
+        s.next_members.retain(|p| *p != gone);
+        st.round = 10;
+        st.last_heard.insert(gone, 9);
+        assert_eq!(
+            st.check_evictions(&s),
+            Err("a member evicted that is not silent")
+        );
+        // An honest leader evicts what it last heard in round 10 − evict or before; heard
+        // one round after that, the member may still have been silent to the leader.
+        st.last_heard
+            .insert(gone, 10 + 1 - st.cfg.evict_after_rounds);
+        assert_eq!(st.check_evictions(&s), Ok(()));
+        st.last_heard
+            .insert(gone, 10 + 2 - st.cfg.evict_after_rounds);
+        assert!(st.check_evictions(&s).is_err());
+        st.last_heard.remove(&gone);
+        assert_eq!(st.check_evictions(&s), Ok(()));
+        st.last_heard.insert(gone, 10);
+        st.verifier.banned.insert(gone);
+        assert_eq!(st.check_evictions(&s), Ok(()));
     }
 
     fn promise(

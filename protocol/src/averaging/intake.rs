@@ -199,7 +199,7 @@ impl State {
         match &env.body {
             Body::Ready(r) => self.on_ready(&env, r.clone()),
             Body::Close(c) => self.on_close(&env, c.clone()),
-            Body::Agg(a) => self.on_agg(signer, a.clone()),
+            Body::Agg(a) => self.on_agg(signer, a.clone(), env.sig),
             Body::Prepare(b) => self.on_prepare(signer, *b),
             Body::Promise(p) => self.on_promise(env.clone(), p),
             Body::Accept(a) => self.on_accept(&env, *a),
@@ -253,7 +253,7 @@ impl State {
                 c.ready_id = env.id();
             }
         }
-        self.r.readies.insert(env.signer, (env.id(), r));
+        self.r.readies.insert(env.signer, (env.id(), r, env.sig));
         self.note_reference();
         // READYs are only admitted from members, so fewer READYs than unbanned members means
         // someone is missing (checked first: the full scan is O(members)).

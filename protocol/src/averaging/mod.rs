@@ -181,10 +181,10 @@ struct RoundState {
     joins_deferred: BTreeSet<PeerKey>,
     reference: Option<Time>,
     contrib: Option<Contribution>,
-    readies: BTreeMap<PeerKey, (Hash, Ready)>,
+    readies: BTreeMap<PeerKey, (Hash, Ready, Signature)>,
     closes: HashMap<Hash, CloseInfo>,
     owned: BTreeMap<(Hash, u32), OwnerState>,
-    aggs: BTreeMap<(Hash, u32), Vec<(PeerKey, Agg)>>,
+    aggs: BTreeMap<(Hash, u32), Vec<(PeerKey, Agg, Signature)>>,
     promised: u32,
     /// The highest ballot this peer ACCEPTed a SEAL under, with the SEAL's hash (one SEAL per
     /// ballot at most).

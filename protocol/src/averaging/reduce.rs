@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::codec;
-use crate::wire::{self, Agg, Body, Close, Contributor, Direct, Envelope, Hash, PeerKey, Ready};
+use crate::wire::{
+    self, Agg, Body, Close, Contributor, Direct, Envelope, Hash, PeerKey, Ready, Signature,
+};
 
 use super::aggregate::{aggregate, norm};
 use super::ranking::shard_owners;
@@ -12,23 +14,23 @@ use super::{bitmap, CloseInfo, Leading, Reject, Rule, State, Timer, MAX_BUFFERED
 
 impl State {
     pub(super) fn do_close(&mut self, ballot: u32) {
-        let mut readies: Vec<(PeerKey, Hash, Ready)> = self
+        let mut readies: Vec<(PeerKey, Hash, Ready, Signature)> = self
             .r
             .readies
             .iter()
             .filter(|(p, _)| {
                 !self.verifier.banned.contains(p) && self.members.binary_search(p).is_ok()
             })
-            .map(|(p, (h, r))| (*p, *h, r.clone()))
+            .map(|(p, (h, r, sig))| (*p, *h, r.clone(), *sig))
             .collect();
         if let Rule::NormScreen { factor } = self.cfg.rule {
             let mut norms: Vec<f32> = readies
                 .iter()
-                .map(|(_, _, r)| f32::from_bits(r.norm_bits))
+                .map(|(_, _, r, _)| f32::from_bits(r.norm_bits))
                 .collect();
             norms.sort_by(|a, b| a.total_cmp(b));
             if let Some(med) = norms.get(norms.len() / 2).copied() {
-                readies.retain(|(_, _, r)| {
+                readies.retain(|(_, _, r, _)| {
                     let n = f32::from_bits(r.norm_bits);
                     n.is_finite() && n <= factor * med
                 });
@@ -41,7 +43,12 @@ impl State {
             ballot,
             contributors: readies
                 .into_iter()
-                .map(|(peer, ready, info)| Contributor { peer, ready, info })
+                .map(|(peer, ready, info, sig)| Contributor {
+                    peer,
+                    ready,
+                    info,
+                    sig,
+                })
                 .collect(),
         };
         self.r.leading = Some(Leading::Collecting {
@@ -61,13 +68,8 @@ impl State {
             self.reject(env.signer, "CLOSE", Reject::NotAllowed("CLOSE"));
             return;
         }
-        let sorted = close.contributors.windows(2).all(|w| w[0].peer < w[1].peer);
-        let members_ok = close
-            .contributors
-            .iter()
-            .all(|c| self.members.binary_search(&c.peer).is_ok());
-        if !sorted || !members_ok || close.contributors.is_empty() {
-            self.reject(env.signer, "CLOSE", Reject::Malformed("CLOSE contributors"));
+        if let Err(why) = self.check_contributors(&close) {
+            self.reject(env.signer, "CLOSE", Reject::Malformed(why));
             return;
         }
         let id = env.id();
@@ -308,14 +310,14 @@ impl State {
         }));
     }
 
-    pub(super) fn on_agg(&mut self, signer: PeerKey, a: Agg) {
+    pub(super) fn on_agg(&mut self, signer: PeerKey, a: Agg, sig: Signature) {
         let Some(info) = self.r.closes.get(&a.close) else {
             // CLOSE not seen (lost or still in flight): keep it anyway, checked at SEAL time.
             self.r
                 .aggs
                 .entry((a.close, a.shard))
                 .or_default()
-                .push((signer, a));
+                .push((signer, a, sig));
             return;
         };
         let allowed = info
@@ -328,7 +330,7 @@ impl State {
         }
         let list = self.r.aggs.entry((a.close, a.shard)).or_default();
         if list.len() < 8 {
-            list.push((signer, a.clone()));
+            list.push((signer, a.clone(), sig));
             self.audit_agg(&a);
         }
         self.leader_progress();

@@ -28,9 +28,15 @@ impl State {
         {
             return;
         }
-        let due = self
-            .last_sync
-            .is_none_or(|t| self.now >= t + self.cfg.retry);
+        // Such a peer also asks each member that shows it a later round at once (each at most
+        // once per patience window, so at most one request per member): with one request per
+        // retry period an honest member's single READY of a round can fall between two
+        // requests that went to attackers, and the patience window passes without an honest
+        // member asked (simulator seed 49 of `sybil_donors_cannot_hand_a_member_a_state`).
+        let due = self.unconfirmed.is_some()
+            || self
+                .last_sync
+                .is_none_or(|t| self.now >= t + self.cfg.retry);
         if due {
             self.last_sync = Some(self.now);
             self.state_wanted = true;
@@ -159,7 +165,7 @@ impl State {
         if Some(seal.signer) != self.leader(p.ballot) || !seal.verify_signature() {
             return Err("SEAL signer");
         }
-        self.check_seal(&p.seal)?;
+        self.check_seal(&p.seal, p.ballot)?;
         if proof.commits.len() > self.members.len() {
             return Err("more COMMITs than members");
         }

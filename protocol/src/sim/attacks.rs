@@ -46,6 +46,38 @@ impl Sim {
                 p.seal.next_members.dedup();
                 resigned(&key, &env, Body::Seal(p))
             }
+            (Some(Attack::SealLies), Body::Seal(p)) => {
+                let mut p = p.clone();
+                let me = self.peers[i].id;
+                let seal = &mut p.seal;
+                let first_shard = seal.shards.iter().position(Option::is_some);
+                match (env.round % 6, first_shard) {
+                    (0, _) => seal.next_members = vec![me],
+                    (1, _) => {
+                        if let Some(c) = seal.close.contributors.iter_mut().find(|c| c.peer != me) {
+                            c.info.tokens = c.info.tokens.saturating_mul(10);
+                        }
+                    }
+                    (2, Some(s)) => {
+                        if let Some(x) = seal.shards[s].as_mut() {
+                            x.weight += 1;
+                        }
+                    }
+                    (3, Some(s)) => {
+                        let stranger = ed25519_dalek::SigningKey::from_bytes(&[0x6d; 32]);
+                        if let Some(x) = seal.shards[s].as_mut() {
+                            x.owner = wire::PeerKey::of(&stranger);
+                        }
+                    }
+                    (4, Some(s)) => {
+                        if let Some(x) = seal.shards[s].as_mut() {
+                            x.data = Hash::of(b"made-up aggregate");
+                        }
+                    }
+                    _ => seal.close_id = Hash::of(b"made-up CLOSE"),
+                }
+                resigned(&key, &env, Body::Seal(p))
+            }
             (Some(Attack::SneakIn), Body::Seal(p)) => {
                 // One made-up key, with a JOIN validly signed by it (but no invitation).
                 let mut p = p.clone();
@@ -613,6 +645,7 @@ impl Sim {
                     peer: me,
                     ready: Hash::default(),
                     info: ready,
+                    sig: wire::Signature([0; 64]),
                 }],
             },
             close_id: Hash::default(),

@@ -74,6 +74,11 @@ pub enum Attack {
     /// As a leader, seals with five made-up keys added to the next member list (a takeover of
     /// the group by its proposer).
     MemberTakeover,
+    /// As a leader, seals what no one signed, one lie a round (by round number mod 6): every
+    /// other member evicted (a takeover), a contributor's READY altered (tokens × 10), a
+    /// shard's weight inflated, a shard credited to an owner that was never designated, a
+    /// shard's aggregate replaced by one its owner never signed, the CLOSE id replaced.
+    SealLies,
     /// As a leader, seals one made-up key into the next member list together with a JOIN
     /// validly signed by that key but carrying no invitation (a sneak past an `allowlist` or
     /// `invite` policy).

@@ -32,6 +32,25 @@ pub struct Contributor {
     pub ready: Hash,
     /// Its READY.
     pub info: Ready,
+    /// Its signature over that READY envelope: a CLOSE or SEAL lists only READYs their
+    /// contributors signed, so no leader can make one up or alter it.
+    pub sig: Signature,
+}
+
+impl Contributor {
+    /// The READY envelope this entry stands for, in round `round` of `run` under `chain`
+    /// (its id must be `ready`, its signature `sig`).
+    pub fn ready_envelope(&self, run: Hash, round: u64, chain: Hash) -> Envelope {
+        Envelope {
+            version: WIRE_VERSION,
+            signer: self.peer,
+            run,
+            round,
+            chain,
+            body: Body::Ready(self.info.clone()),
+            sig: self.sig,
+        }
+    }
 }
 
 /// CLOSE: the attempt leader fixes the contributor set (sorted by peer id).
@@ -69,6 +88,38 @@ pub struct SealedShard {
     pub included: Vec<u8>,
     /// Sum of the included weights.
     pub weight: u64,
+    /// The owner's signature over its AGG envelope for this shard: a SEAL names only
+    /// aggregates their owners vouched for.
+    pub sig: Signature,
+}
+
+impl SealedShard {
+    /// The owner's AGG envelope this entry stands for (shard `shard` of the CLOSE `close`, in
+    /// round `round` of `run` under `chain`; its signature must be `sig`).
+    pub fn agg_envelope(
+        &self,
+        run: Hash,
+        round: u64,
+        chain: Hash,
+        close: Hash,
+        shard: u32,
+    ) -> Envelope {
+        Envelope {
+            version: WIRE_VERSION,
+            signer: self.owner,
+            run,
+            round,
+            chain,
+            body: Body::Agg(Agg {
+                close,
+                shard,
+                included: self.included.clone(),
+                data: self.data,
+                weight: self.weight,
+            }),
+            sig: self.sig,
+        }
+    }
 }
 
 /// SEAL: the one value a round decides.

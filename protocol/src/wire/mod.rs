@@ -54,13 +54,13 @@ pub use ids::{Hash, PeerKey, Signature};
 pub use merkle::{merkle_proof, merkle_root, merkle_verify};
 
 /// Version of the wire format; bumped on any incompatible change, and part of every id below.
-pub const WIRE_VERSION: u32 = 3;
+pub const WIRE_VERSION: u32 = 4;
 /// Gossip topic / protocol for the signed control messages.
-pub const AVG_PROTOCOL: &str = "/diloco/avg/3";
+pub const AVG_PROTOCOL: &str = "/diloco/avg/4";
 /// Direct request-response protocol for shards and aggregates.
-pub const SHARD_PROTOCOL: &str = "/diloco/shard/3";
+pub const SHARD_PROTOCOL: &str = "/diloco/shard/4";
 /// Direct request-response protocol for decision proofs and state sync.
-pub const SYNC_PROTOCOL: &str = "/diloco/sync/3";
+pub const SYNC_PROTOCOL: &str = "/diloco/sync/4";
 /// Largest gossip message (gossipsub's default cap).
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 /// How many rounds old a JOIN may be and still be accepted.

@@ -29,6 +29,7 @@ fn sample_bodies() -> Vec<Body> {
                 norm_bits: 0,
                 can_serve: false,
             },
+            sig: Signature([3; 64]),
         }],
     };
     let seal = Seal {
@@ -41,6 +42,7 @@ fn sample_bodies() -> Vec<Body> {
                 data: Hash::of(b"d"),
                 included: vec![1],
                 weight: 5,
+                sig: Signature([4; 64]),
             }),
         ],
         next_members: vec![PeerKey::of(&key(1))],
@@ -227,6 +229,7 @@ fn big_close(n: usize) -> Close {
                 norm_bits: (0.5f32 + i as f32).to_bits(),
                 can_serve: i % 3 != 0,
             },
+            sig: Signature([5; 64]),
         })
         .collect();
     contributors.sort_by_key(|c| c.peer);
@@ -252,6 +255,7 @@ fn close_and_seal_with_1000_contributors_travel_by_announcement() {
                     data: Hash::of(&s.to_le_bytes()),
                     included: vec![0xff; 1000usize.div_ceil(8)],
                     weight: 4_000_000,
+                    sig: Signature([6; 64]),
                 })
             })
             .collect(),
