@@ -594,15 +594,7 @@ impl State {
         }
         let owners = match self.r.closes.get(&close_id) {
             Some(info) => info.owners.clone(),
-            None => {
-                let servers: Vec<PeerKey> = close
-                    .contributors
-                    .iter()
-                    .filter(|c| c.info.can_serve)
-                    .map(|c| c.peer)
-                    .collect();
-                super::ranking::shard_owners(&self.chain, &servers, self.k())
-            }
+            None => self.close_owners(close),
         };
         for (s, shard) in seal.shards.iter().enumerate() {
             let Some(shard) = shard else { continue };

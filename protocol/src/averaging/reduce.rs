@@ -63,6 +63,18 @@ impl State {
         self.gossip(Body::Close(close));
     }
 
+    /// Owner then backup of every shard of `close`: ranked among its contributors that can
+    /// serve.
+    pub(super) fn close_owners(&self, close: &Close) -> Vec<Vec<PeerKey>> {
+        let servers: Vec<PeerKey> = close
+            .contributors
+            .iter()
+            .filter(|c| c.info.can_serve)
+            .map(|c| c.peer)
+            .collect();
+        shard_owners(&self.chain, &servers, self.k())
+    }
+
     pub(super) fn on_close(&mut self, env: &Envelope, close: Close) {
         if Some(env.signer) != self.leader(close.ballot) {
             self.reject(env.signer, "CLOSE", Reject::NotAllowed("CLOSE"));
@@ -78,14 +90,7 @@ impl State {
                 *close_id = id;
             }
         }
-        let k = self.k();
-        let servers: Vec<PeerKey> = close
-            .contributors
-            .iter()
-            .filter(|c| c.info.can_serve)
-            .map(|c| c.peer)
-            .collect();
-        let owners = shard_owners(&self.chain, &servers, k);
+        let owners = self.close_owners(&close);
         let round = self.round;
         let me = self.me;
         let mine_owner = owners.iter().any(|o| o.first() == Some(&me));
