@@ -20,7 +20,7 @@ pub const KAD_PROTOCOL: &str = "/diloco/kad/1";
 
 /// Prefix of the gossip topic of a run's signed averaging envelopes (`<prefix>/<run id>`); the
 /// same string as the averaging protocol's id (`diloco_protocol::wire::AVG_PROTOCOL`).
-pub const AVG_TOPIC: &str = "/diloco/avg/4";
+pub const AVG_TOPIC: &str = "/diloco/avg/5";
 
 /// Prefix of the gossip topic of a run's node HELLOs (`<prefix>/<run id>`).
 pub const HELLO_TOPIC: &str = "/diloco/hello/1";
@@ -91,6 +91,6 @@ mod tests {
     #[test]
     fn topics_are_per_run() {
         assert_eq!(topic_name(HELLO_TOPIC, "ab"), "/diloco/hello/1/ab");
-        assert_eq!(topic_name(AVG_TOPIC, "ab"), "/diloco/avg/4/ab");
+        assert_eq!(topic_name(AVG_TOPIC, "ab"), "/diloco/avg/5/ab");
     }
 }

@@ -5,8 +5,8 @@
 //! the caller) and a bounded channel of [`NetEvent`]s. The swarm ([`behaviour`]) speaks TCP
 //! and QUIC with noise and yamux; identify, ping and Kademlia (through the bootstrap peers) for
 //! discovery; gossipsub for the control plane (the averaging protocol's small signed envelopes
-//! and node HELLOs); two request-response protocols for the data plane (`/diloco/shard/4` for
-//! shards and aggregates, `/diloco/sync/4` for decision proofs and state) with the frame codec
+//! and node HELLOs); two request-response protocols for the data plane (`/diloco/shard/5` for
+//! shards and aggregates, `/diloco/sync/5` for decision proofs and state) with the frame codec
 //! ([`codec`]); AutoNAT, a relay client and DCUtR so that a peer behind NAT listens through a
 //! bootstrap relay and upgrades to direct connections ([`relay`]); and connection limits.
 //!
@@ -112,7 +112,7 @@ pub enum SendError {
 /// Which gossip topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic {
-    /// Signed protocol envelopes (`/diloco/avg/4/<run>`).
+    /// Signed protocol envelopes (`/diloco/avg/5/<run>`).
     Avg,
     /// Node HELLOs (`/diloco/hello/1/<run>`).
     Hello,

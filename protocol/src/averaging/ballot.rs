@@ -266,7 +266,7 @@ impl State {
             self.reject(signer, "PREPARE", Reject::BallotAhead { ballot: b, bound });
             return;
         }
-        if b > self.r.promised && self.round >= self.vote_from {
+        if b > self.r.promised && self.may_vote() {
             self.r.promised = b;
             let prepared = self.r.prepared.clone();
             self.gossip(Body::Promise(Promise {
@@ -395,7 +395,7 @@ impl State {
     /// restart.
     pub(super) fn accept(&mut self, ballot: u32, seal: Hash) {
         if !self.is_member()
-            || self.round < self.vote_from
+            || !self.may_vote()
             || ballot < self.r.promised
             || self.r.accepted.is_some_and(|(b, _)| b >= ballot)
         {
@@ -537,7 +537,7 @@ impl State {
     /// under a ballot not below its promise, once per ballot.
     pub(super) fn maybe_commit(&mut self, ballot: u32, seal: Hash) {
         if !self.is_member()
-            || self.round < self.vote_from
+            || !self.may_vote()
             || ballot < self.r.promised
             || self.r.committed.is_some_and(|b| b >= ballot)
             || self
@@ -787,6 +787,12 @@ impl State {
         }
         if !self.is_member() {
             self.gossip(self.join_body());
+        }
+        // Until the reconfigured round is decided, its RECONFIGs go out again every retry
+        // period: a survivor that missed them, or a member found lost that comes back from its
+        // checkpoint, would otherwise go on in the replaced instance.
+        if !self.reconfigs.is_empty() && self.r.decide_target.is_none() {
+            self.regossip_reconfigs();
         }
         // Re-ask for announced envelopes still missing: the signer first, then random members
         // (everyone who fetched one serves it too).

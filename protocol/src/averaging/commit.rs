@@ -168,6 +168,7 @@ impl State {
             DecisionProof {
                 seal: (*seal_env).clone(),
                 commits,
+                reconfigs: std::mem::take(&mut self.reconfigs),
             },
         ));
         while self.history.len() as u64 > RETAIN_ROUNDS {

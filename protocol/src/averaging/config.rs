@@ -183,6 +183,10 @@ pub struct Config {
     pub gossip_limit: usize,
     /// Who may become a member.
     pub admission: Admission,
+    /// The key that may restart a round which lost its quorum with the members that
+    /// survive (a RECONFIG, docs/PROTOCOL.md "Liveness"); `None`: nobody can, and a run that
+    /// lost its quorum waits for its members to come back.
+    pub operator: Option<PeerKey>,
 }
 
 impl Config {
@@ -206,6 +210,7 @@ impl Config {
             evict_after_rounds: 3,
             gossip_limit: wire::MAX_GOSSIP_BYTES,
             admission: Admission::Open,
+            operator: None,
         }
     }
 }

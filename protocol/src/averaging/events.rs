@@ -115,6 +115,9 @@ pub enum Reject {
     /// A decision proof or state did not verify.
     #[error("bad proof: {0}")]
     BadDecision(&'static str),
+    /// A RECONFIG that may not restart this round.
+    #[error("reconfiguration refused: {0}")]
+    Reconfig(&'static str),
     /// An aggregate's random projections disagree with its contributors' AUDITs.
     #[error(
         "aggregate fails its audit: projection off by {deviation:e} (tolerance {tolerance:e})"
@@ -143,6 +146,7 @@ impl Reject {
             Reject::Equivocation => "equivocation",
             Reject::BadDecision(_) => "bad_decision",
             Reject::AuditFailed { .. } => "audit_failed",
+            Reject::Reconfig(_) => "reconfig",
         }
     }
 }
@@ -180,6 +184,16 @@ pub enum OutEvent {
         seal: Hash,
         /// Hash of theta_g and momentum after the round.
         state: Hash,
+    },
+    /// The operator's RECONFIG restarted round `round` with `members` under `chain`: a node
+    /// persists both (its checkpoint's chain and member list) before it trains again.
+    Reconfigured {
+        /// The round, still undecided.
+        round: u64,
+        /// The round's new chain.
+        chain: Hash,
+        /// The members it restarts with.
+        members: Vec<PeerKey>,
     },
     /// A message was dropped.
     Rejected {

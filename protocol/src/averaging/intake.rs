@@ -106,9 +106,19 @@ impl State {
             }
             return;
         }
+        // A RECONFIG names the chain it replaces (checked in `on_reconfig`).
+        if let Body::Reconfig(rc) = &env.body {
+            let rc = rc.clone();
+            return self.on_reconfig(env, &rc);
+        }
         // A JOIN may be up to JOIN_WINDOW rounds old, signed under that round's chain; it only
         // asks to be listed, so its chain is not checked.
         if env.chain != self.chain && !matches!(env.body, Body::Evidence(_) | Body::Join(_)) {
+            if self.reconfigs.iter().any(|e| e.chain == env.chain) {
+                // A member of the round's replaced instance: it missed the RECONFIG.
+                self.regossip_reconfigs();
+                return;
+            }
             self.reject(env.signer, kind, Reject::Malformed("chain hash"));
             return;
         }
@@ -222,6 +232,7 @@ impl State {
                     Err(why) => self.reject(signer, "JOIN", Reject::NotAllowed(why)),
                 }
             }
+            Body::Reconfig(rc) => self.on_reconfig(env.clone(), &rc.clone()),
             Body::Announce(a) => self.on_announce(env.clone(), *a),
             Body::Audit(a) => self.on_audit(signer, a),
             Body::Evidence(e) => match wire::check_evidence(e) {

@@ -75,6 +75,7 @@ mod direct;
 mod events;
 mod intake;
 mod ranking;
+mod reconfig;
 mod reduce;
 mod sync;
 
@@ -221,6 +222,9 @@ struct RoundState {
     /// My audit entries not gossiped yet, per CLOSE, and every (close, shard, agg) I audited.
     audit_out: BTreeMap<Hash, Vec<AuditEntry>>,
     audited: BTreeSet<(Hash, u32, Hash)>,
+    /// When this peer last gossiped the round's RECONFIGs again (for a member that missed
+    /// them).
+    reconfig_sent: Option<Time>,
 }
 
 /// One peer's protocol state.
@@ -273,6 +277,9 @@ pub struct State {
     /// later-round gossip from non-members and cross-checks donors like a joiner
     /// ([`State::trusts_strangers`]).
     unconfirmed: Option<Time>,
+    /// The operator's RECONFIGs applied in the current round (they go into its decision
+    /// proof).
+    reconfigs: Vec<Envelope>,
 }
 
 impl State {
@@ -362,6 +369,7 @@ impl State {
             state_served: BTreeMap::new(),
             sync_asked: BTreeMap::new(),
             unconfirmed: None,
+            reconfigs: Vec::new(),
             invite: None,
         }
     }
@@ -534,6 +542,12 @@ impl State {
     fn leader(&self, ballot: u32) -> Option<PeerKey> {
         let order = leader_order(&self.chain, &self.members);
         order.get(ballot as usize % order.len().max(1)).copied()
+    }
+
+    /// Whether this peer may vote (PROMISE, ACCEPT, COMMIT) in its current round: not in a
+    /// round it may have voted in before a restart ([`State::set_vote_from`]).
+    fn may_vote(&self) -> bool {
+        self.round >= self.vote_from
     }
 
     fn weight(&self, tokens: u64) -> u64 {

@@ -205,6 +205,10 @@ impl State {
                 return;
             }
         }
+        // RECONFIGs that restarted the round first: the SEAL is under the chain they made.
+        if let Err(why) = self.apply_proof_reconfigs(&proof) {
+            return self.reject(from, "SYNC", why);
+        }
         match self.verify_proof(&proof) {
             Ok((_, c))
                 if self
@@ -436,6 +440,13 @@ impl State {
         if !self.synced {
             return Err(Reject::BadDecision("no history of our own to compare with"));
         }
+        // The operator's reconfiguration is the word on which history the run follows: the
+        // history it left (that of the members it found lost) is no rival.
+        if self.reconfigured() {
+            return Err(Reject::BadDecision(
+                "this history was reconfigured by the run's operator; it follows no other",
+            ));
+        }
         let d = self.check_decision(proof, None)?;
         let ours = if d.round == self.round {
             proof.seal.chain == self.chain
@@ -579,6 +590,7 @@ impl State {
         self.state_asked.clear();
         self.sync_asked.clear();
         self.unconfirmed = None;
+        self.reconfigs.clear();
         self.r = RoundState::default();
         self.future.clear();
         self.history.clear();
@@ -710,6 +722,7 @@ mod tests {
         DecisionProof {
             seal: seal_env,
             commits,
+            reconfigs: Vec::new(),
         }
     }
 

@@ -681,6 +681,7 @@ impl Sim {
             proof: Box::new(wire::DecisionProof {
                 seal: seal_env,
                 commits,
+                reconfigs: Vec::new(),
             }),
             theta: codec::encode(codec::Quantization::F32, &theta),
             momentum: codec::encode(codec::Quantization::F32, &momentum),

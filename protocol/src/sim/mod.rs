@@ -172,6 +172,21 @@ pub enum Fault {
         /// When.
         at: Time,
     },
+    /// At `at` the run's operator ([`operator_key`], made the run's operator by this fault)
+    /// signs a RECONFIG restarting the round `survivors[0]` is in with the peers `survivors`,
+    /// under that peer's chain, and hands it to that peer alone (as `diloco-node reconfig`
+    /// posts it to one node), which relays it.
+    Reconfig {
+        /// When.
+        at: Time,
+        /// Peer indices of the members the round restarts with (the first one must be up).
+        survivors: Vec<usize>,
+    },
+}
+
+/// The simulator's operator key (see [`Fault::Reconfig`]).
+pub fn operator_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x0b; 32])
 }
 
 /// Simulation parameters.
@@ -340,6 +355,8 @@ enum Ev {
     Churn,
     /// A new peer joins; with an invitation from peer 0 if true.
     Join(bool),
+    /// The operator reconfigures (peer indices of the survivors).
+    Reconfig(Vec<usize>),
 }
 
 /// A decided state a peer held: (round, state hash, members, theta, momentum).
@@ -413,6 +430,13 @@ impl Sim {
     /// Builds the peers and schedules the faults.
     pub fn new(mut cfg: SimConfig) -> Self {
         cfg.proto.len = cfg.len;
+        if cfg
+            .faults
+            .iter()
+            .any(|f| matches!(f, Fault::Reconfig { .. }))
+        {
+            cfg.proto.operator = Some(PeerKey::of(&operator_key()));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let theta0 = det_vec(cfg.seed, 1, cfg.len, 1.0);
         let mut sim = Sim {
@@ -500,6 +524,9 @@ impl Sim {
                 }
                 Fault::Join { at } => sim.schedule(at, usize::MAX, Ev::Join(false)),
                 Fault::InvitedJoin { at } => sim.schedule(at, usize::MAX, Ev::Join(true)),
+                Fault::Reconfig { at, survivors } => {
+                    sim.schedule(at, usize::MAX, Ev::Reconfig(survivors))
+                }
             }
         }
         sim
@@ -616,6 +643,22 @@ impl Sim {
                         }
                     }
                 }
+                OutEvent::Reconfigured { .. } => {
+                    // A node persists the round's new chain and members before going on.
+                    if let Some(s) = &self.peers[i].state {
+                        let snap = (
+                            s.round(),
+                            s.chain(),
+                            s.members().to_vec(),
+                            s.theta().to_vec(),
+                            s.momentum().to_vec(),
+                        );
+                        self.peers[i].snapshots.push(snap);
+                        if self.peers[i].snapshots.len() > 6 {
+                            self.peers[i].snapshots.remove(0);
+                        }
+                    }
+                }
                 OutEvent::Rejected { from, kind, reason } => {
                     let f = self.index.get(&from).copied().unwrap_or(usize::MAX);
                     if self.report.rejections.len() < 100_000 {
@@ -683,6 +726,32 @@ impl Sim {
         self.dispatch(i, outs);
     }
 
+    /// The operator's RECONFIG of the round `survivors[0]` is in, handed to that peer.
+    fn reconfigure(&mut self, survivors: &[usize]) {
+        let Some(&first) = survivors.first() else {
+            return;
+        };
+        let Some(st) = self.peers.get(first).and_then(|p| p.state.as_ref()) else {
+            return;
+        };
+        let mut members: Vec<PeerKey> = survivors.iter().map(|i| self.peers[*i].id).collect();
+        members.sort();
+        let env = Envelope::sign(
+            &operator_key(),
+            self.cfg.proto.run,
+            st.round(),
+            st.chain(),
+            Body::Reconfig(crate::wire::Reconfig { members }),
+        );
+        self.feed(
+            first,
+            InEvent::Gossip {
+                env: Arc::new(env),
+                verified: false,
+            },
+        );
+    }
+
     /// Restarts crashed peer `i` from its latest snapshot under a made-up history: the same
     /// round, theta and momentum, another chain, and itself plus three made-up keys as members.
     fn restart_foreign(&mut self, i: usize) {
@@ -732,6 +801,10 @@ impl Sim {
                         self.peers[j].invite = Some(inv);
                     }
                     self.restart(j, None);
+                    continue;
+                }
+                Ev::Reconfig(survivors) => {
+                    self.reconfigure(&survivors);
                     continue;
                 }
                 Ev::RestartForeign => {

@@ -59,8 +59,10 @@ impl Verifier {
         if self.banned.contains(&env.signer) {
             return Err(WireError::Banned(env.signer));
         }
-        let may_be_outsider =
-            matches!(env.body, Body::Join(_) | Body::Evidence(_)) || env.round > current;
+        let may_be_outsider = matches!(
+            env.body,
+            Body::Join(_) | Body::Evidence(_) | Body::Reconfig(_)
+        ) || env.round > current;
         if !may_be_outsider && members.binary_search(&env.signer).is_err() {
             return Err(WireError::UnknownKey(env.signer));
         }
@@ -71,11 +73,18 @@ impl Verifier {
     }
 }
 
-/// Whether two envelopes from one signer conflict (equivocation): same run, round and kind
+/// Whether two envelopes from one signer conflict (equivocation): same run, round, chain and kind
 /// (for AGG: same CLOSE and shard; for CLOSE, SEAL, ACCEPT and COMMIT: same ballot)
 /// with different content. Both must carry valid signatures for this to count as evidence.
 pub fn conflicting(a: &Envelope, b: &Envelope) -> bool {
-    if a.signer != b.signer || a.run != b.run || a.round != b.round || a.body == b.body {
+    // Under another chain a message belongs to another instance of the round (another
+    // history, or the round restarted by a RECONFIG): saying something else there is no lie.
+    if a.signer != b.signer
+        || a.run != b.run
+        || a.round != b.round
+        || a.chain != b.chain
+        || a.body == b.body
+    {
         return false;
     }
     match (&a.body, &b.body) {

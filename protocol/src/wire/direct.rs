@@ -12,6 +12,11 @@ pub struct DecisionProof {
     pub seal: Envelope,
     /// COMMIT envelopes for that SEAL and ballot.
     pub commits: Vec<Envelope>,
+    /// The operator's RECONFIGs that restarted the round before it was decided, in the order
+    /// they were applied (each under the chain the previous one made; at most
+    /// [`super::MAX_RECONFIGS_PER_ROUND`]); the SEAL and COMMITs are under the last one's
+    /// chain. Empty for a round that was not reconfigured.
+    pub reconfigs: Vec<Envelope>,
 }
 
 /// Messages on direct streams (bulk data, request/response).

@@ -351,6 +351,26 @@ pub enum Body {
     /// Ballot phase 2b, first vote: the SEAL is accepted (its certificate is a quorum of
     /// these).
     Accept(Accept),
+    /// The run's operator restarts a stalled round with the members that survive.
+    Reconfig(Reconfig),
+}
+
+/// RECONFIG: signed by the run's operator key (`Config::operator`) under the round and chain
+/// of a round that lost its quorum, it restarts that round with `members` (a subset of its
+/// members) under the chain [`reconfig_chain`]; nothing of the round's old instance counts
+/// any more. The envelope's round and chain bind it to one round of one history.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Reconfig {
+    /// The members the round restarts with, sorted (a non-empty subset of its members).
+    pub members: Vec<PeerKey>,
+}
+
+/// Most RECONFIGs one round may go through (a decision proof carries them all).
+pub const MAX_RECONFIGS_PER_ROUND: usize = 4;
+
+/// The chain of a round restarted by the RECONFIG envelope `reconfig` (id) under `chain`.
+pub fn reconfig_chain(chain: &Hash, reconfig: &Hash) -> Hash {
+    Hash::of_parts(&[b"diloco/reconfig/1", &chain.0, &reconfig.0])
 }
 
 /// One audited aggregate in an [`Audit`].
@@ -390,6 +410,7 @@ impl Body {
             Body::Announce(_) => "ANNOUNCE",
             Body::Audit(_) => "AUDIT",
             Body::Accept(_) => "ACCEPT",
+            Body::Reconfig(_) => "RECONFIG",
         }
     }
 
@@ -419,6 +440,7 @@ impl Body {
             Body::Announce(_) => 9,
             Body::Audit(_) => 10,
             Body::Accept(_) => 11,
+            Body::Reconfig(_) => 12,
         }
     }
 }

@@ -45,22 +45,22 @@ pub use admission::{check_evidence, conflicting, Verifier};
 pub use direct::{DecisionProof, Direct};
 pub use frame::{frame, frame_header, FrameDecoder, FRAME_HEADER, MAX_PREALLOC};
 pub use gossip::{
-    announce, open_announced, Accept, Agg, Announce, Audit, AuditEntry, Body, Certificate, Close,
-    Commit, Contributor, Envelope, Evidence, Invite, Join, Promise, Propose, Ready, Seal,
-    SealedShard, INVITE_DOMAIN,
+    announce, open_announced, reconfig_chain, Accept, Agg, Announce, Audit, AuditEntry, Body,
+    Certificate, Close, Commit, Contributor, Envelope, Evidence, Invite, Join, Promise, Propose,
+    Ready, Reconfig, Seal, SealedShard, INVITE_DOMAIN, MAX_RECONFIGS_PER_ROUND,
 };
 pub use hello::{Hello, HELLO_VERSION, MAX_HELLO_BYTES};
 pub use ids::{Hash, PeerKey, Signature};
 pub use merkle::{merkle_proof, merkle_root, merkle_verify};
 
 /// Version of the wire format; bumped on any incompatible change, and part of every id below.
-pub const WIRE_VERSION: u32 = 4;
+pub const WIRE_VERSION: u32 = 5;
 /// Gossip topic / protocol for the signed control messages.
-pub const AVG_PROTOCOL: &str = "/diloco/avg/4";
+pub const AVG_PROTOCOL: &str = "/diloco/avg/5";
 /// Direct request-response protocol for shards and aggregates.
-pub const SHARD_PROTOCOL: &str = "/diloco/shard/4";
+pub const SHARD_PROTOCOL: &str = "/diloco/shard/5";
 /// Direct request-response protocol for decision proofs and state sync.
-pub const SYNC_PROTOCOL: &str = "/diloco/sync/4";
+pub const SYNC_PROTOCOL: &str = "/diloco/sync/5";
 /// Largest gossip message (gossipsub's default cap).
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 /// How many rounds old a JOIN may be and still be accepted.

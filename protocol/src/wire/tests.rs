@@ -90,6 +90,9 @@ fn sample_bodies() -> Vec<Body> {
             ballot: 2,
             seal: Hash::of(b"s"),
         }),
+        Body::Reconfig(Reconfig {
+            members: vec![PeerKey::of(&key(1)), PeerKey::of(&key(2))],
+        }),
         Body::Commit(Commit {
             ballot: 0,
             seal: Hash::of(b"s"),
@@ -211,8 +214,18 @@ fn equivocation_is_evidence() {
     forged.sig.0[0] ^= 1;
     assert_eq!(
         check_evidence(&Evidence {
-            a: Box::new(a),
+            a: Box::new(a.clone()),
             b: Box::new(forged)
+        }),
+        None
+    );
+    // Under another chain the round is another instance (another history, or the round a
+    // RECONFIG restarted): a second READY there is no equivocation.
+    let restarted = Envelope::sign(&key(1), run, 2, Hash::of(b"new chain"), ready(2));
+    assert_eq!(
+        check_evidence(&Evidence {
+            a: Box::new(a),
+            b: Box::new(restarted)
         }),
         None
     );

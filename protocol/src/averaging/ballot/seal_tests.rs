@@ -9,8 +9,8 @@ use ed25519_dalek::SigningKey;
 
 use crate::averaging::{max_joins, Admission, Config, Quorum, State};
 use crate::wire::{
-    Agg, Body, Close, Contributor, Envelope, Hash, Invite, Join, PeerKey, Ready, Seal,
-    SealedShard, Signature, JOIN_WINDOW,
+    Agg, Body, Close, Contributor, Envelope, Hash, Invite, Join, PeerKey, Ready, Seal, SealedShard,
+    Signature, JOIN_WINDOW,
 };
 
 const RUN: &[u8] = b"seal-check-test";
@@ -122,7 +122,11 @@ impl World {
     fn honest(&self, norm: f32) -> Seal {
         let close = Close {
             ballot: 0,
-            contributors: self.keys.iter().map(|k| self.contributor(k, norm)).collect(),
+            contributors: self
+                .keys
+                .iter()
+                .map(|k| self.contributor(k, norm))
+                .collect(),
         };
         self.seal_of(close)
     }
@@ -297,7 +301,10 @@ fn every_contributor_carries_its_signed_ready() {
             ("a forged signature", edit(&|c| c.sig.0[5] ^= 1)),
             ("more tokens", edit(&|c| c.info.tokens += 1)),
             ("another norm", edit(&|c| c.info.norm_bits ^= 1)),
-            ("another root", edit(&|c| c.info.shard_root = Hash::of(b"y"))),
+            (
+                "another root",
+                edit(&|c| c.info.shard_root = Hash::of(b"y")),
+            ),
             ("can serve", edit(&|c| c.info.can_serve = false)),
         ],
     );
@@ -328,7 +335,9 @@ fn a_known_ready_is_trusted_only_when_identical() {
     close.contributors[2].sig.0[5] ^= 1;
     let s = w.seal_of(close);
     let c = s.close.contributors[2].clone();
-    w.st.r.readies.insert(c.peer, (c.ready, c.info.clone(), c.sig));
+    w.st.r
+        .readies
+        .insert(c.peer, (c.ready, c.info.clone(), c.sig));
     assert_eq!(w.check(&s), Ok(()), "identical to the one received");
     let stored = |w: &mut World, id: Hash, info: Ready, sig: Signature| {
         w.st.r.readies.insert(c.peer, (id, info, sig));
@@ -515,7 +524,9 @@ fn a_known_agg_is_trusted_only_when_identical() {
     }
     // Received for another shard of the CLOSE: not this one's.
     w.st.r.aggs.clear();
-    w.st.r.aggs.insert((s.close_id, 2), vec![(x.owner, agg, x.sig)]);
+    w.st.r
+        .aggs
+        .insert((s.close_id, 2), vec![(x.owner, agg, x.sig)]);
     assert!(w.check(&s).is_err());
 }
 
@@ -574,13 +585,7 @@ fn newcomers_come_with_their_own_recent_signed_joins() {
         Body::Join(Join { invite: None }),
     );
     let mut not_a_join = ok.clone();
-    not_a_join.joins[0] = Envelope::sign(
-        &o[0],
-        w.st.cfg.run,
-        ROUND,
-        w.st.chain,
-        Body::Prepare(1),
-    );
+    not_a_join.joins[0] = Envelope::sign(&o[0], w.st.cfg.run, ROUND, w.st.chain, Body::Prepare(1));
     let future = w.with_newcomers(w.honest(1.0), &[&o[0]], |k| w.join(k, ROUND + 1, None));
     let stale = w.with_newcomers(w.honest(1.0), &[&o[0]], |k| {
         w.join(k, ROUND - JOIN_WINDOW - 1, None)
