@@ -58,6 +58,18 @@ impl State {
         Ok(())
     }
 
+    /// Whether the RECONFIG envelope `env` would restart this peer's current round (what
+    /// `diloco-node reconfig` is told when it hands one to a node); the error says why not.
+    pub fn check_reconfig_envelope(&self, env: &Envelope) -> Result<(), &'static str> {
+        let Body::Reconfig(rc) = &env.body else {
+            return Err("not a RECONFIG");
+        };
+        if !self.synced {
+            return Err("this peer holds no state of the run yet");
+        }
+        self.check_reconfig(env, rc)
+    }
+
     /// Restarts the current round as `rc` says (checked by [`State::check_reconfig`]).
     fn apply_reconfig(&mut self, env: Arc<Envelope>, rc: &Reconfig) {
         let round = self.round;

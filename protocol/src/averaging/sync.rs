@@ -146,7 +146,11 @@ impl State {
             .find(|(r, _)| *r == first)
             .map(|(_, p)| p.clone());
         match proof {
-            Some(p) if self.round - first <= REPLAY_MAX_ROUNDS => {
+            // A reconfigured round's proof, however far behind the asker is: it carries the
+            // RECONFIG, the one thing that leads a peer still in the replaced instance (a
+            // member found lost, back from its checkpoint) to the run's history; a state
+            // alone it could not check when the survivors are a third of its members or fewer.
+            Some(p) if self.round - first <= REPLAY_MAX_ROUNDS || !p.reconfigs.is_empty() => {
                 self.send(from, Direct::SyncProofs(vec![p]));
             }
             // Too far behind to replay quickly (or older than the proofs kept): send the state.
