@@ -79,6 +79,14 @@ pub enum Command {
     /// Ask a running node for its /status (exit 0 when it answers): a healthcheck that needs
     /// no curl in the image.
     Health(HealthArgs),
+    /// The run operator's way on for a run that lost its quorum: restart the stalled round
+    /// with the members that survive (a RECONFIG signed with the operator key named in the run
+    /// config), handed to one surviving node, which relays it. Shows what it would do unless
+    /// --yes.
+    Reconfig(ReconfigArgs),
+    /// Make an ed25519 key file (for example the run operator's) and print its peer id; an
+    /// existing file is left as it is and its peer id printed.
+    Keygen(KeygenArgs),
     /// Show the state of one or more running nodes side by side: round, phase, group, loss and
     /// global hash, flagging nodes at one round whose hashes differ (exit 1 then, or when a
     /// node does not answer).
@@ -278,6 +286,38 @@ pub struct DemoArgs {
     pub join_args: Vec<String>,
 }
 
+/// `reconfig` flags.
+#[derive(Debug, Args)]
+pub struct ReconfigArgs {
+    /// A surviving node's --status-addr: the stalled round, its chain and members are read from
+    /// its /status, and the signed RECONFIG is handed to it.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub node: std::net::SocketAddr,
+    /// The operator's key file (`diloco-node keygen`; its peer id is the run config's
+    /// `operator`).
+    #[arg(long)]
+    pub operator_key: PathBuf,
+    /// The members the round restarts with (peer ids, comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "drop")]
+    pub keep: Vec<String>,
+    /// The members left out, those that are gone (peer ids); the rest are kept.
+    #[arg(long, value_delimiter = ',')]
+    pub drop: Vec<String>,
+    /// Sign and send it; without this the command only shows what it would do.
+    #[arg(long)]
+    pub yes: bool,
+    /// Seconds to wait for the node.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+}
+
+/// `keygen` flags.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The key file to write (kept if it exists).
+    pub path: PathBuf,
+}
+
 /// `status` flags.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -392,6 +432,11 @@ pub struct JoinArgs {
     /// `--admission allowlist`, join it); part of the run config and its id.
     #[arg(long, env = "DILOCO_ALLOWLIST")]
     pub allowlist: Option<PathBuf>,
+    /// The run's operator: the peer id (or 64 hex digits) of the one key that may restart a
+    /// round that lost its quorum with the members that survive (`diloco-node reconfig`);
+    /// part of the run config and its id. Default: none (such a run waits for its members).
+    #[arg(long, env = "DILOCO_OPERATOR")]
+    pub operator: Option<String>,
     /// This node's invitation to an `invite` run (the token `diloco-node invite` printed).
     #[arg(long, env = "DILOCO_INVITE")]
     pub invite: Option<String>,
@@ -510,6 +555,9 @@ impl JoinArgs {
         }
         if let Some(v) = &self.admission {
             rc.admission = v.clone();
+        }
+        if let Some(v) = &self.operator {
+            rc.operator = v.trim().to_string();
         }
         if let Some(p) = &self.allowlist {
             rc.allowlist =

@@ -11,14 +11,15 @@
 //!   page.
 //!
 //! Glue: the command line ([`cli`]), the run definition every peer of a run shares
-//! ([`runconfig`]) and `demo` ([`demo`]: a bootstrap peer and N nodes as child processes on
-//! loopback). The averaging protocol (pure logic, no I/O) is the `diloco-protocol` crate;
+//! ([`runconfig`]), `demo` ([`demo`]: a bootstrap peer and N nodes as child processes on
+//! loopback) and the operator's reconfiguration of a stalled run ([`operator`]). The averaging protocol (pure logic, no I/O) is the `diloco-protocol` crate;
 //! the network's conventions shared with the bootstrap peer are `diloco-p2p`.
 
 pub mod cli;
 pub mod demo;
 pub mod driver;
 pub mod net;
+pub mod operator;
 pub mod runconfig;
 pub mod study;
 pub mod train;

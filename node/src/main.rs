@@ -88,6 +88,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Join(args) => join(args),
         Command::Invite(args) => invite(args),
         Command::Health(args) => health(args),
+        Command::Reconfig(args) => reconfig(args),
+        Command::Keygen(args) => keygen(args),
         Command::Status(args) => status(args),
         Command::Demo(args) => {
             let stop = stop_flag()?;
@@ -336,6 +338,44 @@ fn invite(args: diloco_node::cli::InviteArgs) -> anyhow::Result<()> {
         args.invitee.trim()
     );
     println!("{}", inv.to_token());
+    Ok(())
+}
+
+fn reconfig(args: diloco_node::cli::ReconfigArgs) -> anyhow::Result<()> {
+    let t = std::time::Duration::from_secs_f64(args.timeout.clamp(0.1, 600.0));
+    let text = std::fs::read_to_string(&args.operator_key)
+        .with_context(|| format!("reading the operator key {}", args.operator_key.display()))?;
+    let secret = diloco_p2p::keys::parse(&text)
+        .map_err(|e| anyhow::anyhow!("operator key {}: {e}", args.operator_key.display()))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let body = diloco_node::driver::status::fetch(args.node, t)
+        .with_context(|| format!("asking the node on {} for its /status", args.node))?;
+    let status: diloco_node::driver::status::Status = serde_json::from_str(&body)
+        .with_context(|| format!("the /status of {} is not a node's status", args.node))?;
+    let plan = diloco_node::operator::plan(&status, &args.keep, &args.drop)?;
+    println!("{}", plan.describe());
+    if !args.yes {
+        println!(
+            "not sent: run again with --yes to sign it and hand it to {}",
+            args.node
+        );
+        return Ok(());
+    }
+    let env = plan.sign(&key);
+    let bytes = env.to_bytes()?;
+    let answer = diloco_node::driver::status::post_path(args.node, "/reconfig", &bytes, t)
+        .with_context(|| format!("handing the RECONFIG to {}", args.node))?;
+    print!("{answer}");
+    Ok(())
+}
+
+fn keygen(args: diloco_node::cli::KeygenArgs) -> anyhow::Result<()> {
+    let (id, created) = diloco_p2p::keys::load_or_create(&args.path)
+        .with_context(|| format!("key file {}", args.path.display()))?;
+    if !created {
+        eprintln!("{} exists; its peer id:", args.path.display());
+    }
+    println!("{}", id.peer_id());
     Ok(())
 }
 

@@ -96,6 +96,11 @@ pub struct RunConfig {
     /// `invite`: the only peers that may found the run and, under `allowlist`, join it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowlist: Vec<String>,
+    /// The run's operator (a peer id or 64 hex digits of an ed25519 key): the one key that may
+    /// restart a round that lost its quorum with the members that survive
+    /// (`diloco-node reconfig`). Empty: nobody can. Left out of the run id when empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub operator: String,
     /// Closer waits this long after the first READY for the others (ms).
     pub straggler_timeout_ms: u64,
     /// Aggregation deadline after CLOSE (ms).
@@ -133,6 +138,7 @@ impl Default for RunConfig {
             aggregation: "norm-screen".into(),
             admission: "open".into(),
             allowlist: Vec::new(),
+            operator: String::new(),
             straggler_timeout_ms: 10_000,
             agg_timeout_ms: 10_000,
             attempt_timeout_ms: 30_000,
@@ -162,6 +168,8 @@ pub struct Run {
     pub rule: Rule,
     /// Admission policy.
     pub admission: Admission,
+    /// The operator key, if the run has one.
+    pub operator: Option<PeerKey>,
     /// Run id.
     pub id: Hash,
     /// blake3 of the data.
@@ -238,6 +246,12 @@ impl RunConfig {
         let rule = parse_rule(&self.aggregation).map_err(RunConfigError::Invalid)?;
         let admission =
             parse_admission(&self.admission, &self.allowlist).map_err(RunConfigError::Invalid)?;
+        let operator = match self.operator.trim() {
+            "" => None,
+            o => {
+                Some(parse_peer(o).map_err(|e| RunConfigError::Invalid(format!("operator: {e}")))?)
+            }
+        };
         for (name, v) in [
             ("straggler_timeout_ms", self.straggler_timeout_ms),
             ("agg_timeout_ms", self.agg_timeout_ms),
@@ -268,6 +282,7 @@ impl RunConfig {
             quorum,
             rule,
             admission,
+            operator,
             id,
             data_hash,
         })
@@ -402,6 +417,7 @@ impl Run {
         p.quorum = self.quorum;
         p.rule = self.rule;
         p.admission = self.admission.clone();
+        p.operator = self.operator;
         // A peer's weight is capped at what one honest round can process.
         p.token_cap = c.inner_steps * (c.batch * c.seq) as u64;
         p.norm_cap = norm_cap(c.inner_steps, c.lr, c.weight_decay, len);

@@ -447,6 +447,97 @@ fn a_pair_that_loses_one_says_it_is_stalled_and_resumes() {
     net.procs[a_index].wait_log("no longer stalled", Duration::from_secs(10));
 }
 
+/// A run that lost its quorum goes on by its operator's word, over real sockets: three members
+/// of a run whose config names an operator key; two are killed and the survivor reports the
+/// stall. `diloco-node reconfig` without --yes shows what it would do and sends nothing; signed
+/// with another key it is refused by the node (the reason in the answer, nonzero exit); with the
+/// operator key it restarts the stalled round with the survivor alone, which decides rounds
+/// again and counts the reconfiguration in /status. A lost member restarted from its
+/// checkpoint (still in the replaced instance, where it cannot check the survivor's state by
+/// its own members' signatures) follows the reconfigured round's proof, joins again and ends
+/// identical.
+#[test]
+fn an_operator_reconfiguration_lets_the_survivor_of_a_lost_quorum_go_on() {
+    let operator = diloco_p2p::keys::Identity::from_secret([0x0b; 32])
+        .peer_id()
+        .to_string();
+    let run = format!(
+        r#"{{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
+            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
+            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500,
+            "operator":"{operator}"}}"#
+    );
+    let mut net = Net::start(&run);
+    let a_id = net.key_for("a", 0xa1);
+    net.key_for("b", 0xb2);
+    net.key_for("c", 0xc3);
+    let op_key = net.dir.path().join("operator.key");
+    std::fs::write(&op_key, hex::encode([0x0b; 32])).unwrap();
+    let other_key = net.dir.path().join("other.key");
+    std::fs::write(&other_key, hex::encode([0x0c; 32])).unwrap();
+    let a = net.start_node("a");
+    let b = net.start_node("b");
+    let c = net.start_node("c");
+    net.wait_agree(&[a, b, c], 2, Duration::from_secs(120));
+    for i in [1, 2] {
+        let p = net.nodes[i].0;
+        net.procs[p].child.kill().unwrap();
+        let _ = net.procs[p].child.wait();
+    }
+    wait_status(
+        &net,
+        &[a],
+        "a reports the stall",
+        Duration::from_secs(90),
+        |s| s["stalled_s"].as_f64().is_some(),
+    );
+    let stalled_at = status(a).unwrap()["round"].as_u64().unwrap();
+    let reconfig = |key: &std::path::Path, yes: bool| {
+        let mut cmd = std::process::Command::new(common::node_bin());
+        cmd.args(["reconfig", "--node", &a.to_string(), "--keep", &a_id])
+            .arg("--operator-key")
+            .arg(key)
+            .env("DILOCO_LOG", "warn");
+        if yes {
+            cmd.arg("--yes");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = reconfig(&op_key, false);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("restart round {stalled_at} ")) && out.contains("not sent"),
+        "{out}"
+    );
+    assert_eq!(status(a).unwrap()["reconfigurations"].as_u64(), Some(0));
+    let (ok, out, err) = reconfig(&other_key, true);
+    assert!(!ok, "a RECONFIG signed by another key was taken: {out}");
+    assert!(err.contains("not signed by the run's operator"), "{err}");
+    let (ok, out, err) = reconfig(&op_key, true);
+    assert!(ok, "{out}{err}\n{}", net.logs());
+    assert!(out.contains("restarted with 1 members"), "{out}");
+    wait_status(
+        &net,
+        &[a],
+        "the survivor decides rounds again",
+        Duration::from_secs(60),
+        |s| {
+            s["round"].as_u64().is_some_and(|r| r >= stalled_at + 2)
+                && s["group_size"].as_u64() == Some(1)
+                && s["stalled_s"].is_null()
+                && s["reconfigurations"].as_u64() == Some(1)
+        },
+    );
+    net.procs[net.nodes[0].0].wait_log("restarted this round", Duration::from_secs(5));
+    let b2 = net.start_node("b");
+    net.wait_agree(&[a, b2], stalled_at + 3, Duration::from_secs(120));
+}
+
 /// Admission by invitation over real sockets: `a` (the only listed peer) founds; `b` joins with
 /// the token `diloco-node invite` printed for it on a's key and becomes a member; `c`, neither
 /// listed nor invited, refuses to start and says how to get in; `d` carries an invitation

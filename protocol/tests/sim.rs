@@ -1164,9 +1164,10 @@ fn an_operator_reconfiguration_restarts_a_run_that_lost_its_quorum() {
         });
         let back = seed % 3 == 0;
         if back {
+            // From the latest checkpoint, or (every other time) one a round older.
             c.faults.push(Fault::RestartAll {
                 at: reconfig_at + 400 + (seed % 4) * 700,
-                stale_rounds: Some(0),
+                stale_rounds: Some((seed / 3) % 2),
             });
         }
         let r = sim::run(c.clone());

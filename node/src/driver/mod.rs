@@ -318,6 +318,7 @@ async fn run_node(
     shared.update(|s| {
         s.peer_id = peer_id.to_string();
         s.run_id = cfg.run.id_hex();
+        s.run_hash = hex::encode(cfg.run.id.0);
         s.phase = Phase::Discovering;
     });
     let (client, mut events) = net::spawn(
@@ -378,6 +379,11 @@ async fn run_node(
         node.start_state(st)?;
     }
 
+    // `POST /reconfig` reaches the loop through this (a few requests at most are queued).
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(4);
+    if shared.control.set(control_tx).is_err() {
+        tracing::debug!("the status server already serves another node's requests");
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut stop_poll = tokio::time::interval(Duration::from_millis(100));
     let result: Result<(), JoinError> = loop {
@@ -391,6 +397,7 @@ async fn run_node(
                 Some(d) => node.on_done(d),
                 None => Err(JoinError::Trainer(WorkerError::Stopped)),
             },
+            Some(c) = control_rx.recv() => node.on_control(c),
             _ = tokio::time::sleep_until(wake) => node.fire_timers(),
             _ = tick.tick() => node.on_tick(),
             _ = stop_poll.tick() => {

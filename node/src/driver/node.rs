@@ -4,7 +4,7 @@
 //! the averaging state machine or discovery and carries out what they ask for; none blocks.
 
 use super::history::RoundRecord;
-use super::status::{Phase, Shared};
+use super::status::{Control, Phase, Shared};
 use super::tamper::{Raw, View};
 use super::timers::Timers;
 use super::votes::VoteLog;
@@ -60,6 +60,8 @@ pub(super) struct Tally {
     /// Refused direct frames already counted ([`crate::net::NetStats::frames_refused`]).
     pub(super) frames_refused: u64,
     pub(super) last_checkpoint: Option<PathBuf>,
+    /// Rounds the run's operator restarted while this node was in them.
+    pub(super) reconfigurations: u64,
 }
 
 /// How long a probe of a rival history waits for its answer.
@@ -189,6 +191,11 @@ impl Node {
                     }
                     self.reject(&peer_name(&from), kind, reason.label(), &reason);
                 }
+                OutEvent::Reconfigured {
+                    round,
+                    chain,
+                    members,
+                } => self.on_reconfigured(round, chain, &members),
                 OutEvent::Banned { peer } => {
                     tracing::warn!(peer = %hex::encode(&peer.0[..8]), "peer banned on equivocation evidence");
                 }
@@ -218,6 +225,14 @@ impl Node {
     }
 
     fn publish(&mut self, env: &Envelope) -> Result<(), JoinError> {
+        // Another key's envelope (the operator's RECONFIG, relayed) is no signature of ours.
+        let mine = self.state.as_ref().is_some_and(|st| st.id() == env.signer);
+        if !mine {
+            if let Err(e) = self.net.publish_envelope(env) {
+                self.net_error(env.body.kind(), e);
+            }
+            return Ok(());
+        }
         // A node restarted from disk may redo work of a round it already signed messages in
         // (a READY after retraining, a CLOSE, an AGG...); a second, different message for the
         // same round would be equivocation. Stay silent (except JOIN) up to the last round it
@@ -319,6 +334,56 @@ impl Node {
         }
     }
 
+    /// The run's operator restarted `round` with `members` under `chain`: said loudly, and
+    /// written to the checkpoint (its chain and member list), so that a restart resumes the
+    /// restarted round rather than the replaced one.
+    fn on_reconfigured(&mut self, round: u64, chain: Hash, members: &[PeerKey]) {
+        self.tally.reconfigurations += 1;
+        let me = self.state.as_ref().map(|s| s.id());
+        tracing::warn!(
+            round,
+            members = members.len(),
+            chain = %hex::encode(&chain.0[..8]),
+            member = me.is_some_and(|m| members.contains(&m)),
+            "the run's operator restarted this round with the members that survive (RECONFIG)"
+        );
+        self.shared.update(|s| s.stalled_s = None);
+        self.tally.stall_warned = None;
+        self.warn_if_fragile();
+        self.save_checkpoint();
+    }
+
+    /// A request from the HTTP server (`POST /reconfig`).
+    pub(super) fn on_control(&mut self, c: Control) -> Result<(), JoinError> {
+        match c {
+            Control::Reconfig(env, reply) => {
+                let Some(st) = &self.state else {
+                    let _ = reply.send(Err("this node holds no state of the run yet".into()));
+                    return Ok(());
+                };
+                if let Err(why) = st.check_reconfig_envelope(&env) {
+                    let _ = reply.send(Err(format!(
+                        "{why} (this node is in round {} with {} members)",
+                        st.round(),
+                        st.members().len()
+                    )));
+                    return Ok(());
+                }
+                let round = st.round();
+                self.feed(InEvent::Gossip {
+                    env: Arc::new(*env),
+                    verified: false,
+                })?;
+                let n = self.state.as_ref().map_or(0, |s| s.members().len());
+                let _ = reply.send(Ok(format!(
+                    "round {round} restarted with {n} members; the RECONFIG is relayed to the run"
+                )));
+                self.update_status();
+                Ok(())
+            }
+        }
+    }
+
     /// Adds the decided `round` to the dashboard's history and peer table.
     fn record_round(
         &self,
@@ -401,6 +466,14 @@ impl Node {
     }
 
     pub(super) fn update_status(&self) {
+        let (chain, member_ids) = match &self.state {
+            Some(st) => (
+                hex::encode(st.chain().0),
+                st.members().iter().map(|m| hex::encode(m.0)).collect(),
+            ),
+            None => (String::new(), Vec::new()),
+        };
+        let reconfigurations = self.tally.reconfigurations;
         let (phase, round, members, member, banned) = match &self.state {
             None => (Phase::Discovering, 0, 0, false, 0),
             Some(st) => {
@@ -441,6 +514,9 @@ impl Node {
             s.quorum = quorum;
             s.tolerates = members.saturating_sub(quorum);
             s.round = round;
+            s.chain = chain;
+            s.member_ids = member_ids;
+            s.reconfigurations = reconfigurations;
             s.step = round * h;
             s.group_size = members;
             s.member = member;

@@ -1,18 +1,20 @@
 //! The node's HTTP status server (axum): the live dashboard at `GET /` (one page embedded in
 //! the binary, [`diloco_p2p::dashboard`]), `GET /status` as JSON, `GET /history` (the last
-//! rounds, [`super::history`]), `GET /peers` (the peer table) and `GET /metrics` in the
-//! Prometheus text format (prometheus-client).
+//! rounds, [`super::history`]), `GET /peers` (the peer table), `GET /metrics` in the
+//! Prometheus text format (prometheus-client), and `POST /reconfig`, through which
+//! `diloco-node reconfig` hands the node an operator-signed RECONFIG.
 //!
 //! The training loop writes a [`Status`] snapshot after every change; the server only reads it,
 //! so a slow or hostile HTTP client can never stall training.
 
 use super::history::{History, PeerBook, PeerRow, RoundRecord, MAX_PAGE};
 use crate::net::NetStats;
-use axum::extract::{RawQuery, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use diloco_protocol::wire::{Body, Envelope};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,7 +23,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use thiserror::Error;
 
 /// What a node is doing, as `/status` reports it (lowercase in JSON).
@@ -59,12 +61,21 @@ impl std::fmt::Display for Phase {
 pub struct Status {
     /// libp2p peer id.
     pub peer_id: String,
-    /// Run id (hex).
+    /// Run id (hex, its first 16 bytes: the topic names').
     pub run_id: String,
+    /// The whole run id (64 hex digits), which every signed message carries.
+    pub run_hash: String,
     /// What the node is doing.
     pub phase: Phase,
     /// Round in progress (all rounds below it are decided).
     pub round: u64,
+    /// The current round's chain hash (hex): which history, and which instance of the round
+    /// (a RECONFIG changes it).
+    pub chain: String,
+    /// The current round's members (64 hex digits each, sorted).
+    pub member_ids: Vec<String>,
+    /// Rounds the run's operator restarted (RECONFIG) while this node was in them.
+    pub reconfigurations: u64,
     /// Global inner step at the start of the current round (`round × H`).
     pub step: u64,
     /// blake3 of the global parameters (f32 LE), as `simulate` and `train` report it.
@@ -155,6 +166,21 @@ pub struct Shared {
     metrics: Metrics,
     registry: Registry,
     started: std::time::Instant,
+    /// Requests to the running node (set once by the node when it starts).
+    pub control: OnceLock<tokio::sync::mpsc::Sender<Control>>,
+}
+
+/// Most bytes `POST /reconfig` takes (a RECONFIG names at most every member).
+pub const MAX_RECONFIG_BYTES: usize = 256 * 1024;
+
+/// A request from the HTTP server to the running node.
+#[derive(Debug)]
+pub enum Control {
+    /// Apply this RECONFIG (and relay it); the answer says what happened or why not.
+    Reconfig(
+        Box<Envelope>,
+        tokio::sync::oneshot::Sender<Result<String, String>>,
+    ),
 }
 
 /// Locks `m` even if a panicking holder poisoned it (the data are plain records).
@@ -245,6 +271,7 @@ impl Shared {
             metrics,
             registry,
             started: std::time::Instant::now(),
+            control: OnceLock::new(),
         })
     }
 
@@ -383,22 +410,53 @@ pub fn fetch_path(
     path: &str,
     timeout: std::time::Duration,
 ) -> Result<String, FetchError> {
+    request(addr, "GET", path, &[], timeout)
+}
+
+/// `POST path` with `body` to the server on `addr` (answers of at most 1 MiB): the answer's
+/// body; an answer other than 200 is an error carrying its status line and body.
+pub fn post_path(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> Result<String, FetchError> {
+    request(addr, "POST", path, body, timeout)
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> Result<String, FetchError> {
     use std::io::{Read, Write};
     let io = |source| FetchError::Connect { addr, source };
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
+    let len = if method == "GET" {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{len}Connection: close\r\n\r\n"
     )
     .map_err(io)?;
+    s.write_all(body).map_err(io)?;
     let mut buf = Vec::new();
     s.take(1 << 20).read_to_end(&mut buf).map_err(io)?;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").ok_or(FetchError::Malformed)?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(FetchError::Status(head.lines().next().unwrap_or("").into()));
+        let line = head.lines().next().unwrap_or("");
+        return Err(FetchError::Status(format!("{line}: {}", body.trim())));
     }
     Ok(body.to_string())
 }
@@ -565,6 +623,56 @@ async fn peers(State(shared): State<Arc<Shared>>) -> Json<Vec<PeerRow>> {
     Json(shared.peer_rows())
 }
 
+/// `POST /reconfig`: the body is a signed RECONFIG envelope (its wire bytes); the node
+/// checks it against its current round (the run's operator key, round, chain, members),
+/// applies and relays it, and answers 200 with what it did, or 409 with why not.
+async fn reconfig(
+    State(shared): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> (StatusCode, String) {
+    let env = match Envelope::from_bytes(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "not a signed protocol message ({e}); make one with `diloco-node reconfig`\n"
+                ),
+            )
+        }
+    };
+    if !matches!(env.body, Body::Reconfig(_)) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("a {} message, not a RECONFIG\n", env.body.kind()),
+        );
+    }
+    let Some(tx) = shared.control.get() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is not taking part in a run\n".into(),
+        );
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx
+        .try_send(Control::Reconfig(Box::new(env), reply))
+        .is_err()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node is busy or stopping; try again\n".into(),
+        );
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(30), answer).await {
+        Ok(Ok(Ok(done))) => (StatusCode::OK, format!("{done}\n")),
+        Ok(Ok(Err(why))) => (StatusCode::CONFLICT, format!("refused: {why}\n")),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the node did not answer in time\n".into(),
+        ),
+    }
+}
+
 /// The router (exposed for tests).
 pub fn router(shared: Arc<Shared>) -> Router {
     diloco_p2p::http::with_dashboard(Router::new())
@@ -572,6 +680,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/peers", get(peers))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route(
+            "/reconfig",
+            post(reconfig).layer(DefaultBodyLimit::max(MAX_RECONFIG_BYTES)),
+        )
         .with_state(shared)
 }
 

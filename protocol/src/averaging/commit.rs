@@ -13,8 +13,14 @@ impl State {
     /// Begins (or resumes) fetching the aggregates of a proposal, then applies it.
     pub(super) fn start_apply(&mut self, env: Arc<Envelope>) {
         let Body::Seal(p) = &env.body else { return };
-        // Whoever accepted or committed this SEAL has applied it and holds its aggregates.
         let h = p.seal.hash();
+        // Once a decision is known (a quorum of COMMITs, or a verified proof) only its SEAL is
+        // worth applying: another one arriving meanwhile must not take its place (the decided
+        // one would never be finished, and a later proof of it is dropped as known).
+        if self.r.decide_target.is_some_and(|(_, seal, _)| seal != h) {
+            return;
+        }
+        // Whoever accepted or committed this SEAL has applied it and holds its aggregates.
         let mut sources = vec![env.signer];
         for (_, m) in self.r.commits.iter().filter(|((_, x, _), _)| *x == h) {
             sources.extend(m.keys().copied());

@@ -145,12 +145,17 @@ impl State {
             .iter()
             .find(|(r, _)| *r == first)
             .map(|(_, p)| p.clone());
+        // Replay up to and through a reconfigured round, however far behind the asker is: that
+        // round's proof carries the RECONFIG, the one thing that leads a peer still in the
+        // replaced instance (a member found lost, back from its checkpoint) to the run's
+        // history; a state alone it could not check when the survivors are a third of its
+        // members or fewer.
+        let reconfigured_ahead = self
+            .history
+            .iter()
+            .any(|(r, p)| *r >= first && !p.reconfigs.is_empty());
         match proof {
-            // A reconfigured round's proof, however far behind the asker is: it carries the
-            // RECONFIG, the one thing that leads a peer still in the replaced instance (a
-            // member found lost, back from its checkpoint) to the run's history; a state
-            // alone it could not check when the survivors are a third of its members or fewer.
-            Some(p) if self.round - first <= REPLAY_MAX_ROUNDS || !p.reconfigs.is_empty() => {
+            Some(p) if self.round - first <= REPLAY_MAX_ROUNDS || reconfigured_ahead => {
                 self.send(from, Direct::SyncProofs(vec![p]));
             }
             // Too far behind to replay quickly (or older than the proofs kept): send the state.
