@@ -14,6 +14,7 @@
 //! | fake HELLO | a HELLO claiming 1,000 members 50 rounds ahead under another founder, answering the probes with a proof of the run's own history | `SYNC: bad_decision`; nobody abandons |
 //! | JOIN flood | 40 JOINs from fresh keys | JOINs refused by admission |
 //! | stale | envelopes of an old round signed afresh | `old_round` |
+//! | reconfig | a RECONFIG of the current round, signed with its own key, keeping only itself (a takeover: the run has no operator) | `RECONFIG: reconfig` |
 //!
 //! Throughout, the honest replicas keep deciding rounds and hold one global hash, nobody
 //! abandons the run's history, every rejection is logged ("message rejected" with kind and
@@ -34,7 +35,7 @@ use diloco_p2p::keys::Identity;
 use diloco_protocol::averaging::{self, OutEvent};
 use diloco_protocol::codec;
 use diloco_protocol::wire::{
-    Body, Direct, Envelope, Hash, Hello, Join, PeerKey, HELLO_VERSION, MAX_GOSSIP_BYTES,
+    Body, Direct, Envelope, Hash, Hello, Join, PeerKey, Reconfig, HELLO_VERSION, MAX_GOSSIP_BYTES,
 };
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
@@ -45,7 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The attacks, in order (`member`: behaving until admitted; `done`: behaving again).
-const PHASES: [&str; 11] = [
+const PHASES: [&str; 12] = [
     "member",
     "forged",
     "oversized",
@@ -55,6 +56,7 @@ const PHASES: [&str; 11] = [
     "fake_hello",
     "join_flood",
     "stale",
+    "reconfig",
     "replayed",
     "done",
 ];
@@ -349,6 +351,17 @@ impl Tamper for Adversary {
                 }
                 self.count("join_flood", out.len());
             }
+            "reconfig" if first => {
+                let rc = Envelope::sign(
+                    view.key,
+                    st.config().run,
+                    st.round(),
+                    st.chain(),
+                    Body::Reconfig(Reconfig { members: vec![me] }),
+                );
+                out.push(gossip(&rc));
+                self.count("reconfig", 1);
+            }
             "stale" if first => {
                 // New messages for an old round (READYs with another token count).
                 for (_, e) in self
@@ -421,6 +434,7 @@ fn refused_phases(seen: &BTreeMap<String, u64>) -> Vec<&'static str> {
         ("fake_hello", key("SYNC: bad_decision")),
         ("join_flood", key("JOIN: not_allowed")),
         ("stale", key("READY: old_round")),
+        ("reconfig", key("RECONFIG: reconfig")),
         ("replayed", old_non_ready),
     ]
     .into_iter()

@@ -352,6 +352,16 @@ fn wait_status(
     );
 }
 
+/// A run config of synthetic rounds (no model) with short timeouts, `extra` (`,"key":value`
+/// pairs) appended: a stall shows after 1 + 1 + 3 × 3 = 11 s.
+fn synthetic_run(extra: &str) -> String {
+    format!(
+        r#"{{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
+            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
+            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500{extra}}}"#
+    )
+}
+
 /// The lone founder dies while two nodes are still waiting for its state. Hearing nobody who
 /// holds the run's state for 30 s, they go back to discovery; one founds the run afresh and the
 /// other joins it (before, both waited forever).
@@ -395,11 +405,7 @@ fn joiners_found_anew_when_the_lone_founder_dies() {
 #[test]
 fn a_pair_that_loses_one_says_it_is_stalled_and_resumes() {
     // Synthetic rounds (no model), short timeouts: a stall shows after 1 + 1 + 3 × 3 = 11 s.
-    let mut net = Net::start(
-        r#"{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
-            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
-            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500}"#,
-    );
+    let mut net = Net::start(&synthetic_run(""));
     let a = net.start_node("a");
     let b = net.start_node("b");
     net.wait_agree(&[a, b], 3, Duration::from_secs(120));
@@ -461,12 +467,7 @@ fn an_operator_reconfiguration_lets_the_survivor_of_a_lost_quorum_go_on() {
     let operator = diloco_p2p::keys::Identity::from_secret([0x0b; 32])
         .peer_id()
         .to_string();
-    let run = format!(
-        r#"{{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
-            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
-            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500,
-            "operator":"{operator}"}}"#
-    );
+    let run = synthetic_run(&format!(r#","operator":"{operator}""#));
     let mut net = Net::start(&run);
     let a_id = net.key_for("a", 0xa1);
     net.key_for("b", 0xb2);
@@ -548,12 +549,7 @@ fn an_invite_run_admits_the_invited_and_refuses_the_rest() {
     let a_id = diloco_p2p::keys::Identity::from_secret([0xa1; 32])
         .peer_id()
         .to_string();
-    let run = format!(
-        r#"{{"model":"tiny","inner_steps":1,"batch":1,"seq":8,"quantize":"none",
-            "synthetic_params":10000,"synthetic_train_ms":300,"straggler_timeout_ms":1000,
-            "agg_timeout_ms":1000,"attempt_timeout_ms":3000,"retry_ms":500,
-            "admission":"invite","allowlist":["{a_id}"]}}"#
-    );
+    let run = synthetic_run(&format!(r#","admission":"invite","allowlist":["{a_id}"]"#));
     let mut net = Net::start(&run);
     assert_eq!(net.key_for("a", 0xa1), a_id);
     let b_id = net.key_for("b", 0xb2);

@@ -163,7 +163,10 @@ impl State {
         }
     }
 
-    fn verify_proof(&self, proof: &DecisionProof) -> Result<(Propose, Commit), &'static str> {
+    pub(super) fn verify_proof(
+        &self,
+        proof: &DecisionProof,
+    ) -> Result<(Propose, Commit), &'static str> {
         let seal = &proof.seal;
         let Body::Seal(p) = &seal.body else {
             return Err("not a SEAL");

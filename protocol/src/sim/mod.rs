@@ -629,36 +629,11 @@ impl Sim {
                             Some(self.report.min_members.map_or(m, |x| x.min(m)));
                         self.report.max_members =
                             Some(self.report.max_members.map_or(m, |x| x.max(m)));
-                        let snap = (
-                            s.round(),
-                            s.chain(),
-                            s.members().to_vec(),
-                            s.theta().to_vec(),
-                            s.momentum().to_vec(),
-                        );
-                        let p = &mut self.peers[i];
-                        p.snapshots.push(snap);
-                        if p.snapshots.len() > 6 {
-                            p.snapshots.remove(0);
-                        }
                     }
+                    self.save_snapshot(i);
                 }
-                OutEvent::Reconfigured { .. } => {
-                    // A node persists the round's new chain and members before going on.
-                    if let Some(s) = &self.peers[i].state {
-                        let snap = (
-                            s.round(),
-                            s.chain(),
-                            s.members().to_vec(),
-                            s.theta().to_vec(),
-                            s.momentum().to_vec(),
-                        );
-                        self.peers[i].snapshots.push(snap);
-                        if self.peers[i].snapshots.len() > 6 {
-                            self.peers[i].snapshots.remove(0);
-                        }
-                    }
-                }
+                // A node persists the round's new chain and members before going on.
+                OutEvent::Reconfigured { .. } => self.save_snapshot(i),
                 OutEvent::Rejected { from, kind, reason } => {
                     let f = self.index.get(&from).copied().unwrap_or(usize::MAX);
                     if self.report.rejections.len() < 100_000 {
@@ -673,6 +648,25 @@ impl Sim {
         }
         if crash_after {
             self.crash(i);
+        }
+    }
+
+    /// What peer `i`'s disk holds after a decision or a reconfiguration (the last six kept).
+    fn save_snapshot(&mut self, i: usize) {
+        let Some(s) = &self.peers[i].state else {
+            return;
+        };
+        let snap = (
+            s.round(),
+            s.chain(),
+            s.members().to_vec(),
+            s.theta().to_vec(),
+            s.momentum().to_vec(),
+        );
+        let p = &mut self.peers[i];
+        p.snapshots.push(snap);
+        if p.snapshots.len() > 6 {
+            p.snapshots.remove(0);
         }
     }
 

@@ -3,14 +3,15 @@
 //! dishonest leader could change (a contributor's READY, its norm claim, the CLOSE id, a
 //! shard's bitmap, owner, weight or AGG signature, the member list, a newcomer's JOIN) and
 //! checks that exactly that is refused, and that the honest limits (a claim equal to the cap,
-//! a backup owner, a JOIN at the edge of its window) still pass.
+//! a backup owner, a JOIN at the edge of its window) still pass. Also the decision proof a
+//! replaying peer checks around such a SEAL (`State::verify_proof`).
 
 use ed25519_dalek::SigningKey;
 
 use crate::averaging::{max_joins, Admission, Config, Quorum, State};
 use crate::wire::{
-    Agg, Body, Close, Contributor, Envelope, Hash, Invite, Join, PeerKey, Ready, Seal, SealedShard,
-    Signature, JOIN_WINDOW,
+    Agg, Body, Close, Commit, Contributor, DecisionProof, Envelope, Hash, Invite, Join, PeerKey,
+    Propose, Ready, Seal, SealedShard, Signature, JOIN_WINDOW,
 };
 
 const RUN: &[u8] = b"seal-check-test";
@@ -646,4 +647,191 @@ fn newcomers_are_bounded_and_admitted_by_the_runs_policy() {
     assert_eq!(w.check(&by_outsider), Err("JOIN invited by a non-member"));
     let uninvited = w.with_newcomers(w.honest(1.0), &[&o[0]], |k| fresh(&w, k));
     assert_eq!(w.check(&uninvited), Err("JOIN without an invitation"));
+}
+
+/// A decision proof of `seal`: its SEAL envelope from ballot 0's leader and COMMITs of it from
+/// the members `signers` (indices).
+fn decided(w: &World, seal: Seal, signers: &[usize]) -> DecisionProof {
+    let leader = w.st.leader(0).expect("a leader");
+    let h = seal.hash();
+    let env = w.sign(
+        w.key(leader),
+        Body::Seal(Propose {
+            ballot: 0,
+            seal,
+            promises: Vec::new(),
+        }),
+    );
+    let commit = commit_of(w, h);
+    let commits = signers
+        .iter()
+        .map(|i| w.sign(&w.keys[*i], Body::Commit(commit)))
+        .collect();
+    DecisionProof {
+        seal: env,
+        commits,
+        reconfigs: Vec::new(),
+    }
+}
+
+fn commit_of(w: &World, seal: Hash) -> Commit {
+    Commit {
+        ballot: 0,
+        seal,
+        next_chain: Hash::of_parts(&[&w.st.chain.0, &seal.0]),
+        state: Hash::of(b"state"),
+    }
+}
+
+/// What a peer replaying a round checks in its decision proof (`State::verify_proof`): the
+/// SEAL envelope of this run, round and chain from the ballot's leader, a SEAL that passes
+/// every acceptor check, and a quorum of distinct members' valid COMMITs that agree on it.
+#[test]
+fn a_decision_proof_is_checked_field_by_field() {
+    let w = World::new();
+    let (run, round, chain) = (w.st.cfg.run, w.st.round, w.st.chain);
+    let good = decided(&w, w.honest(1.0), &[0, 1, 2]);
+    assert!(w.st.verify_proof(&good).is_ok());
+    assert!(w
+        .st
+        .verify_proof(&decided(&w, w.honest(1.0), &[0, 1, 2, 3]))
+        .is_ok());
+    let leader = w.key(w.st.leader(0).unwrap()).clone();
+    let resign = |key: &SigningKey, run: Hash, round: u64, chain: Hash| {
+        let mut p = good.clone();
+        p.seal = Envelope::sign(key, run, round, chain, good.seal.body.clone());
+        p
+    };
+    let not_leader = w
+        .keys
+        .iter()
+        .find(|k| PeerKey::of(k) != PeerKey::of(&leader))
+        .unwrap()
+        .clone();
+    let mut forged = good.clone();
+    forged.seal.sig.0[1] ^= 1;
+    let mut not_a_seal = good.clone();
+    not_a_seal.seal = Envelope::sign(&leader, run, round, chain, Body::Prepare(0));
+    let mut invalid = w.honest(1.0);
+    invalid.close.contributors.clear();
+    let mut bad_seal = decided(&w, invalid, &[0, 1, 2]);
+    bad_seal.commits = good.commits.clone();
+    let commit = commit_of(&w, w.honest(1.0).hash());
+    let with_commit = |i: usize, e: Envelope| {
+        let mut p = good.clone();
+        p.commits[i] = e;
+        p
+    };
+    let sign_commit = |k: &SigningKey, c: Commit, run: Hash, round: u64, chain: Hash| -> Envelope {
+        Envelope::sign(k, run, round, chain, Body::Commit(c))
+    };
+    let mut forged_commit = good.clone();
+    forged_commit.commits[2].sig.0[0] ^= 1;
+    let mut twice = good.clone();
+    twice.commits[2] = twice.commits[0].clone();
+    let mut too_many = good.clone();
+    for _ in 0..3 {
+        too_many.commits.push(good.commits[0].clone());
+    }
+    let k2 = &w.keys[2];
+    let cases = vec![
+        (
+            "a SEAL of another run",
+            resign(&leader, Hash::of(b"x"), round, chain),
+        ),
+        (
+            "a SEAL of another round",
+            resign(&leader, run, round + 1, chain),
+        ),
+        (
+            "a SEAL under another chain",
+            resign(&leader, run, round, Hash::of(b"y")),
+        ),
+        (
+            "a SEAL not from the ballot's leader",
+            resign(&not_leader, run, round, chain),
+        ),
+        ("a forged SEAL signature", forged),
+        ("no SEAL", not_a_seal),
+        ("a SEAL that fails the acceptors' checks", bad_seal),
+        ("two COMMITs", {
+            let mut p = good.clone();
+            p.commits.truncate(2);
+            p
+        }),
+        ("one member's COMMIT twice", twice),
+        ("more COMMITs than members", too_many),
+        ("a forged COMMIT", forged_commit),
+        (
+            "a COMMIT that is no COMMIT",
+            with_commit(2, w.sign(k2, Body::Prepare(0))),
+        ),
+        (
+            "a COMMIT of another run",
+            with_commit(2, sign_commit(k2, commit, Hash::of(b"x"), round, chain)),
+        ),
+        (
+            "a COMMIT of another round",
+            with_commit(2, sign_commit(k2, commit, run, round + 1, chain)),
+        ),
+        (
+            "a COMMIT under another chain",
+            with_commit(2, sign_commit(k2, commit, run, round, Hash::of(b"y"))),
+        ),
+        (
+            "a COMMIT of another SEAL",
+            with_commit(
+                2,
+                sign_commit(
+                    k2,
+                    Commit {
+                        seal: Hash::of(b"s"),
+                        ..commit
+                    },
+                    run,
+                    round,
+                    chain,
+                ),
+            ),
+        ),
+        (
+            "a COMMIT under another ballot",
+            with_commit(
+                2,
+                sign_commit(
+                    k2,
+                    Commit {
+                        ballot: 1,
+                        ..commit
+                    },
+                    run,
+                    round,
+                    chain,
+                ),
+            ),
+        ),
+        (
+            "a COMMIT of another state",
+            with_commit(
+                2,
+                sign_commit(
+                    k2,
+                    Commit {
+                        state: Hash::of(b"other"),
+                        ..commit
+                    },
+                    run,
+                    round,
+                    chain,
+                ),
+            ),
+        ),
+        (
+            "a non-member's COMMIT",
+            with_commit(2, sign_commit(&w.outsiders[0], commit, run, round, chain)),
+        ),
+    ];
+    for (what, p) in cases {
+        assert!(w.st.verify_proof(&p).is_err(), "a proof with {what} passed");
+    }
 }
