@@ -704,6 +704,16 @@ mod tests {
 
     /// The proof that `st` decided its round with a SEAL tagged `tag`, COMMITted by `signers`.
     fn proof(st: &State, signers: &[SigningKey], tag: u8) -> DecisionProof {
+        proof_naming(st, signers, tag, st.members().to_vec())
+    }
+
+    /// [`proof`] with `next_members` as the SEAL's next member list.
+    fn proof_naming(
+        st: &State,
+        signers: &[SigningKey],
+        tag: u8,
+        next_members: Vec<PeerKey>,
+    ) -> DecisionProof {
         let seal = Seal {
             close: Close {
                 ballot: 0,
@@ -711,7 +721,7 @@ mod tests {
             },
             close_id: Hash::of(&[tag]),
             shards: Vec::new(),
-            next_members: st.members().to_vec(),
+            next_members,
             joins: Vec::new(),
         };
         let sh = seal.hash();
@@ -735,6 +745,64 @@ mod tests {
             seal: seal_env,
             commits,
             reconfigs: Vec::new(),
+        }
+    }
+
+    /// A proof checked on its own (`check_decision`, what state adoption and fork choice rest
+    /// on) names a sorted, distinct, non-empty next member list, and carries a bounded number
+    /// of COMMITs (up to twice the members plus 8, copies included).
+    #[test]
+    fn a_proofs_member_list_and_commit_count_are_checked() {
+        let ks = keys(1, 4);
+        let st = genesis(&ks);
+        assert!(st.check_decision(&proof(&st, &ks[..3], 1), None).is_ok());
+        let m = st.members().to_vec();
+        let mut unsorted = m.clone();
+        unsorted.swap(0, 1);
+        let mut twice = m.clone();
+        twice[1] = twice[0];
+        for (what, list) in [
+            ("no", Vec::new()),
+            ("unsorted", unsorted),
+            ("repeated", twice),
+        ] {
+            assert_eq!(
+                st.check_decision(&proof_naming(&st, &ks[..3], 1, list), None)
+                    .err(),
+                Some(Reject::BadDecision("member list")),
+                "{what} members"
+            );
+        }
+        let mut most = proof(&st, &ks[..3], 1);
+        let extra = most.commits[0].clone();
+        while most.commits.len() < 2 * m.len() + 8 {
+            most.commits.push(extra.clone());
+        }
+        assert!(
+            st.check_decision(&most, None).is_ok(),
+            "the most COMMITs allowed"
+        );
+        most.commits.push(extra);
+        assert_eq!(
+            st.check_decision(&most, None).err(),
+            Some(Reject::BadDecision("more COMMITs than members"))
+        );
+    }
+
+    /// A State whose parameters or momentum are shorter than the model is refused for its
+    /// length, whichever of the two is short.
+    #[test]
+    fn a_state_of_the_wrong_length_is_refused() {
+        let ks = keys(1, 4);
+        let st = genesis(&ks);
+        let p = proof(&st, &ks[..3], 1);
+        let q = codec::Quantization::F32;
+        let (full, short) = (codec::encode(q, &[0.0; 8]), codec::encode(q, &[0.0; 7]));
+        for (t, m) in [(&short, &full), (&full, &short)] {
+            assert!(matches!(
+                st.check_state(1, &p, t, m).err(),
+                Some(Reject::WrongLength { .. })
+            ));
         }
     }
 
