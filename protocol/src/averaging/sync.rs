@@ -714,6 +714,17 @@ mod tests {
         tag: u8,
         next_members: Vec<PeerKey>,
     ) -> DecisionProof {
+        proof_of(st, signers, tag, next_members, Hash::of(b"state"))
+    }
+
+    /// [`proof_naming`] whose COMMITs name the state hash `state`.
+    fn proof_of(
+        st: &State,
+        signers: &[SigningKey],
+        tag: u8,
+        next_members: Vec<PeerKey>,
+        state: Hash,
+    ) -> DecisionProof {
         let seal = Seal {
             close: Close {
                 ballot: 0,
@@ -735,7 +746,7 @@ mod tests {
             ballot: 0,
             seal: sh,
             next_chain: Hash::of_parts(&[&st.chain.0, &sh.0]),
-            state: Hash::of(b"state"),
+            state,
         };
         let commits = signers
             .iter()
@@ -803,6 +814,31 @@ mod tests {
                 st.check_state(1, &p, t, m).err(),
                 Some(Reject::WrongLength { .. })
             ));
+        }
+    }
+
+    /// A State is the state after the round its proof decided: labelled with any other round
+    /// it is refused, whatever else checks out.
+    #[test]
+    fn a_state_labelled_with_another_round_than_its_proof_is_refused() {
+        let ks = keys(1, 4);
+        let st = genesis(&ks);
+        let q = codec::Quantization::F32;
+        let (t, m) = (vec![0.5f32; 8], vec![0.25f32; 8]);
+        let (te, me) = (codec::encode(q, &t), codec::encode(q, &m));
+        let p = proof_of(&st, &ks[..3], 1, st.members().to_vec(), state_hash(&t, &m));
+        assert_eq!(
+            st.check_state(st.round + 1, &p, &te, &me)
+                .map(|c| c.round)
+                .ok(),
+            Some(1)
+        );
+        for label in [st.round + 2, st.round + 7] {
+            assert_eq!(
+                st.check_state(label, &p, &te, &me).err(),
+                Some(Reject::BadDecision("no matching COMMIT")),
+                "labelled round {label}"
+            );
         }
     }
 

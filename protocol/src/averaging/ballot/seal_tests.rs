@@ -734,7 +734,31 @@ fn a_decision_proof_is_checked_field_by_field() {
         too_many.commits.push(good.commits[0].clone());
     }
     let k2 = &w.keys[2];
+    // Every COMMIT changed alike: they agree with each other, so only the comparison with
+    // the SEAL can refuse them.
+    let all_commits = |c: Commit| {
+        let mut p = good.clone();
+        p.commits = [0, 1, 2]
+            .iter()
+            .map(|i| sign_commit(&w.keys[*i], c, run, round, chain))
+            .collect();
+        p
+    };
     let cases = vec![
+        (
+            "every COMMIT of another SEAL",
+            all_commits(Commit {
+                seal: Hash::of(b"s"),
+                ..commit
+            }),
+        ),
+        (
+            "every COMMIT under another ballot",
+            all_commits(Commit {
+                ballot: 1,
+                ..commit
+            }),
+        ),
         (
             "a SEAL of another run",
             resign(&leader, Hash::of(b"x"), round, chain),
