@@ -842,6 +842,50 @@ mod tests {
         }
     }
 
+    /// A proof checked on its own passes with exactly [`state_quorum`] of the next members'
+    /// COMMITs and not with one fewer; with a state hash, only COMMITs of that state count.
+    #[test]
+    fn a_proof_needs_exactly_the_state_quorum_of_commits_of_that_state() {
+        for n in [3u8, 4, 7, 10] {
+            let ks = keys(1, n);
+            let st = genesis(&ks);
+            let q = state_quorum(st.cfg.quorum, ks.len());
+            let sh = Hash::of(b"s");
+            let exact = proof_of(&st, &ks[..q], 1, st.members().to_vec(), sh);
+            assert!(
+                st.check_decision(&exact, Some(sh)).is_ok(),
+                "n = {n}, {q} signers"
+            );
+            assert!(st.check_decision(&exact, None).is_ok());
+            assert_eq!(
+                st.check_decision(&exact, Some(Hash::of(b"other"))).err(),
+                Some(Reject::BadDecision("no matching COMMIT")),
+                "n = {n}: COMMITs of another state"
+            );
+            let short = proof_of(&st, &ks[..q - 1], 1, st.members().to_vec(), sh);
+            assert_eq!(
+                st.check_decision(&short, Some(sh)).err(),
+                Some(Reject::BadDecision("no quorum")),
+                "n = {n}, {} signers",
+                q - 1
+            );
+        }
+    }
+
+    /// More than a third of the members must be among the signers, whoever else signed.
+    #[test]
+    fn vouched_needs_more_than_a_third_of_the_members() {
+        let m: Vec<PeerKey> = keys(1, 9).iter().map(PeerKey::of).collect();
+        let outsiders: BTreeSet<PeerKey> = keys(40, 9).iter().map(PeerKey::of).collect();
+        for k in 0..=m.len() {
+            let mut signers: BTreeSet<PeerKey> = m[..k].iter().copied().collect();
+            assert_eq!(signed_by(&signers, &m), k);
+            signers.extend(outsiders.iter().copied());
+            assert_eq!(signed_by(&signers, &m), k, "outsiders are not counted");
+            assert_eq!(vouched(&signers, &m), k > 3, "{k} of 9 members");
+        }
+    }
+
     #[test]
     fn a_rival_history_proven_by_a_quorum_of_its_members_is_verified() {
         let (ours, theirs) = (keys(1, 3), keys(11, 4));
