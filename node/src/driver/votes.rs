@@ -232,4 +232,31 @@ mod tests {
         let e = VoteLog::open(Some(dir.path())).unwrap_err();
         assert!(e.to_string().contains("VOTED"), "{e}");
     }
+
+    #[test]
+    fn an_unreadable_record_is_an_error_not_an_empty_one() {
+        // Any read error but "not found" must stop the node: taken for an empty record, a
+        // restarted node would sign again in the rounds it already voted in.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("VOTED")).unwrap();
+        let e = VoteLog::open(Some(dir.path())).unwrap_err();
+        assert!(e.to_string().contains("VOTED"), "{e}");
+    }
+
+    #[test]
+    fn a_vote_that_cannot_be_written_is_not_signed() {
+        // The record is written before the message leaves: if it cannot be (disk full, here a
+        // directory where the temporary file goes), may_sign fails and nothing is recorded.
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = VoteLog::open(Some(dir.path())).unwrap();
+        v.record(2).unwrap();
+        std::fs::create_dir(dir.path().join("VOTED.tmp")).unwrap();
+        assert!(v.may_sign(3, false).is_err());
+        assert_eq!(v.highest(), Some(2));
+        assert_eq!(VoteLog::open(Some(dir.path())).unwrap().highest(), Some(2));
+        assert!(
+            v.may_sign(3, true).unwrap(),
+            "a JOIN is no vote and needs no record"
+        );
+    }
 }
