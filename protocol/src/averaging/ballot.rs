@@ -854,6 +854,9 @@ fn vote_key(ballot: u32, seal: Hash, (signer, sig): &(PeerKey, Signature)) -> Ha
 mod seal_tests;
 
 #[cfg(test)]
+mod paxos_tests;
+
+#[cfg(test)]
 mod tests {
     //! The acceptors' checks of a SEAL's justification, case by case: every field of every
     //! PROMISE and certificate that could be forged, replayed from elsewhere or repeated.
