@@ -785,6 +785,13 @@ impl State {
             }
             return;
         }
+        // A restored peer that waited for its own members in vain treats states as a joiner
+        // does, the lone-state timeout included: when every member of its stale list is gone
+        // (say its checkpoint predates the round that admitted the survivors), one survivor's
+        // uncontradicted state is all it will ever be offered.
+        if self.trusts_strangers() {
+            self.lone_state_timeout();
+        }
         if !self.is_member() {
             self.gossip(self.join_body());
         }

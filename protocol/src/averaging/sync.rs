@@ -571,9 +571,13 @@ impl State {
     }
 
     /// Accepts a lone State that nobody contradicted within `LONE_STATE_RETRIES * retry`, once
-    /// no request to another contact is still in flight (its answer could contradict it).
+    /// no request to another contact is still in flight (its answer could contradict it): a
+    /// joiner's, or a restored peer's that trusts strangers ([`State::trusts_strangers`]).
     pub(super) fn lone_state_timeout(&mut self) {
-        if self.synced || self.candidates.len() != 1 || self.state_requests_in_flight() > 0 {
+        if (self.synced && !self.trusts_strangers())
+            || self.candidates.len() != 1
+            || self.state_requests_in_flight() > 0
+        {
             return;
         }
         if self.now
@@ -677,9 +681,10 @@ mod tests {
     //! [`State::check_rival`] case by case: what a peer claiming another history must prove,
     //! and the forgeries and relabellings it must not get away with.
     use super::*;
-    use crate::averaging::{Config, Quorum};
+    use crate::averaging::{Config, InEvent, Quorum, Timer};
     use crate::wire::{Close, Envelope, Seal};
     use ed25519_dalek::SigningKey;
+    use rand_chacha::rand_core::SeedableRng;
 
     const RUN: &[u8] = b"rival-test";
 
@@ -883,6 +888,79 @@ mod tests {
             signers.extend(outsiders.iter().copied());
             assert_eq!(signed_by(&signers, &m), k, "outsiders are not counted");
             assert_eq!(vouched(&signers, &m), k > 3, "{k} of 9 members");
+        }
+    }
+
+    /// A member restored from a checkpoint older than the round that admitted the survivors
+    /// holds a member list none of whom is left (real-socket seed: `b` back from round 4 of
+    /// `{b, c}` while `a`, admitted in round 5, went on alone after a RECONFIG). Within the
+    /// patience window it refuses the survivor's state (no member of its own signed it); after
+    /// it the state is a candidate, taken once nobody contradicted it for the lone-state
+    /// timeout, as a joiner takes one. A peer that no restart made doubt its members never
+    /// takes such a state.
+    #[test]
+    fn a_restored_peer_whose_members_are_all_gone_takes_a_lone_survivors_state() {
+        let (gone, survivor) = (keys(1, 2), keys(11, 1));
+        let mut donor = genesis(&survivor);
+        donor.round = 40;
+        let q = codec::Quantization::F32;
+        let (t, m) = (vec![0.5f32; 8], vec![0.25f32; 8]);
+        let (te, me) = (codec::encode(q, &t), codec::encode(q, &m));
+        let p = proof_of(
+            &donor,
+            &survivor,
+            1,
+            donor.members().to_vec(),
+            state_hash(&t, &m),
+        );
+        let a = PeerKey::of(&survivor[0]);
+        let members: Vec<PeerKey> = gone.iter().map(PeerKey::of).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let patience = STATE_PATIENCE_RETRIES * cfg().retry;
+        let lone = LONE_STATE_RETRIES * cfg().retry;
+        for restored in [true, false] {
+            let mut b = if restored {
+                State::restore(
+                    cfg(),
+                    gone[0].clone(),
+                    4,
+                    Hash::of(b"c4"),
+                    members.clone(),
+                    vec![0.0; 8],
+                    vec![0.0; 8],
+                )
+            } else {
+                genesis(&gone)
+            };
+            b.round = 4;
+            b.start(0);
+            b.now = 10;
+            b.maybe_sync(a);
+            b.on_state(a, 41, &p, &te, &me);
+            assert_eq!(b.round, 4, "refused within the patience window");
+            assert!(b.candidates.is_empty());
+            b.now = patience + 10;
+            b.maybe_sync(a);
+            b.on_state(a, 41, &p, &te, &me);
+            assert_eq!(b.round, 4, "a lone donor is not taken at once");
+            assert_eq!(b.candidates.len(), usize::from(restored));
+            b.handle(
+                patience + lone + 9,
+                InEvent::Timer(Timer::Retry(4)),
+                &mut rng,
+            );
+            assert_eq!(b.round, 4, "taken only after the lone-state timeout");
+            b.handle(
+                patience + lone + 10,
+                InEvent::Timer(Timer::Retry(4)),
+                &mut rng,
+            );
+            if restored {
+                assert_eq!((b.round, b.members()), (41, &[a][..]));
+                assert_eq!(b.theta, t);
+            } else {
+                assert_eq!(b.round, 4, "a confirmed peer keeps its members");
+            }
         }
     }
 
