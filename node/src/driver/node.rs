@@ -206,8 +206,8 @@ impl Node {
     }
 
     /// Counts a message rejected from `peer` (its libp2p id) in `/status` and `/metrics`, by
-    /// kind and reason, and logs it (rate-limited per peer and kind: a remote peer can send
-    /// rejections at will).
+    /// kind and reason, and logs it (rate-limited per peer, kind and reason: a remote peer can
+    /// send rejections at will).
     fn reject(
         &mut self,
         peer: &str,
@@ -219,7 +219,7 @@ impl Node {
         let now = self.shared.now_s();
         self.shared.peers(|b| b.rejected(peer, now));
         self.shared.count_rejections(kind, reason, 1);
-        if let Some(skipped) = self.ratelog.allow(peer, kind, Instant::now()) {
+        if let Some(skipped) = self.ratelog.allow(peer, kind, reason, Instant::now()) {
             tracing::warn!(%peer, kind, reason, %detail, skipped, "message rejected");
         }
     }

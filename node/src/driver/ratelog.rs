@@ -1,27 +1,34 @@
 //! Rate limits for warnings a remote peer can trigger at will (rejected and malformed
-//! messages): at most one line per (peer, kind) every [`WINDOW`], the next one saying how many
-//! were left out, so a peer that floods the node with junk cannot flood its log (or its disk)
-//! too. Every rejection is still counted in `/status` and `/metrics`.
+//! messages): at most one line per (peer, kind, reason) every [`WINDOW`], the next one saying
+//! how many were left out, so a peer that floods the node with junk cannot flood its log (or its
+//! disk) too, while each new reason a peer earns is still logged at once (reasons are a fixed
+//! set of labels). Every rejection is still counted in `/status` and `/metrics`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// At most one warning per (peer, kind) in this window.
+/// At most one warning per (peer, kind, reason) in this window.
 pub const WINDOW: Duration = Duration::from_secs(10);
-/// Most (peer, kind) pairs remembered; beyond it the oldest are forgotten (they log again).
+/// Most (peer, kind, reason) keys remembered; beyond it the oldest are forgotten (they log again).
 pub const MAX_KEYS: usize = 4096;
 
-/// Per (peer, kind): when a line was last written, and how many were left out since.
+/// Per (peer, kind, reason): when a line was last written, and how many were left out since.
 #[derive(Debug, Default)]
 pub struct RateLog {
-    last: HashMap<(String, &'static str), (Instant, u64)>,
+    last: HashMap<(String, &'static str, &'static str), (Instant, u64)>,
 }
 
 impl RateLog {
-    /// Whether to write a warning about `peer` and `kind` now; `Some(n)` with the number left
-    /// out since the last one written, `None` to leave this one out.
-    pub fn allow(&mut self, peer: &str, kind: &'static str, now: Instant) -> Option<u64> {
-        let key = (peer.to_string(), kind);
+    /// Whether to write a warning about `peer`, `kind` and `reason` now; `Some(n)` with the
+    /// number left out since the last one written, `None` to leave this one out.
+    pub fn allow(
+        &mut self,
+        peer: &str,
+        kind: &'static str,
+        reason: &'static str,
+        now: Instant,
+    ) -> Option<u64> {
+        let key = (peer.to_string(), kind, reason);
         if let Some((t, skipped)) = self.last.get_mut(&key) {
             if now.saturating_duration_since(*t) < WINDOW {
                 *skipped += 1;
@@ -49,17 +56,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_line_per_peer_and_kind_per_window_then_the_count_left_out() {
+    fn one_line_per_peer_kind_and_reason_per_window_then_the_count_left_out() {
         let mut r = RateLog::default();
         let t0 = Instant::now();
-        assert_eq!(r.allow("a", "SEAL", t0), Some(0));
+        assert_eq!(r.allow("a", "SEAL", "x", t0), Some(0));
         for i in 1..=5 {
-            assert_eq!(r.allow("a", "SEAL", t0 + Duration::from_millis(i)), None);
+            assert_eq!(
+                r.allow("a", "SEAL", "x", t0 + Duration::from_millis(i)),
+                None
+            );
         }
-        assert_eq!(r.allow("a", "JOIN", t0), Some(0));
-        assert_eq!(r.allow("b", "SEAL", t0), Some(0));
-        assert_eq!(r.allow("a", "SEAL", t0 + WINDOW), Some(5));
-        assert_eq!(r.allow("a", "SEAL", t0 + WINDOW), None);
+        assert_eq!(r.allow("a", "JOIN", "x", t0), Some(0));
+        assert_eq!(r.allow("b", "SEAL", "x", t0), Some(0));
+        // Another reason from the same peer and kind is news: logged at once.
+        assert_eq!(
+            r.allow("a", "SEAL", "y", t0 + Duration::from_millis(9)),
+            Some(0)
+        );
+        assert_eq!(r.allow("a", "SEAL", "x", t0 + WINDOW), Some(5));
+        assert_eq!(r.allow("a", "SEAL", "x", t0 + WINDOW), None);
     }
 
     #[test]
@@ -67,7 +82,7 @@ mod tests {
         let mut r = RateLog::default();
         let t0 = Instant::now();
         for i in 0..3 * MAX_KEYS {
-            assert_eq!(r.allow(&i.to_string(), "READY", t0), Some(0));
+            assert_eq!(r.allow(&i.to_string(), "READY", "x", t0), Some(0));
         }
         assert!(r.last.len() <= MAX_KEYS);
     }
