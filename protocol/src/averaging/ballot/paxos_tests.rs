@@ -190,6 +190,31 @@ fn a_prepare_ahead_of_the_bound_is_promised_once_members_promised_it() {
     assert_eq!(st.r.promised, b);
 }
 
+/// Per leader only its highest PREPARE refused as early is kept (a lower one after it does not
+/// replace it), and that is the one promised once the evidence reaches it.
+#[test]
+fn of_a_leaders_prepares_ahead_the_highest_is_the_one_promised() {
+    let (k, _, mut st) = setup(4);
+    let me = st.me;
+    let n = st.members.len() as u32;
+    let b = (3..40).find(|b| st.leader(*b) != Some(me)).unwrap();
+    let leader = st.leader(b).unwrap();
+    assert_eq!(st.leader(b + n), Some(leader), "a leader's next ballot");
+    for x in [b, b + n, b] {
+        st.on_prepare(leader, x);
+    }
+    assert_eq!(promised(&mut st), Vec::<u32>::new());
+    assert_eq!(st.r.ahead.get(&leader), Some(&(b + n)));
+    let others: Vec<&SigningKey> = k
+        .iter()
+        .filter(|x| PeerKey::of(x) != leader && PeerKey::of(x) != me)
+        .collect();
+    for o in &others[..2] {
+        promise_from(&mut st, o, b + n);
+    }
+    assert_eq!(promised(&mut st), vec![b + n]);
+}
+
 #[test]
 fn a_leader_closes_its_ballot_only_with_a_quorum_of_promises_for_it() {
     let (k, _, mut st) = setup(4);
