@@ -859,3 +859,63 @@ fn a_decision_proof_is_checked_field_by_field() {
         assert!(w.st.verify_proof(&p).is_err(), "a proof with {what} passed");
     }
 }
+
+/// What `on_seal` itself refuses before anything is applied: a SEAL under a ballot above this
+/// peer's bound (its ballot is checked before the SEAL, reason `BallotAhead`), and a fresh
+/// SEAL (no certified PROMISE) that evicts a member this peer heard lately; evicting a silent
+/// member passes.
+#[test]
+fn on_seal_refuses_ballots_ahead_and_fresh_seals_evicting_members_heard_lately() {
+    use crate::averaging::{OutEvent, Reject};
+    use std::sync::Arc;
+    let mut w = World::new();
+    let gone = PeerKey::of(&w.keys[3]);
+    let close = Close {
+        ballot: 0,
+        contributors: w.keys[..3].iter().map(|k| w.contributor(k, 1.0)).collect(),
+    };
+    let mut seal = w.seal_of(close);
+    seal.next_members.retain(|p| *p != gone);
+    assert_eq!(w.check(&seal), Ok(()));
+    let propose = |w: &World, ballot: u32| {
+        let leader = w.st.leader(ballot).unwrap();
+        let body = Body::Seal(Propose {
+            ballot,
+            seal: seal.clone(),
+            promises: Vec::new(),
+        });
+        Arc::new(w.sign(w.key(leader), body))
+    };
+    let rejections = |st: &mut State| -> Vec<Reject> {
+        std::mem::take(&mut st.out)
+            .into_iter()
+            .filter_map(|e| match e {
+                OutEvent::Rejected { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect()
+    };
+    w.st.now = 1_000;
+    w.st.r.reference = Some(1_000);
+    let ahead = propose(&w, 7);
+    w.st.on_seal(ahead, 7);
+    assert_eq!(
+        rejections(&mut w.st),
+        vec![Reject::BallotAhead {
+            ballot: 7,
+            bound: 0
+        }]
+    );
+    w.st.last_heard.insert(gone, ROUND);
+    let fresh = propose(&w, 0);
+    w.st.on_seal(fresh.clone(), 0);
+    assert_eq!(
+        rejections(&mut w.st),
+        vec![Reject::Malformed("a member evicted that is not silent")]
+    );
+    assert!(w.st.r.proposals.is_empty());
+    w.st.last_heard.remove(&gone);
+    w.st.on_seal(fresh, 0);
+    assert_eq!(rejections(&mut w.st), Vec::<Reject>::new());
+    assert_eq!(w.st.r.proposals.len(), 1);
+}
