@@ -5,7 +5,8 @@
 //! only with a quorum of PROMISEs for exactly that ballot.
 
 use super::*;
-use crate::averaging::{Config, OutEvent, Quorum};
+use crate::averaging::{Config, OutEvent, Quorum, Tentative};
+use crate::wire::Signature;
 use ed25519_dalek::SigningKey;
 
 const RUN: &[u8] = b"paxos-test";
@@ -241,4 +242,90 @@ fn a_leader_closes_its_ballot_only_with_a_quorum_of_promises_for_it() {
     let mut want: Vec<PeerKey> = k[1..].iter().map(PeerKey::of).collect();
     want.sort();
     assert_eq!(signers, want);
+}
+
+/// The COMMIT rule, one condition at a time: a member that applied the SEAL and holds a
+/// quorum of ACCEPTs for it COMMITs once; not when it is no member, may not vote in this round
+/// (vote record), promised a higher ballot, already committed under this ballot or a higher
+/// one, or holds fewer ACCEPTs than a quorum.
+#[test]
+fn a_commit_needs_every_condition_of_the_rule() {
+    let b = 4;
+    let seal = Hash::of(b"sealed");
+    let ready = |votes: usize| {
+        let (k, _, mut st) = setup(4);
+        st.r.tentative.insert(
+            seal,
+            Tentative {
+                theta: vec![0.0; 64],
+                momentum: vec![0.0; 64],
+                state: Hash::of(b"state"),
+                next_chain: Hash::of(b"next"),
+            },
+        );
+        let accepts = st.r.accepts.entry((b, seal)).or_default();
+        for key in &k[..votes] {
+            accepts.insert(PeerKey::of(key), Signature([0; 64]));
+        }
+        st
+    };
+    let commits = |st: &mut State| -> Vec<u32> {
+        std::mem::take(&mut st.out)
+            .into_iter()
+            .filter_map(|e| match e {
+                OutEvent::Gossip(env) => match &env.body {
+                    Body::Commit(c) => Some(c.ballot),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    };
+    let mut st = ready(3);
+    st.maybe_commit(b, seal);
+    assert_eq!(commits(&mut st), vec![b]);
+    st.maybe_commit(b, seal);
+    assert_eq!(commits(&mut st), Vec::<u32>::new(), "once per ballot");
+
+    let cases: Vec<(&str, Box<dyn Fn(&mut State)>)> = vec![
+        (
+            "no member",
+            Box::new(|st| st.members.retain(|p| *p != st.me)),
+        ),
+        (
+            "barred from voting",
+            Box::new(|st| st.vote_from = st.round + 1),
+        ),
+        ("promised higher", Box::new(|st| st.r.promised = b + 1)),
+        (
+            "committed at this ballot",
+            Box::new(|st| st.r.committed = Some(b)),
+        ),
+        (
+            "committed higher",
+            Box::new(|st| st.r.committed = Some(b + 3)),
+        ),
+        (
+            "two ACCEPTs",
+            Box::new(|st| {
+                st.r.accepts.insert((b, seal), Default::default());
+            }),
+        ),
+    ];
+    for (what, change) in cases {
+        let mut st = ready(3);
+        if what == "two ACCEPTs" {
+            st = ready(2);
+        } else {
+            change(&mut st);
+        }
+        st.maybe_commit(b, seal);
+        assert_eq!(commits(&mut st), Vec::<u32>::new(), "{what}");
+    }
+    // Committed under a lower ballot only: this one may still be committed.
+    let mut st = ready(3);
+    st.r.committed = Some(b - 1);
+    st.r.promised = b;
+    st.maybe_commit(b, seal);
+    assert_eq!(commits(&mut st), vec![b]);
 }
