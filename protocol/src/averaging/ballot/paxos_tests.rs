@@ -329,3 +329,36 @@ fn a_commit_needs_every_condition_of_the_rule() {
     st.maybe_commit(b, seal);
     assert_eq!(commits(&mut st), vec![b]);
 }
+
+/// An ACCEPT under a ballot above this peer's bound is refused (`BallotAhead`) and not
+/// counted; one within it is.
+#[test]
+fn an_accept_ahead_of_the_bound_is_not_counted() {
+    let (k, _, mut st) = setup(4);
+    let seal = Hash::of(b"sealed");
+    let accept = |st: &State, ballot: u32| {
+        Envelope::sign(
+            &k[1],
+            st.cfg.run,
+            st.round,
+            st.chain,
+            Body::Accept(Accept { ballot, seal }),
+        )
+    };
+    let env = accept(&st, 7);
+    st.on_accept(&env, Accept { ballot: 7, seal });
+    assert!(st.r.accepts.is_empty());
+    assert!(st.out.iter().any(|e| matches!(
+        e,
+        OutEvent::Rejected {
+            reason: Reject::BallotAhead {
+                ballot: 7,
+                bound: 0
+            },
+            ..
+        }
+    )));
+    let env = accept(&st, 0);
+    st.on_accept(&env, Accept { ballot: 0, seal });
+    assert_eq!(st.r.accepts[&(0, seal)].len(), 1);
+}
