@@ -1,5 +1,6 @@
-//! Choosing the compute device: WebGPU through burn-wgpu, or burn's pure-Rust CPU backend
-//! (`flex`).
+//! Choosing the compute device: WebGPU through burn-wgpu, burn's pure-Rust CPU backend
+//! (`flex`), or, in builds with the `torch` feature, burn's LibTorch backend on the CPU (PyTorch's
+//! own kernels: the fastest CPU path, at the cost of a libtorch install; README, "Faster CPU").
 //!
 //! `auto` uses wgpu when it finds a hardware adapter and says which; a software-only adapter
 //! (Mesa's lavapipe/llvmpipe) is slower than the CPU backend, so `auto` then falls back to
@@ -22,6 +23,8 @@ pub enum BackendChoice {
     Cpu,
     /// burn's CUDA backend on the first NVIDIA GPU (a build with `--features cuda`).
     Cuda,
+    /// burn's LibTorch backend on the CPU (a build with `--features torch`).
+    Torch,
 }
 
 /// Errors selecting a device.
@@ -34,6 +37,9 @@ pub enum BackendError {
     /// CUDA was requested from a build without it, or the device could not be started.
     #[error("--backend cuda: {0}")]
     Cuda(String),
+    /// LibTorch was requested from a build without it.
+    #[error("--backend torch: {0}")]
+    Torch(String),
     /// The CPU thread pool could not be set up (it was already started, or the OS refused).
     #[error("--threads: cannot start the CPU thread pool ({0})")]
     Threads(String),
@@ -49,6 +55,12 @@ pub fn set_threads(threads: usize) -> Result<usize, BackendError> {
     }
     pool.build_global()
         .map_err(|e| BackendError::Threads(e.to_string()))?;
+    #[cfg(feature = "torch")]
+    {
+        // LibTorch's intra-op pool, sized like rayon's (one thread per core by default).
+        let n = i32::try_from(rayon::current_num_threads()).unwrap_or(i32::MAX);
+        tch::set_num_threads(n);
+    }
     Ok(rayon::current_num_threads())
 }
 
@@ -94,6 +106,7 @@ pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
     match choice {
         BackendChoice::Cpu => Ok(cpu()),
         BackendChoice::Cuda => init_cuda().map_err(BackendError::Cuda),
+        BackendChoice::Torch => init_torch().map_err(BackendError::Torch),
         BackendChoice::Wgpu => init_wgpu().map(|(s, _)| s).map_err(BackendError::NoAdapter),
         BackendChoice::Auto => match init_wgpu() {
             Ok((s, false)) => {
@@ -141,6 +154,25 @@ fn init_cuda() -> Result<Selected, String> {
 fn init_cuda() -> Result<Selected, String> {
     Err("this binary was built without CUDA: rebuild with \
          `cargo build --release -p diloco-node --features cuda`, or use --backend wgpu"
+        .into())
+}
+
+#[cfg(feature = "torch")]
+#[allow(deprecated)] // burn marks LibTorch deprecated in favour of CubeCL's CPU backend, which
+                     // needs MLIR; LibTorch is the one with PyTorch's CPU kernels.
+fn init_torch() -> Result<Selected, String> {
+    Ok(Selected {
+        device: Device::libtorch(),
+        kind: "torch",
+        description: format!("libtorch (CPU, {} threads)", tch::get_num_threads()),
+    })
+}
+
+#[cfg(not(feature = "torch"))]
+fn init_torch() -> Result<Selected, String> {
+    Err("this binary was built without LibTorch: rebuild with \
+         `cargo build --release -p diloco-node --features torch` and libtorch installed \
+         (README, \"Faster CPU\"), or use --backend cpu"
         .into())
 }
 
