@@ -142,6 +142,15 @@ pub struct StudyRunArgs {
     /// without its extension (results.jsonl: results/report.md and its plots).
     #[arg(long)]
     pub report: bool,
+    /// Only the runs whose key has every one of these `k=v` pairs (as in the results' `key`
+    /// field, e.g. `--only "replicas=2 seed=0"`; repeatable).
+    #[arg(long, value_name = "PAIRS")]
+    pub only: Vec<String>,
+    /// Re-make runs that are already recorded (with --only: some of them) and check that they
+    /// repeat their recorded eval loss, eval history and final parameters' hash; nothing is
+    /// appended, and a difference is an error.
+    #[arg(long, conflicts_with = "report")]
+    pub check: bool,
 }
 
 /// `study report` flags.

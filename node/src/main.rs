@@ -128,8 +128,19 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
         StudyCommand::Run(args) => {
             let text = std::fs::read_to_string(&args.grid)
                 .with_context(|| format!("reading the grid file {}", args.grid.display()))?;
-            let g =
+            let mut g =
                 grid::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", args.grid.display()))?;
+            if !args.only.is_empty() {
+                let example = g.runs.first().map(|r| r.key()).unwrap_or_default();
+                g.runs.retain(|r| args.only.iter().all(|t| r.matches(t)));
+                if g.runs.is_empty() {
+                    anyhow::bail!(
+                        "--only {:?}: no run of {} has all those pairs; a run's key looks like \"{example}\"",
+                        args.only,
+                        args.grid.display()
+                    );
+                }
+            }
             if !args.data.is_file() {
                 anyhow::bail!(
                     "--data {}: no such file (give the training text every run uses)",
@@ -156,11 +167,39 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
                 backend: clap::ValueEnum::to_possible_value(&args.backend)
                     .map(|v| v.get_name().to_string())
                     .unwrap_or_else(|| "cpu".into()),
-                logs: out.with_extension("logs"),
+                // A check keeps its logs apart from the recorded runs' logs.
+                logs: out.with_extension(if args.check { "check.logs" } else { "logs" }),
                 out: out.clone(),
+                check: args.check,
             };
             let stop = stop_flag()?;
             let summary = runner::run(&g, &opts, &stop)?;
+            if args.check {
+                eprintln!(
+                    "study {} --check: {} re-made runs repeat their recorded numbers, {} differ, {} not recorded (left out), {} failed, {} interrupted",
+                    g.name,
+                    summary.same,
+                    summary.different,
+                    summary.skipped,
+                    summary.failed,
+                    summary.interrupted
+                );
+                if summary.same + summary.different + summary.failed + summary.interrupted == 0 {
+                    anyhow::bail!(
+                        "--check: none of the selected runs is recorded in {}; run them first",
+                        out.display()
+                    );
+                }
+                if summary.different > 0 || summary.failed > 0 {
+                    anyhow::bail!(
+                        "--check: {} run(s) differ from their recorded lines, {} failed (logs in {})",
+                        summary.different,
+                        summary.failed,
+                        opts.logs.display()
+                    );
+                }
+                return Ok(());
+            }
             eprintln!(
                 "study {}: {} made now, {} already there, {} failed, {} interrupted; results in {}",
                 g.name,

@@ -523,6 +523,36 @@ fn study_runs_a_grid_resumes_it_and_reports() {
         assert_eq!(twin["eval_loss"], l["eval_loss"]);
         assert_eq!(twin["global_hash"], l["global_hash"]);
     }
+    // `--check --only` re-makes one recorded row and finds the same numbers; a recorded line
+    // that was altered is reported as different, and an --only that matches nothing is an error.
+    let only = "mode=diloco seed=1";
+    let out = run(&["study", "run", g, "--data", d, "--check", "--only", only]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("1 re-made runs repeat their recorded numbers, 0 differ"),
+        "{err}"
+    );
+    assert_eq!(lines(&results).len(), 4, "--check appends nothing");
+    let altered: String = all
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            if l["mode"] == "diloco" && l["seed"] == 1 {
+                l["eval_loss"] = serde_json::json!(1.0);
+            }
+            format!("{l}\n")
+        })
+        .collect();
+    std::fs::write(&results, altered).unwrap();
+    fails_with(
+        &["study", "run", g, "--data", d, "--check", "--only", only],
+        "1 run(s) differ from their recorded lines",
+    );
+    fails_with(
+        &["study", "run", g, "--data", d, "--only", "seed=7"],
+        "no run of",
+    );
     let report = std::fs::read_to_string(dir.path().join("g/report.md")).unwrap();
     assert!(report.contains("| diloco | 2 | 4 | 0.6 |"), "{report}");
     assert!(report.contains(" ± "), "{report}");

@@ -114,6 +114,14 @@ impl RunSpec {
         format!("{} seed={}", self.config_key(), self.seed)
     }
 
+    /// Whether every `k=v` term of `terms` (whitespace-separated, as in [`RunSpec::key`], e.g.
+    /// `replicas=2 seed=0`) is a pair of this run's key.
+    pub fn matches(&self, terms: &str) -> bool {
+        let key = self.key();
+        let pairs: Vec<&str> = key.split(' ').collect();
+        terms.split_whitespace().all(|t| pairs.contains(&t))
+    }
+
     /// The `simulate` arguments of this run (without `--data`, `--json` and `--threads`).
     pub fn args(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -323,6 +331,20 @@ mod tests {
             {"mode": "diloco", "replicas": [2, 4], "outer_lr": 0.6}
         ]
     }"#;
+
+    #[test]
+    fn only_terms_select_the_runs_whose_key_has_every_pair() {
+        let g = parse(EXAMPLE).unwrap();
+        let picked = |t: &str| g.runs.iter().filter(|r| r.matches(t)).count();
+        assert_eq!(picked(""), 8);
+        assert_eq!(picked("seed=0"), 4);
+        assert_eq!(picked("replicas=2 seed=1"), 1);
+        assert_eq!(picked("  mode=dp   seed=1 "), 1);
+        // Whole pairs only: `replicas=4` is not `replicas=40`, `seed=1` not `seed=10`.
+        assert_eq!(picked("replicas=40"), 0);
+        assert_eq!(picked("replicas"), 0);
+        assert_eq!(picked("mode=dp mode=diloco"), 0);
+    }
 
     #[test]
     fn entries_expand_over_axes_and_seeds() {

@@ -6,12 +6,13 @@
 //! result exactly what `simulate` prints for the same flags, so any row can be re-run by hand.
 //! A run counts only when its report has all its steps: Ctrl+C (which reaches the children
 //! too) ends the study at the children's next round boundary without recording partial runs,
-//! and running the same command again makes only what is missing.
+//! and running the same command again makes only what is missing. With `check` it re-makes
+//! runs that are already recorded and compares the numbers instead of appending them.
 
 use crate::study::grid::{Grid, RunSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -69,6 +70,9 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Folder for each run's log (stderr of the child).
     pub logs: PathBuf,
+    /// Re-make the runs already in `out` and compare them with their lines (nothing is
+    /// appended); runs not yet recorded are left out.
+    pub check: bool,
 }
 
 /// What a study run did.
@@ -82,6 +86,41 @@ pub struct Summary {
     pub failed: usize,
     /// Runs stopped by Ctrl+C before they finished (not recorded).
     pub interrupted: usize,
+    /// With `check`: re-made runs whose numbers equal their recorded line.
+    pub same: usize,
+    /// With `check`: re-made runs whose numbers differ from their recorded line.
+    pub different: usize,
+}
+
+/// The numbers a re-made run must repeat: the final eval loss, the eval history and the
+/// final parameters' hash. `Err` says what differs.
+pub fn compare(recorded: &Value, now: &Value) -> Result<(), String> {
+    let mut diffs = Vec::new();
+    for field in [
+        "eval_loss",
+        "global_hash",
+        "eval_history",
+        "steps",
+        "tokens",
+    ] {
+        if recorded.get(field) != now.get(field) {
+            let show = |v: &Value| match v.get(field) {
+                Some(Value::Array(a)) => format!("{} points", a.len()),
+                Some(x) => x.to_string(),
+                None => "none".into(),
+            };
+            diffs.push(format!(
+                "{field}: recorded {}, now {}",
+                show(recorded),
+                show(now)
+            ));
+        }
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(diffs.join("; "))
+    }
 }
 
 /// Reads every result line of `path` (none when it does not exist yet).
@@ -280,17 +319,17 @@ fn run_one(opts: &RunOptions, grid: &str, spec: &RunSpec, commit: &str) -> Outco
     }
 }
 
-/// Runs every run of `grid` not yet in `opts.out`; `stop` (Ctrl+C) ends it after the runs in
-/// flight.
+/// Runs every run of `grid` not yet in `opts.out` (with `opts.check`: every run that is, and
+/// compares); `stop` (Ctrl+C) ends it after the runs in flight.
 pub fn run(grid: &Grid, opts: &RunOptions, stop: &AtomicBool) -> Result<Summary, StudyError> {
-    let done: HashSet<String> = load(&opts.out)?
-        .iter()
-        .filter_map(|v| v.get("key")?.as_str().map(String::from))
+    let recorded: HashMap<String, Value> = load(&opts.out)?
+        .into_iter()
+        .filter_map(|v| Some((v.get("key")?.as_str()?.to_string(), v)))
         .collect();
     let pending: VecDeque<RunSpec> = grid
         .runs
         .iter()
-        .filter(|r| !done.contains(&r.key()))
+        .filter(|r| recorded.contains_key(&r.key()) == opts.check)
         .cloned()
         .collect();
     let summary = Summary {
@@ -310,8 +349,9 @@ pub fn run(grid: &Grid, opts: &RunOptions, stop: &AtomicBool) -> Result<Summary,
     tracing::info!(
         grid = %grid.name,
         runs = grid.runs.len(),
-        already_done = summary.skipped,
+        left_out = summary.skipped,
         to_run = pending.len(),
+        check = opts.check,
         jobs = opts.jobs,
         threads_per_run = opts.threads,
         "study"
@@ -346,6 +386,29 @@ pub fn run(grid: &Grid, opts: &RunOptions, stop: &AtomicBool) -> Result<Summary,
                 let outcome = run_one(opts, &grid.name, &spec, &commit);
                 let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                 match outcome {
+                    Outcome::Done(line) if opts.check => {
+                        let key = spec.key();
+                        let verdict = recorded
+                            .get(&key)
+                            .map_or(Err("not recorded".to_string()), |r| compare(r, &line));
+                        match verdict {
+                            Ok(()) => {
+                                st.0.same += 1;
+                                bar.println(format!(
+                                    "same: {key} -> eval loss {}, hash {}",
+                                    line["eval_loss"], line["global_hash"]
+                                ));
+                                if bar.is_hidden() {
+                                    tracing::info!(run = %key, eval_loss = %line["eval_loss"], "re-made run repeats its recorded line");
+                                }
+                            }
+                            Err(why) => {
+                                st.0.different += 1;
+                                bar.println(format!("DIFFERENT: {key}: {why}"));
+                                tracing::error!(run = %key, "re-made run differs from its recorded line: {why}");
+                            }
+                        }
+                    }
                     Outcome::Done(line) => {
                         let loss = line["eval_loss"].as_f64().unwrap_or(f64::NAN);
                         if let Err(e) = append(&opts.out, &line) {
@@ -410,6 +473,29 @@ mod tests {
                 "inner": {"lr": 0.003, "warmup": 2, "weight_decay": 0.1}, "drop_prob": 0.0,
                 "shards": "iid", "model": {"d_model": 8, "n_layers": 1, "n_heads": 1, "context": 8}}
         })
+    }
+
+    #[test]
+    fn a_check_compares_loss_history_hash_and_length_and_nothing_else() {
+        let g = grid::parse(r#"{"base": {"replicas": 2}}"#).unwrap();
+        let line = result_line("g", &g.runs[0], &report(20), 1, "abc", Path::new("d")).unwrap();
+        let mut later = line.clone();
+        later["wall_s"] = json!(99.0);
+        later["git_commit"] = json!("def");
+        later["threads"] = json!(4);
+        assert_eq!(compare(&line, &later), Ok(()));
+        for (field, v) in [
+            ("eval_loss", json!(2.6)),
+            ("global_hash", json!("cd")),
+            ("eval_history", json!([])),
+            ("steps", json!(21)),
+            ("tokens", json!(1)),
+        ] {
+            let mut other = line.clone();
+            other[field] = v;
+            let why = compare(&line, &other).unwrap_err();
+            assert!(why.starts_with(field), "{field}: {why}");
+        }
     }
 
     #[test]
