@@ -184,7 +184,7 @@ fn study(cmd: diloco_node::cli::StudyCommand) -> anyhow::Result<()> {
                     summary.failed,
                     summary.interrupted
                 );
-                if summary.same + summary.different + summary.failed + summary.interrupted == 0 {
+                if summary.skipped == g.runs.len() {
                     anyhow::bail!(
                         "--check: none of the selected runs is recorded in {}; run them first",
                         out.display()

@@ -78,7 +78,7 @@ pub struct RunOptions {
 /// What a study run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Summary {
-    /// Runs already in the results file.
+    /// Runs left out: already in the results file (with `check`: not in it yet).
     pub skipped: usize,
     /// Runs made and recorded now.
     pub done: usize,
@@ -92,8 +92,9 @@ pub struct Summary {
     pub different: usize,
 }
 
-/// The numbers a re-made run must repeat: the final eval loss, the eval history and the
-/// final parameters' hash. `Err` says what differs.
+/// The numbers a re-made run must repeat: the final eval loss, the eval history, the final
+/// parameters' hash, steps and tokens (not wall time, threads or commit). `Err` says what
+/// differs.
 pub fn compare(recorded: &Value, now: &Value) -> Result<(), String> {
     let mut diffs = Vec::new();
     for field in [
