@@ -135,7 +135,8 @@ pub struct StudyRunArgs {
     /// CPU threads each run may use.
     #[arg(long, default_value_t = 1)]
     pub threads_per_run: usize,
-    /// Compute backend of the runs (only `cpu` gives results that repeat bit for bit).
+    /// Compute backend of the runs (`cpu` and `native` give results that repeat bit for bit,
+    /// whatever the thread count; a grid's `backend` key overrides this per run).
     #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
     pub backend: BackendChoice,
     /// Write the report when the runs are done, into a folder named like the results file

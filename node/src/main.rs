@@ -109,7 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _g = span.enter();
             tracing::info!(params = cfg.model.num_params(), model = %cfg.model.describe(), "starting");
             if let Some(dir) = &args.dump_batches {
-                simulate::dump_inputs(&cfg, &corpus, &dev.device, dir)
+                simulate::dump_inputs(&cfg, &corpus, dir)
                     .with_context(|| format!("writing --dump-batches to {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "wrote init.safetensors and batches.bin");
             }

@@ -30,12 +30,12 @@ pub mod votes;
 
 use crate::net::{self, NetConfig};
 use crate::runconfig::Run;
+use crate::train::backend::Compute;
 use crate::train::checkpoint::CheckpointError;
 use crate::train::data::Corpus;
 use crate::train::flat::{self, ParamInfo};
 use crate::train::inner::{AdamState, Evaluator, Replica};
 use crate::train::worker::{Done, Job, ModelWork, Trainer, WorkerError, OPT_SUFFIXES};
-use burn::prelude::Device;
 use diloco_p2p::keys::Identity;
 use diloco_protocol::averaging::Admission;
 use diloco_protocol::discovery::{self, Discovery};
@@ -197,7 +197,7 @@ pub struct JoinReport {
 pub async fn run(
     cfg: JoinConfig,
     corpus: Arc<Corpus>,
-    device: Device,
+    device: Compute,
     stop: Arc<AtomicBool>,
 ) -> Result<JoinReport, JoinError> {
     let peer_id = cfg.identity.peer_id();
@@ -208,9 +208,9 @@ pub async fn run(
 }
 
 /// The parameter layout of the run's model (one flat vector in synthetic runs).
-fn layout_of(cfg: &JoinConfig, device: &Device) -> Vec<ParamInfo> {
+fn layout_of(cfg: &JoinConfig) -> Vec<ParamInfo> {
     match cfg.run.config.synthetic_params as usize {
-        0 => flat::layout(&cfg.run.model.init(device)),
+        0 => cfg.run.model.layout(),
         n => vec![ParamInfo {
             name: "synthetic".into(),
             shape: vec![n],
@@ -223,7 +223,7 @@ fn layout_of(cfg: &JoinConfig, device: &Device) -> Vec<ParamInfo> {
 fn trainer_of(
     cfg: &JoinConfig,
     corpus: &Arc<Corpus>,
-    device: &Device,
+    device: &Compute,
     layout: &[ParamInfo],
     restored: Option<&crate::train::checkpoint::Loaded>,
     me: PeerKey,
@@ -281,14 +281,14 @@ fn rng_seed(secret: &[u8; 32]) -> [u8; 32] {
 async fn run_node(
     cfg: JoinConfig,
     corpus: Arc<Corpus>,
-    device: Device,
+    device: Compute,
     stop: Arc<AtomicBool>,
     peer_id: PeerId,
 ) -> Result<JoinReport, JoinError> {
     let key = SigningKey::from_bytes(&cfg.identity.secret);
     let me = PeerKey::of(&key);
     check_admission(&cfg, me, &peer_id)?;
-    let layout = layout_of(&cfg, &device);
+    let layout = layout_of(&cfg);
     let n_params: usize = layout.iter().map(ParamInfo::len).sum();
     tracing::info!(params = n_params, model = %cfg.run.model.describe(), "node starting");
 

@@ -15,7 +15,9 @@
 //! }
 //! ```
 //!
-//! Every key is a `simulate` flag (underscores for dashes). Each entry of `runs` is laid over
+//! Every key is a `simulate` flag (underscores for dashes); `backend` (e.g. `"native"`) overrides
+//! the study's `--backend` for those runs and, being in the key, keeps them apart from runs of
+//! the same settings on another backend. Each entry of `runs` is laid over
 //! `base`; a list value is an axis, and an entry expands into the cartesian product of its axes,
 //! each run once per seed. `tokens` may stand for `steps` (steps = tokens / (batch × seq)).
 //! A run is identified by its [`RunSpec::key`], the canonical flag list, so results of a grid
@@ -48,6 +50,7 @@ pub const KEYS: &[&str] = &[
     "weight_decay",
     "init",
     "mlp_bias",
+    "backend",
 ];
 
 /// Defaults of `simulate` the expansion needs to turn `tokens` into `steps`.

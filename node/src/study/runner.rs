@@ -290,10 +290,13 @@ fn run_one(opts: &RunOptions, grid: &str, spec: &RunSpec, commit: &str) -> Outco
         .args(spec.args())
         .arg("--data")
         .arg(&opts.data)
-        .args(["--backend", &opts.backend, "--json"])
+        .arg("--json")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
+    if !spec.flags.contains_key("backend") {
+        cmd.args(["--backend", &opts.backend]);
+    }
     let out = match cmd.output() {
         Ok(o) => o,
         Err(e) => return Outcome::Failed(format!("starting {}: {e}", opts.bin.display())),
@@ -315,7 +318,15 @@ fn run_one(opts: &RunOptions, grid: &str, spec: &RunSpec, commit: &str) -> Outco
         return Outcome::Interrupted;
     }
     match result_line(grid, spec, &report, opts.threads, commit, &opts.data) {
-        Some(line) => Outcome::Done(line),
+        Some(mut line) => {
+            let backend = spec
+                .flags
+                .get("backend")
+                .and_then(Value::as_str)
+                .unwrap_or(&opts.backend);
+            line["backend"] = json!(backend);
+            Outcome::Done(line)
+        }
         None => failed("simulate's report lacks fields this harness needs"),
     }
 }

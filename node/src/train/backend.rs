@@ -1,5 +1,6 @@
-//! Choosing the compute device: WebGPU through burn-wgpu, burn's pure-Rust CPU backend
-//! (`flex`), or, in builds with the `torch` feature, burn's LibTorch backend on the CPU (PyTorch's
+//! Choosing the compute device: WebGPU through burn-wgpu, the native CPU engine
+//! ([`crate::train::native`]: fused hand-written kernels, the fastest CPU path in every build),
+//! burn's pure-Rust CPU backend (`flex`), or, in builds with the `torch` feature, burn's LibTorch backend on the CPU (PyTorch's
 //! own kernels: the fastest CPU path, at the cost of a libtorch install; README, "Faster CPU").
 //!
 //! `auto` uses wgpu when it finds a hardware adapter and says which; a software-only adapter
@@ -21,6 +22,8 @@ pub enum BackendChoice {
     Wgpu,
     /// burn's pure-Rust CPU backend (`flex`).
     Cpu,
+    /// diloco-node's own fused CPU kernels (no autodiff graph; the fastest CPU path).
+    Native,
     /// burn's CUDA backend on the first NVIDIA GPU (a build with `--features cuda`).
     Cuda,
     /// burn's LibTorch backend on the CPU (a build with `--features torch`).
@@ -85,11 +88,20 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
+/// What a replica computes on: a burn device, or the native CPU engine.
+#[derive(Debug, Clone)]
+pub enum Compute {
+    /// A burn device without autodiff (replicas add it to train).
+    Burn(Device),
+    /// The native CPU engine ([`crate::train::native`]), on the rayon pool of `--threads`.
+    Native,
+}
+
 /// The selected device and a description for logs.
 #[derive(Debug, Clone)]
 pub struct Selected {
-    /// Device without autodiff (wrap with `.autodiff()` to train).
-    pub device: Device,
+    /// What replicas and evaluators run on.
+    pub device: Compute,
     /// `cpu` or `wgpu`.
     pub kind: &'static str,
     /// Adapter name and API, or "flex (CPU)".
@@ -99,12 +111,18 @@ pub struct Selected {
 /// Picks the device for `choice`.
 pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
     let cpu = || Selected {
-        device: Device::flex(),
+        device: Compute::Burn(Device::flex()),
         kind: "cpu",
         description: format!("flex (CPU, {} threads)", threads()),
     };
+    let native = || Selected {
+        device: Compute::Native,
+        kind: "native",
+        description: format!("native CPU kernels ({} threads)", threads()),
+    };
     match choice {
         BackendChoice::Cpu => Ok(cpu()),
+        BackendChoice::Native => Ok(native()),
         BackendChoice::Cuda => init_cuda().map_err(BackendError::Cuda),
         BackendChoice::Torch => init_torch().map_err(BackendError::Torch),
         BackendChoice::Wgpu => init_wgpu().map(|(s, _)| s).map_err(BackendError::NoAdapter),
@@ -140,7 +158,7 @@ fn init_cuda() -> Result<Selected, String> {
     });
     match probe {
         Ok(Some(v)) if v == [1.0] => Ok(Selected {
-            device,
+            device: Compute::Burn(device),
             kind: "cuda",
             description: "CUDA device 0".into(),
         }),
@@ -162,7 +180,7 @@ fn init_cuda() -> Result<Selected, String> {
                      // needs MLIR; LibTorch is the one with PyTorch's CPU kernels.
 fn init_torch() -> Result<Selected, String> {
     Ok(Selected {
-        device: Device::libtorch(),
+        device: Compute::Burn(Device::libtorch()),
         kind: "torch",
         description: format!("libtorch (CPU, {} threads)", tch::get_num_threads()),
     })
@@ -187,7 +205,7 @@ fn init_wgpu() -> Result<(Selected, bool), String> {
             let description = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
             Ok((
                 Selected {
-                    device,
+                    device: Compute::Burn(device),
                     kind: "wgpu",
                     description,
                 },

@@ -14,9 +14,11 @@
 //! and then follows a cosine to 5% of its peak, indexed by the global step (never reset per
 //! DiLoCo round).
 
+use crate::train::backend::Compute;
 use crate::train::data::Batch;
 use crate::train::flat::{self, ParamInfo};
 use crate::train::model::{ModelConfig, Transformer};
+use crate::train::native::{self, NativeModel};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -80,42 +82,85 @@ impl InnerConfig {
 pub struct AdamState {
     /// Steps taken (for bias correction).
     pub t: u64,
-    /// First moments, flattened, `None` until the first step.
-    m: Vec<Option<Tensor<1>>>,
-    /// Second moments.
-    v: Vec<Option<Tensor<1>>>,
+    moments: Moments,
+}
+
+/// Where the moments live: burn tensors on the replica's device, or flat vectors (the native
+/// engine).
+#[derive(Debug, Clone)]
+enum Moments {
+    /// First and second moments per parameter tensor, `None` until the first step.
+    Tensors {
+        m: Vec<Option<Tensor<1>>>,
+        v: Vec<Option<Tensor<1>>>,
+    },
+    /// Flat moments in parameter order; empty before the first step.
+    Flat { m: Vec<f32>, v: Vec<f32> },
+}
+
+impl Default for Moments {
+    fn default() -> Self {
+        Moments::Tensors {
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
 }
 
 impl AdamState {
     /// Moments as flat vectors in parameter order (zeros before the first step).
     pub fn to_flat(&self, layout: &[ParamInfo]) -> (Vec<f32>, Vec<f32>) {
-        let read = |xs: &Vec<Option<Tensor<1>>>| {
-            let mut out = Vec::new();
-            for (i, p) in layout.iter().enumerate() {
-                match xs.get(i).and_then(|x| x.as_ref()) {
-                    Some(t) => out.extend(
-                        t.to_data()
-                            .convert::<f32>()
-                            .try_into_vec::<f32>()
-                            .unwrap_or_default(),
-                    ),
-                    None => out.extend(std::iter::repeat_n(0.0, p.len())),
-                }
+        let total: usize = layout.iter().map(ParamInfo::len).sum();
+        let (m, v) = match &self.moments {
+            Moments::Flat { m, v } => (m, v),
+            Moments::Tensors { m, v } => {
+                let read = |xs: &Vec<Option<Tensor<1>>>| {
+                    let mut out = Vec::with_capacity(total);
+                    for (i, p) in layout.iter().enumerate() {
+                        match xs.get(i).and_then(|x| x.as_ref()) {
+                            Some(t) => out.extend(
+                                t.to_data()
+                                    .convert::<f32>()
+                                    .try_into_vec::<f32>()
+                                    .unwrap_or_default(),
+                            ),
+                            None => out.extend(std::iter::repeat_n(0.0, p.len())),
+                        }
+                    }
+                    out
+                };
+                return (read(m), read(v));
             }
-            out
         };
-        (read(&self.m), read(&self.v))
+        if m.len() == total && v.len() == total {
+            (m.clone(), v.clone())
+        } else {
+            (vec![0.0; total], vec![0.0; total])
+        }
     }
 
-    /// Rebuilds state from flat moments (as written by [`AdamState::to_flat`]).
-    /// `device` is the replica's (autodiff) device; the moments live on its inner device.
-    pub fn from_flat(t: u64, m: &[f32], v: &[f32], layout: &[ParamInfo], device: &Device) -> Self {
-        let device = &device.clone().inner();
-        let mut state = AdamState {
-            t,
-            m: Vec::new(),
-            v: Vec::new(),
+    /// Rebuilds state from flat moments (as written by [`AdamState::to_flat`]) for a replica
+    /// on `compute`: burn tensors on its (inner) device, or flat vectors for the native engine.
+    pub fn from_flat(
+        t: u64,
+        m: &[f32],
+        v: &[f32],
+        layout: &[ParamInfo],
+        compute: &Compute,
+    ) -> Self {
+        let device = match compute {
+            Compute::Native => {
+                return AdamState {
+                    t,
+                    moments: Moments::Flat {
+                        m: m.to_vec(),
+                        v: v.to_vec(),
+                    },
+                }
+            }
+            Compute::Burn(device) => &device.clone().inner(),
         };
+        let (mut ms, mut vs) = (Vec::new(), Vec::new());
         let mut off = 0;
         for p in layout {
             let n = p.len();
@@ -124,18 +169,55 @@ impl AdamState {
                     Tensor::<1>::from_data(TensorData::new(x[off..off + n].to_vec(), [n]), device)
                 })
             };
-            state.m.push(mk(m));
-            state.v.push(mk(v));
+            ms.push(mk(m));
+            vs.push(mk(v));
             off += n;
         }
-        state
+        AdamState {
+            t,
+            moments: Moments::Tensors { m: ms, v: vs },
+        }
+    }
+
+    /// The moments as burn tensors (converting flat ones, which only a state restored for
+    /// another engine has).
+    fn tensors(
+        &mut self,
+        layout: &[ParamInfo],
+        compute: &Compute,
+    ) -> (&mut Vec<Option<Tensor<1>>>, &mut Vec<Option<Tensor<1>>>) {
+        if matches!(self.moments, Moments::Flat { .. }) {
+            let (m, v) = self.to_flat(layout);
+            *self = AdamState::from_flat(self.t, &m, &v, layout, compute);
+        }
+        match &mut self.moments {
+            Moments::Tensors { m, v } => (m, v),
+            Moments::Flat { .. } => unreachable!("converted to tensors above"),
+        }
+    }
+
+    /// The moments as flat vectors of `total` values (zeros before the first step).
+    fn flat(&mut self, layout: &[ParamInfo]) -> (&mut Vec<f32>, &mut Vec<f32>) {
+        let total: usize = layout.iter().map(ParamInfo::len).sum();
+        let ok =
+            matches!(&self.moments, Moments::Flat { m, v } if m.len() == total && v.len() == total);
+        if !ok {
+            let (m, v) = self.to_flat(layout);
+            self.moments = Moments::Flat { m, v };
+        }
+        match &mut self.moments {
+            Moments::Flat { m, v } => (m, v),
+            Moments::Tensors { .. } => unreachable!("converted to flat vectors above"),
+        }
     }
 }
 
 struct AdamMapper<'a> {
     cfg: &'a InnerConfig,
     grads: &'a mut GradientsParams,
-    state: &'a mut AdamState,
+    t: u64,
+    m: &'a mut Vec<Option<Tensor<1>>>,
+    v: &'a mut Vec<Option<Tensor<1>>>,
     decay: &'a [bool],
     lr: f64,
     index: usize,
@@ -154,25 +236,25 @@ impl ModuleMapper for AdamMapper<'_> {
         let n = shape.num_elements();
         let g = grad.reshape([n]);
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        if self.state.m.len() <= i {
-            self.state.m.resize(i + 1, None);
-            self.state.v.resize(i + 1, None);
+        if self.m.len() <= i {
+            self.m.resize(i + 1, None);
+            self.v.resize(i + 1, None);
         }
-        let m = match self.state.m[i].take() {
+        let m = match self.m[i].take() {
             Some(m) => m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1),
             None => g.clone().mul_scalar(1.0 - b1),
         };
-        let v = match self.state.v[i].take() {
+        let v = match self.v[i].take() {
             Some(v) => v.mul_scalar(b2) + g.square().mul_scalar(1.0 - b2),
             None => g.square().mul_scalar(1.0 - b2),
         };
-        let t = self.state.t as i32;
+        let t = self.t as i32;
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
         let update =
             m.clone().div_scalar(bc1) / (v.clone().div_scalar(bc2).sqrt().add_scalar(self.cfg.eps));
-        self.state.m[i] = Some(m);
-        self.state.v[i] = Some(v);
+        self.m[i] = Some(m);
+        self.v[i] = Some(v);
         let wd = if self.decay.get(i).copied().unwrap_or(false) {
             self.cfg.weight_decay
         } else {
@@ -199,29 +281,48 @@ pub struct StepStats {
     pub lr: f64,
 }
 
-/// One replica: model on an autodiff device, AdamW state, tokens processed.
+/// The model a replica trains, on one of the engines.
+enum Engine {
+    /// burn's autodiff over the selected device (`None` only while a step holds it).
+    Burn(Option<Transformer>),
+    /// The native CPU engine.
+    Native(Box<NativeModel>),
+}
+
+/// One replica: the model on its engine, AdamW state, tokens processed.
 pub struct Replica {
-    model: Option<Transformer>,
+    engine: Engine,
     /// Inner optimizer state.
     pub adam: AdamState,
     layout: Vec<ParamInfo>,
     decay: Vec<bool>,
-    device: Device,
+    compute: Compute,
     /// Tokens trained on since the last [`Replica::take_tokens`].
     pub tokens: u64,
 }
 
 impl Replica {
-    /// Builds a replica of `cfg` on `device` (autodiff is added here) holding `params`.
+    /// Builds a replica of `cfg` on `compute` (autodiff is added here for burn devices)
+    /// holding `params`.
     pub fn new(
         cfg: &ModelConfig,
-        device: &Device,
+        compute: &Compute,
         params: &[f32],
     ) -> Result<Self, flat::FlatError> {
-        let device = device.clone().autodiff();
-        let model = cfg.init(&device);
-        let layout = flat::layout(&model);
-        let model = flat::write(model, params)?;
+        let (engine, layout, compute) = match compute {
+            Compute::Burn(device) => {
+                let device = device.clone().autodiff();
+                let model = cfg.init(&device);
+                let layout = flat::layout(&model);
+                let model = flat::write(model, params)?;
+                (Engine::Burn(Some(model)), layout, Compute::Burn(device))
+            }
+            Compute::Native => (
+                Engine::Native(Box::new(NativeModel::new(cfg, params)?)),
+                native::layout(cfg),
+                Compute::Native,
+            ),
+        };
         let decay = layout
             .iter()
             .map(|p| {
@@ -230,20 +331,13 @@ impl Replica {
             })
             .collect();
         Ok(Self {
-            model: Some(model),
+            engine,
             adam: AdamState::default(),
             layout,
             decay,
-            device,
+            compute,
             tokens: 0,
         })
-    }
-
-    fn model(&self) -> &Transformer {
-        match &self.model {
-            Some(m) => m,
-            None => unreachable!("model is only taken out inside step()"),
-        }
     }
 
     /// Parameter names and shapes in flat order.
@@ -253,7 +347,11 @@ impl Replica {
 
     /// Current parameters as a flat vector.
     pub fn params(&self) -> Vec<f32> {
-        flat::read(self.model())
+        match &self.engine {
+            Engine::Burn(Some(m)) => flat::read(m),
+            Engine::Burn(None) => unreachable!("model is only taken out inside step()"),
+            Engine::Native(n) => n.params.clone(),
+        }
     }
 
     /// Replaces the parameters (keeps the AdamW state, as DiLoCo prescribes).
@@ -266,38 +364,75 @@ impl Replica {
                 got: params.len(),
             });
         }
-        let model = self.model.take().unwrap_or_else(|| unreachable!());
-        self.model = Some(flat::write(model, params)?);
+        match &mut self.engine {
+            Engine::Burn(slot) => {
+                let model = slot.take().unwrap_or_else(|| unreachable!());
+                *slot = Some(flat::write(model, params)?);
+            }
+            Engine::Native(n) => n.params.copy_from_slice(params),
+        }
         Ok(())
     }
 
-    /// Device tensors live on (with autodiff).
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// What tensors live on: a burn device (with autodiff) or the native engine.
+    pub fn device(&self) -> &Compute {
+        &self.compute
     }
 
     /// One AdamW step on `batch` with learning rate `lr`.
     pub fn step(&mut self, batch: &Batch, lr: f64, cfg: &InnerConfig) -> StepStats {
-        let model = self.model.take().unwrap_or_else(|| unreachable!());
-        let (inputs, targets) = batch_tensors(batch, &self.device);
-        let loss = model.loss(inputs, targets);
-        let ce: f32 = loss.ce.clone().into_scalar();
-        let grads = loss.total.backward();
-        let mut grads = GradientsParams::from_grads(grads, &model);
-        let grad_norm = flat::clip_global_norm(&model, &mut grads, cfg.clip);
         self.adam.t += 1;
-        let mut mapper = AdamMapper {
-            cfg,
-            grads: &mut grads,
-            state: &mut self.adam,
-            decay: &self.decay,
-            lr,
-            index: 0,
+        let (loss, grad_norm) = match &mut self.engine {
+            Engine::Native(n) => {
+                let ce = n.loss_and_grads(batch);
+                let (norm, scale) = native::clip_scale(&n.grads, cfg.clip);
+                let t = self.adam.t;
+                let (m, v) = self.adam.flat(&self.layout);
+                let n = &mut **n;
+                native::adamw(
+                    &mut n.params,
+                    &n.grads,
+                    m,
+                    v,
+                    &self.layout,
+                    &self.decay,
+                    t,
+                    lr,
+                    cfg,
+                    scale,
+                );
+                (ce, norm)
+            }
+            Engine::Burn(slot) => {
+                let Compute::Burn(device) = &self.compute else {
+                    unreachable!("a burn engine has a burn device")
+                };
+                let model = slot.take().unwrap_or_else(|| unreachable!());
+                let (inputs, targets) = batch_tensors(batch, device);
+                let loss = model.loss(inputs, targets);
+                let ce: f32 = loss.ce.clone().into_scalar();
+                let grads = loss.total.backward();
+                let mut grads = GradientsParams::from_grads(grads, &model);
+                let grad_norm = flat::clip_global_norm(&model, &mut grads, cfg.clip);
+                let t = self.adam.t;
+                let (m, v) = self.adam.tensors(&self.layout, &self.compute);
+                let mut mapper = AdamMapper {
+                    cfg,
+                    grads: &mut grads,
+                    t,
+                    m,
+                    v,
+                    decay: &self.decay,
+                    lr,
+                    index: 0,
+                };
+                *slot = Some(model.map(&mut mapper));
+                (ce, grad_norm)
+            }
         };
-        self.model = Some(model.map(&mut mapper));
         self.tokens += batch.tokens() as u64;
         StepStats {
-            loss: ce,
+            loss,
             grad_norm,
             lr,
         }
@@ -383,41 +518,78 @@ fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, I
 }
 
 /// An evaluation-only copy of the model (no autodiff).
-pub struct Evaluator {
-    model: Option<Transformer>,
-    device: Device,
+pub enum Evaluator {
+    /// burn on the selected device.
+    Burn {
+        /// The model (`None` only while a loss is computed).
+        model: Option<Transformer>,
+        /// Its device.
+        device: Device,
+    },
+    /// The native CPU engine.
+    Native(Box<NativeModel>),
 }
 
 impl Evaluator {
-    /// Builds an evaluator for `cfg` on `device`.
-    pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
-        Self {
-            model: Some(cfg.init(device)),
-            device: device.clone(),
+    /// Builds an evaluator for `cfg` on `compute`.
+    pub fn new(cfg: &ModelConfig, compute: &Compute) -> Self {
+        match compute {
+            Compute::Burn(device) => Evaluator::Burn {
+                model: Some(cfg.init(device)),
+                device: device.clone(),
+            },
+            Compute::Native => {
+                let zeros = vec![0.0; cfg.num_params()];
+                match NativeModel::new(cfg, &zeros) {
+                    Ok(m) => Evaluator::Native(Box::new(m)),
+                    // `num_params` is the layout's length by construction (tested).
+                    Err(e) => unreachable!("native layout disagrees with num_params: {e}"),
+                }
+            }
         }
     }
 
     /// Mean cross-entropy (nats per byte) of `params` over `batches`.
     pub fn loss(&mut self, params: &[f32], batches: &[Batch]) -> Result<f32, flat::FlatError> {
-        // Check the length first: `flat::write` consumes the model, and a failed write must
-        // leave the evaluator usable.
-        let expected = self.model.as_ref().map_or(0, |m| m.num_params());
-        if params.len() != expected {
-            return Err(flat::FlatError::Length {
-                expected,
-                got: params.len(),
-            });
-        }
-        let model = self.model.take().unwrap_or_else(|| unreachable!());
-        let model = flat::write(model, params)?;
         let (mut sum, mut tokens) = (0.0f64, 0usize);
-        for b in batches {
-            let (inputs, targets) = batch_tensors(b, &self.device);
-            let ce: f32 = model.loss(inputs, targets).ce.into_scalar();
-            sum += ce as f64 * b.tokens() as f64;
-            tokens += b.tokens();
+        match self {
+            Evaluator::Native(n) => {
+                if params.len() != n.params.len() {
+                    return Err(flat::FlatError::Length {
+                        expected: n.params.len(),
+                        got: params.len(),
+                    });
+                }
+                n.params.copy_from_slice(params);
+                for b in batches {
+                    sum += n.eval_loss(b) as f64 * b.tokens() as f64;
+                    tokens += b.tokens();
+                }
+            }
+            Evaluator::Burn {
+                model: slot,
+                device,
+            } => {
+                // Check the length first: `flat::write` consumes the model, and a failed write
+                // must leave the evaluator usable.
+                let expected = slot.as_ref().map_or(0, |m| m.num_params());
+                if params.len() != expected {
+                    return Err(flat::FlatError::Length {
+                        expected,
+                        got: params.len(),
+                    });
+                }
+                let model = slot.take().unwrap_or_else(|| unreachable!());
+                let model = flat::write(model, params)?;
+                for b in batches {
+                    let (inputs, targets) = batch_tensors(b, device);
+                    let ce: f32 = model.loss(inputs, targets).ce.into_scalar();
+                    sum += ce as f64 * b.tokens() as f64;
+                    tokens += b.tokens();
+                }
+                *slot = Some(model);
+            }
         }
-        self.model = Some(model);
         Ok(if tokens == 0 {
             f32::NAN
         } else {
@@ -447,7 +619,7 @@ mod tests {
         let cfg = ModelConfig::parse("d32-l2-h2-c32").unwrap();
         let device = Device::flex();
         let init = flat::init_values(&flat::layout(&cfg.init(&device)), &cfg, 1);
-        let mut r = Replica::new(&cfg, &device, &init).unwrap();
+        let mut r = Replica::new(&cfg, &Compute::Burn(device), &init).unwrap();
         let corpus = Corpus::load(&DataSpec::default()).unwrap();
         let stream = Stream::new(&corpus, 0, 1, 0, 1, 8, 32);
         let inner = InnerConfig::new(3e-3, 2, 30, 0.1);
@@ -473,23 +645,78 @@ mod tests {
     #[test]
     fn adam_state_roundtrips_through_flat_vectors() {
         let cfg = ModelConfig::parse("d16-l1-h2-c16").unwrap();
-        let device = Device::flex();
-        let init = flat::init_values(&flat::layout(&cfg.init(&device)), &cfg, 3);
+        let init = flat::init_values(&native::layout(&cfg), &cfg, 3);
         let corpus = Corpus::load(&DataSpec::default()).unwrap();
         let stream = Stream::new(&corpus, 0, 1, 0, 1, 4, 16);
         let inner = InnerConfig::new(1e-3, 1, 10, 0.1);
-        let mut a = Replica::new(&cfg, &device, &init).unwrap();
-        for s in 0..3 {
-            a.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
+        for compute in [Compute::Burn(Device::flex()), Compute::Native] {
+            let mut a = Replica::new(&cfg, &compute, &init).unwrap();
+            for s in 0..3 {
+                a.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
+            }
+            let (m, v) = a.adam.to_flat(a.layout());
+            let mut b = Replica::new(&cfg, &compute, &a.params()).unwrap();
+            b.adam = AdamState::from_flat(a.adam.t, &m, &v, b.layout(), b.device());
+            for s in 3..5 {
+                a.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
+                b.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
+            }
+            assert_eq!(a.params(), b.params(), "{compute:?}");
         }
-        let (m, v) = a.adam.to_flat(a.layout());
-        let mut b = Replica::new(&cfg, &device, &a.params()).unwrap();
-        b.adam = AdamState::from_flat(a.adam.t, &m, &v, b.layout(), b.device());
-        for s in 3..5 {
-            a.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
-            b.step(&stream.batch(&corpus, s), inner.lr_at(s), &inner);
+    }
+
+    /// The native engine trains like burn's: same losses and parameters to float precision
+    /// after a few AdamW steps with clipping and weight decay, and an AdamW state moves between
+    /// the engines (a checkpoint written by one resumes on the other).
+    #[test]
+    fn the_native_engine_trains_like_burn() {
+        let cfg = ModelConfig::parse("d32-l2-h2-c32").unwrap();
+        let init = flat::init_values(&native::layout(&cfg), &cfg, 4);
+        let corpus = Corpus::load(&DataSpec::default()).unwrap();
+        let stream = Stream::new(&corpus, 0, 1, 0, 1, 4, 32);
+        // A high rate and a tight clip so that clipping and decay both act.
+        let mut inner = InnerConfig::new(1e-2, 2, 20, 0.1);
+        inner.clip = 0.5;
+        let mut burn = Replica::new(&cfg, &Compute::Burn(Device::flex()), &init).unwrap();
+        let mut native = Replica::new(&cfg, &Compute::Native, &init).unwrap();
+        for s in 0..6 {
+            let b = stream.batch(&corpus, s);
+            let x = burn.step(&b, inner.lr_at(s), &inner);
+            let y = native.step(&b, inner.lr_at(s), &inner);
+            assert!(
+                (x.loss - y.loss).abs() < 1e-4 * x.loss,
+                "step {s}: {} vs {}",
+                x.loss,
+                y.loss
+            );
+            assert!((x.grad_norm - y.grad_norm).abs() < 1e-3 * x.grad_norm);
         }
-        assert_eq!(a.params(), b.params());
+        // Adam divides by √v, so an element whose gradient is at rounding level moves by up to
+        // a full step either way: compare the change from the start as a whole, not element-wise.
+        let rel = |a: &[f32], b: &[f32]| {
+            let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let moved: f64 = a
+                .iter()
+                .zip(&init)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum();
+            (diff / moved).sqrt()
+        };
+        let (pb, pn) = (burn.params(), native.params());
+        let r = rel(&pb, &pn);
+        assert!(
+            r < 1e-3,
+            "parameters differ by {r} of their change after 6 steps"
+        );
+        // Burn's state into a native replica and on: it keeps tracking burn.
+        let (m, v) = burn.adam.to_flat(burn.layout());
+        let mut moved = Replica::new(&cfg, &Compute::Native, &pb).unwrap();
+        moved.adam = AdamState::from_flat(burn.adam.t, &m, &v, moved.layout(), moved.device());
+        let b = stream.batch(&corpus, 6);
+        burn.step(&b, inner.lr_at(6), &inner);
+        moved.step(&b, inner.lr_at(6), &inner);
+        let r = rel(&burn.params(), &moved.params());
+        assert!(r < 1e-3, "a moved AdamW state diverges by {r}");
     }
 }
 
@@ -510,7 +737,19 @@ mod eval_tests {
         .unwrap();
         let batches = eval_batches(&corpus, 16, 2, 8);
         assert_eq!(batches.len(), 4);
-        let loss = Evaluator::new(&cfg, &device).loss(&init, &batches).unwrap();
+        let loss = Evaluator::new(&cfg, &Compute::Burn(device))
+            .loss(&init, &batches)
+            .unwrap();
         assert!((loss - 256f32.ln()).abs() < 0.2, "{loss}");
+        let native = Evaluator::new(&cfg, &Compute::Native)
+            .loss(&init, &batches)
+            .unwrap();
+        assert!(
+            (native - loss).abs() < 1e-5 * loss,
+            "native {native} vs burn {loss}"
+        );
+        assert!(Evaluator::new(&cfg, &Compute::Native)
+            .loss(&init[1..], &batches)
+            .is_err());
     }
 }

@@ -186,6 +186,13 @@ impl ModelConfig {
         self.vocab * d + self.context * d + self.n_layers * block + 2 * d + d * self.vocab
     }
 
+    /// Names and shapes of the parameters in flat order ([`crate::train::flat`]), as
+    /// [`crate::train::flat::layout`] gives them for the module [`ModelConfig::init`] builds,
+    /// without building it.
+    pub fn layout(&self) -> Vec<crate::train::flat::ParamInfo> {
+        crate::train::native::layout(self)
+    }
+
     /// Builds the module on `device` (parameters still need [`crate::train::flat::init_params`]).
     pub fn init(&self, device: &Device) -> Transformer {
         let d = self.d_model;

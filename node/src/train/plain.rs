@@ -5,13 +5,13 @@
 //! batches the interrupted one would have, and on the CPU backend ends with the same
 //! `global_hash` as a run that was never interrupted.
 
+use crate::train::backend::Compute;
 use crate::train::checkpoint::{self, CheckpointError, State};
 use crate::train::data::{eval_batches, Corpus, Stream};
 use crate::train::flat::{self, ParamInfo};
 use crate::train::inner::{AdamState, Evaluator, InnerConfig, Replica};
 use crate::train::model::ModelConfig;
 use crate::train::progress::Progress;
-use burn::prelude::Device;
 use diloco_protocol::outer::hash_f32;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -118,10 +118,10 @@ fn save(cfg: &TrainConfig, r: &Replica, step: u64) -> Result<Option<PathBuf>, Tr
 pub fn run(
     cfg: &TrainConfig,
     corpus: &Corpus,
-    device: &Device,
+    device: &Compute,
     stop: &AtomicBool,
 ) -> Result<TrainReport, TrainError> {
-    let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
+    let layout: Vec<ParamInfo> = cfg.model.layout();
     let mut start = 0u64;
     let mut replica = if cfg.resume {
         let dir = cfg

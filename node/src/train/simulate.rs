@@ -15,12 +15,12 @@
 //! gradients every H steps for DiLoCo (nominal bits; the codec's per-block scales and zstd are
 //! not counted, so the ratio is exactly `H × 32 / bits`).
 
+use crate::train::backend::Compute;
 use crate::train::data::{eval_batches, Batch, Corpus, Sharding, Stream};
 use crate::train::flat::{self, ParamInfo};
 use crate::train::inner::{Evaluator, InnerConfig, Replica, RoundError};
 use crate::train::model::ModelConfig;
 use crate::train::progress::Progress;
-use burn::prelude::Device;
 use diloco_protocol::codec::{quantize_roundtrip, ErrorFeedback, Quantization};
 use diloco_protocol::outer::{self, OuterConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -115,12 +115,11 @@ pub fn streams(cfg: &SimulateConfig, corpus: &Corpus) -> Vec<Stream> {
 pub fn dump_inputs(
     cfg: &SimulateConfig,
     corpus: &Corpus,
-    device: &Device,
     dir: &std::path::Path,
 ) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
+    let layout: Vec<ParamInfo> = cfg.model.layout();
     let init = flat::init_values(&layout, &cfg.model, cfg.seed);
     crate::train::checkpoint::write_params(&dir.join("init.safetensors"), &layout, &init)?;
     let streams = streams(cfg, corpus);
@@ -225,12 +224,12 @@ impl Eval {
 pub fn run(
     cfg: &SimulateConfig,
     corpus: &Corpus,
-    device: &Device,
+    device: &Compute,
     progress: &mut Progress,
     stop: &AtomicBool,
 ) -> Result<SimReport, SimError> {
     let started = Instant::now();
-    let layout: Vec<ParamInfo> = flat::layout(&cfg.model.init(device));
+    let layout: Vec<ParamInfo> = cfg.model.layout();
     let n_params: usize = layout.iter().map(ParamInfo::len).sum();
     let mut global = flat::init_values(&layout, &cfg.model, cfg.seed);
     let m = cfg.replicas;
@@ -403,6 +402,7 @@ pub fn run(
 mod tests {
     use super::*;
     use crate::train::data::DataSpec;
+    use burn::prelude::Device;
 
     fn cfg(mode: Mode, replicas: usize, h: u64, steps: u64) -> SimulateConfig {
         SimulateConfig {
@@ -436,7 +436,7 @@ mod tests {
         })
         .unwrap();
         let stop = AtomicBool::new(false);
-        let dev = Device::flex();
+        let dev = Compute::Burn(Device::flex());
         let dp = run(
             &cfg(Mode::Dp, 2, 1, 10),
             &corpus,
@@ -472,7 +472,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let (stop, dev) = (AtomicBool::new(false), Device::flex());
+        let (stop, dev) = (AtomicBool::new(false), Compute::Burn(Device::flex()));
         let go =
             |c: &SimulateConfig| run(c, &corpus, &dev, &mut Progress::hidden(), &stop).unwrap();
         let dense = go(&cfg(Mode::Diloco, 2, 5, 10));
@@ -501,7 +501,7 @@ mod tests {
         })
         .unwrap();
         let stop = AtomicBool::new(false);
-        let dev = Device::flex();
+        let dev = Compute::Burn(Device::flex());
         let c = cfg(Mode::Diloco, 2, 3, 6);
         let a = run(&c, &corpus, &dev, &mut Progress::hidden(), &stop).unwrap();
         let b = run(&c, &corpus, &dev, &mut Progress::hidden(), &stop).unwrap();
@@ -516,7 +516,7 @@ mod tests {
         })
         .unwrap();
         let stop = AtomicBool::new(false);
-        let dev = Device::flex();
+        let dev = Compute::Burn(Device::flex());
         let mut d = cfg(Mode::Diloco, 1, 1, 6);
         d.outer = OuterConfig {
             lr: 1.0,
@@ -550,10 +550,9 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let dev = Device::flex();
         let c = cfg(Mode::Diloco, 2, 2, 3);
         let dir = tempfile::tempdir().unwrap();
-        dump_inputs(&c, &corpus, &dev, dir.path()).unwrap();
+        dump_inputs(&c, &corpus, dir.path()).unwrap();
         let raw = std::fs::read(dir.path().join("batches.bin")).unwrap();
         let words: Vec<u32> = raw
             .chunks_exact(4)
@@ -568,7 +567,7 @@ mod tests {
             }
         }
         assert_eq!(words[3..], want[..]);
-        let layout = flat::layout(&c.model.init(&dev));
+        let layout = c.model.layout();
         let init = flat::init_values(&layout, &c.model, c.seed);
         let bytes = std::fs::read(dir.path().join("init.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -584,12 +583,12 @@ mod tests {
         })
         .unwrap();
         let stop = AtomicBool::new(false);
-        let dev = Device::flex();
+        let dev = Compute::Burn(Device::flex());
         let mut c = cfg(Mode::Diloco, 2, 2, 4);
         c.drop_prob = 1.0;
         let r = run(&c, &corpus, &dev, &mut Progress::hidden(), &stop).unwrap();
         assert_eq!(r.dropped, 4);
-        let layout = flat::layout(&c.model.init(&dev));
+        let layout = c.model.layout();
         let init = flat::init_values(&layout, &c.model, c.seed);
         assert_eq!(r.global_hash, outer::hash_f32(&init));
     }

@@ -361,8 +361,8 @@ mod tests {
             ..Default::default()
         };
         let run = rc.validate(&corpus).unwrap();
-        let device = Device::flex();
-        let layout = flat::layout(&run.model.init(&device));
+        let device = crate::train::backend::Compute::Burn(Device::flex());
+        let layout = run.model.layout();
         let init = flat::init_values(&layout, &run.model, 0);
         let work = ModelWork {
             replica: Replica::new(&run.model, &device, &init).unwrap(),
