@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Training throughput and peak memory: diloco-node (CPU backend and wgpu) vs PyTorch on CPU,
-# same model shape, batch and sequence length. Results go to stdout as JSON lines.
+# Training throughput and peak memory: diloco-node (the native CPU engine, burn's CPU backend
+# and wgpu) vs PyTorch on CPU, same model shape, batch and sequence length, same thread count,
+# each row a separate process run back to back. Results go to stdout as JSON lines.
 #
 #   bash bench/train_throughput.sh [STEPS] [MODELS...]
 #
@@ -9,8 +10,9 @@
 # Needs a release build (cargo build --release -p diloco-node) and a Python with torch
 # (BENCH_PYTHON, default python3; e.g. python3 -m venv ~/.cache/bench-venv &&
 #  ~/.cache/bench-venv/bin/pip install torch). Set BENCH_WGPU=0 to skip wgpu (lavapipe is slow).
-# BENCH_BACKENDS (e.g. "cpu torch") picks the node's backends instead; `torch` (burn's LibTorch
-# backend) runs BENCH_TORCH_BIN, a build with `--features torch` (README, "Faster CPU").
+# BENCH_BACKENDS (default "native cpu", plus wgpu unless BENCH_WGPU=0; e.g. "native torch") picks
+# the node's backends instead; `torch` (burn's LibTorch
+# backend) runs BENCH_TORCH_BIN, a build with `--features torch` (README, "LibTorch backend").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${1:-20}"; shift || true
@@ -26,7 +28,7 @@ THREADS="${BENCH_THREADS:-$(nproc)}"
 peak_mb() { awk '/Maximum resident set size/ {printf "%.0f", $6/1024}' "$1"; }
 
 for model in "${MODELS[@]}"; do
-  backends=(cpu); [ "${BENCH_WGPU:-1}" = 1 ] && backends+=(wgpu)
+  backends=(native cpu); [ "${BENCH_WGPU:-1}" = 1 ] && backends+=(wgpu)
   [ -n "${BENCH_BACKENDS:-}" ] && read -r -a backends <<< "$BENCH_BACKENDS"
   for backend in "${backends[@]}"; do
     steps=$STEPS; [ "$backend" = wgpu ] && steps="${BENCH_WGPU_STEPS:-3}"

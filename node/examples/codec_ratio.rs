@@ -37,8 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eval_fraction: 0.05,
     })?;
     let model = ModelConfig::tiny();
-    let device = backend::select(BackendChoice::Cpu)?.device;
-    let layout = flat::layout(&model.init(&device));
+    let device = backend::select(BackendChoice::Native)?.device;
+    let layout = model.layout();
     let global = flat::init_values(&layout, &model, 0);
     let inner = InnerConfig::new(3e-3, 40, 400, 0.1);
     let mut r = Replica::new(&model, &device, &global)?;

@@ -286,7 +286,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     pub rounds: u64,
     /// Compute backend of the nodes.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
+    #[arg(long, value_enum, default_value_t = BackendChoice::Native)]
     pub backend: BackendChoice,
     /// The `diloco-bootstrap` binary (default: the one beside this binary, then $PATH).
     #[arg(long, env = "DILOCO_BOOTSTRAP_BIN")]

@@ -6,16 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_diloco-node");
-const SMALL: &[&str] = &[
-    "--model",
-    "d32-l2-h2-c32",
-    "--batch",
-    "4",
-    "--seq",
-    "32",
-    "--backend",
-    "cpu",
-];
+const SMALL: &[&str] = &["--model", "d32-l2-h2-c32", "--batch", "4", "--seq", "32"];
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -49,7 +40,7 @@ fn fails_with(args: &[&str], needle: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-fn train_args<'a>(dir: &'a str, steps: &'a str) -> Vec<&'a str> {
+fn train_args<'a>(dir: &'a str, steps: &'a str, backend: &'a str) -> Vec<&'a str> {
     let mut v = vec![
         "train",
         "--steps",
@@ -59,6 +50,8 @@ fn train_args<'a>(dir: &'a str, steps: &'a str) -> Vec<&'a str> {
         "--checkpoint-every",
         "4",
         "--json",
+        "--backend",
+        backend,
     ];
     v.extend_from_slice(SMALL);
     v
@@ -73,15 +66,24 @@ fn latest_step(dir: &Path) -> u64 {
 
 #[test]
 fn killed_train_resumes_to_the_same_hash() {
+    killed_train_resumes_to_the_same_hash_on("cpu");
+}
+
+#[test]
+fn killed_train_resumes_to_the_same_hash_on_the_native_engine() {
+    killed_train_resumes_to_the_same_hash_on("native");
+}
+
+fn killed_train_resumes_to_the_same_hash_on(backend: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
     let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
-    let full = json(&run(&train_args(a_s, "300")));
+    let full = json(&run(&train_args(a_s, "300", backend)));
     assert_eq!(full["steps"], 300);
 
     let mut child = Command::new(BIN)
-        .args(train_args(b_s, "300"))
+        .args(train_args(b_s, "300", backend))
         .env("DILOCO_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -101,7 +103,7 @@ fn killed_train_resumes_to_the_same_hash() {
     let killed_at = latest_step(&b);
     assert!(killed_at < 300, "run finished before it could be killed");
 
-    let mut args = train_args(b_s, "300");
+    let mut args = train_args(b_s, "300", backend);
     args.push("--resume");
     let resumed = json(&run(&args));
     assert!(resumed["resumed_from"].as_u64().unwrap() >= 8);
@@ -164,6 +166,42 @@ fn dp_and_diloco_traffic_ratio_is_h_times_32_over_8() {
     }
 }
 
+/// The native engine repeats a DiLoCo simulation bit for bit, whatever the thread count (what
+/// `study run --check` relies on).
+#[test]
+fn native_simulate_repeats_bit_for_bit_on_any_thread_count() {
+    let sim = |threads: &str| {
+        json(&run(&[
+            "--threads",
+            threads,
+            "simulate",
+            "--backend",
+            "native",
+            "--mode",
+            "diloco",
+            "--replicas",
+            "2",
+            "--inner-steps",
+            "5",
+            "--steps",
+            "20",
+            "--model",
+            "d32-l2-h2-c32",
+            "--batch",
+            "4",
+            "--seq",
+            "32",
+            "--eval-windows",
+            "8",
+            "--json",
+        ]))
+    };
+    let (a, b) = (sim("1"), sim("2"));
+    assert!(a["eval_loss"].as_f64().unwrap() < 5.4);
+    assert_eq!(a["global_hash"], b["global_hash"]);
+    assert_eq!(a["eval_loss"], b["eval_loss"]);
+}
+
 #[test]
 fn bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -203,7 +241,7 @@ fn bad_input_gets_a_clear_error() {
     // A checkpoint from another model, and a corrupted one.
     let dir = tmp.path().join("ck");
     let d = dir.to_str().unwrap();
-    json(&run(&train_args(d, "2")));
+    json(&run(&train_args(d, "2", "cpu")));
     let other = vec![
         "train",
         "--steps",
@@ -225,7 +263,7 @@ fn bad_input_gets_a_clear_error() {
     let model = dir.join(latest.trim()).join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() - 100]).unwrap();
-    let mut args = train_args(d, "4");
+    let mut args = train_args(d, "4", "cpu");
     args.push("--resume");
     fails_with(&args, "corrupt or truncated");
 }
@@ -287,7 +325,7 @@ fn join_bad_input_gets_a_clear_error() {
     // A checkpoint directory written by `train` is not a node checkpoint.
     let dir = tmp.path().join("ck");
     let d = dir.to_str().unwrap();
-    json(&run(&train_args(d, "2")));
+    json(&run(&train_args(d, "2", "cpu")));
     fails_with(
         &["join", "--backend", "cpu", "--checkpoint-dir", d],
         "different run",
@@ -347,7 +385,7 @@ fn ctrl_c_stops_train_at_a_safe_point_with_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ck");
     let d = dir.to_str().unwrap();
-    let args = train_args(d, "100000");
+    let args = train_args(d, "100000", "cpu");
     let child = Command::new(BIN)
         .args(&args)
         .env("DILOCO_LOG", "warn")
@@ -373,7 +411,7 @@ fn ctrl_c_stops_train_at_a_safe_point_with_a_checkpoint() {
         "the checkpoint is at the interrupted step"
     );
     let more = (steps + 2).to_string();
-    let mut resume_args = train_args(d, &more);
+    let mut resume_args = train_args(d, &more, "cpu");
     resume_args.push("--resume");
     let resumed = json(&run(&resume_args));
     assert_eq!(resumed["resumed_from"].as_u64(), Some(steps), "{resumed}");

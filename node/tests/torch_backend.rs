@@ -3,7 +3,7 @@
 //! to float rounding, and a run stopped and resumed from its checkpoint ends bit-identical to an
 //! uninterrupted one.
 //!
-//! Only built with the feature (it needs libtorch: README, "Faster CPU"):
+//! Only built with the feature (it needs libtorch: README, "LibTorch backend"):
 //! `cargo test --release -p diloco-node --features torch --test torch_backend`.
 #![cfg(feature = "torch")]
 

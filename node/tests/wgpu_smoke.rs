@@ -2,7 +2,7 @@
 //! GPU) must lower the loss. Set `DILOCO_SKIP_WGPU=1` to skip on a machine with no Vulkan driver.
 
 use burn::prelude::Device;
-use diloco_node::train::backend::{select, BackendChoice};
+use diloco_node::train::backend::{select, BackendChoice, Compute};
 use diloco_node::train::data::{Corpus, DataSpec, Stream};
 use diloco_node::train::flat;
 use diloco_node::train::inner::{InnerConfig, Replica};
@@ -25,7 +25,7 @@ fn wgpu_trains_and_matches_cpu_closely() {
     let inner = InnerConfig::new(1e-2, 1, 8, 0.0);
 
     let mut gpu = Replica::new(&cfg, &selected.device, &init).unwrap();
-    let mut cpu = Replica::new(&cfg, &Device::flex(), &init).unwrap();
+    let mut cpu = Replica::new(&cfg, &Compute::Burn(Device::flex()), &init).unwrap();
     let batch0 = stream.batch(&corpus, 0);
     let mut losses = Vec::new();
     for s in 0..8 {

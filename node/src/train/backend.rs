@@ -1,11 +1,12 @@
 //! Choosing the compute device: WebGPU through burn-wgpu, the native CPU engine
 //! ([`crate::train::native`]: fused hand-written kernels, the fastest CPU path in every build),
-//! burn's pure-Rust CPU backend (`flex`), or, in builds with the `torch` feature, burn's LibTorch backend on the CPU (PyTorch's
-//! own kernels: the fastest CPU path, at the cost of a libtorch install; README, "Faster CPU").
+//! burn's pure-Rust CPU backend (`flex`), or, in builds with the `torch` feature, burn's LibTorch
+//! backend on the CPU (PyTorch's own kernels, at the cost of a libtorch install; README,
+//! "LibTorch backend").
 //!
 //! `auto` uses wgpu when it finds a hardware adapter and says which; a software-only adapter
-//! (Mesa's lavapipe/llvmpipe) is slower than the CPU backend, so `auto` then falls back to
-//! `cpu` and logs why. `--backend wgpu` uses whatever adapter wgpu offers, software included.
+//! (Mesa's lavapipe/llvmpipe) is slower than the CPU, so `auto` then falls back to the native
+//! CPU engine and logs why. `--backend wgpu` uses whatever adapter wgpu offers, software included.
 
 use burn::prelude::Device;
 use thiserror::Error;
@@ -16,7 +17,7 @@ use thiserror::Error;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
-    /// wgpu on a hardware adapter if there is one, else the CPU backend.
+    /// wgpu on a hardware adapter if there is one, else the native CPU engine.
     Auto,
     /// WebGPU via wgpu (Vulkan, Metal, DX12 or GL underneath).
     Wgpu,
@@ -35,7 +36,7 @@ pub enum BackendChoice {
 #[non_exhaustive]
 pub enum BackendError {
     /// wgpu was requested but no adapter could be initialised.
-    #[error("--backend wgpu: no usable WebGPU adapter ({0}); install a Vulkan/Metal driver (on Debian without a GPU: apt-get install mesa-vulkan-drivers) or use --backend cpu")]
+    #[error("--backend wgpu: no usable WebGPU adapter ({0}); install a Vulkan/Metal driver (on Debian without a GPU: apt-get install mesa-vulkan-drivers) or use --backend native (the CPU)")]
     NoAdapter(String),
     /// CUDA was requested from a build without it, or the device could not be started.
     #[error("--backend cuda: {0}")]
@@ -102,9 +103,9 @@ pub enum Compute {
 pub struct Selected {
     /// What replicas and evaluators run on.
     pub device: Compute,
-    /// `cpu` or `wgpu`.
+    /// `native`, `cpu`, `wgpu`, `cuda` or `torch`.
     pub kind: &'static str,
-    /// Adapter name and API, or "flex (CPU)".
+    /// Adapter name and API, or the CPU engine and its threads.
     pub description: String,
 }
 
@@ -134,13 +135,13 @@ pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
             Ok((s, true)) => {
                 tracing::info!(
                     adapter = %s.description,
-                    "backend auto: only a software WebGPU adapter found, using the CPU backend (pass --backend wgpu to force it)"
+                    "backend auto: only a software WebGPU adapter found, using the native CPU engine (pass --backend wgpu to force it)"
                 );
-                Ok(cpu())
+                Ok(native())
             }
             Err(e) => {
-                tracing::info!(reason = %e, "backend auto: no WebGPU adapter, using the CPU backend");
-                Ok(cpu())
+                tracing::info!(reason = %e, "backend auto: no WebGPU adapter, using the native CPU engine");
+                Ok(native())
             }
         },
     }
@@ -190,7 +191,7 @@ fn init_torch() -> Result<Selected, String> {
 fn init_torch() -> Result<Selected, String> {
     Err("this binary was built without LibTorch: rebuild with \
          `cargo build --release -p diloco-node --features torch` and libtorch installed \
-         (README, \"Faster CPU\"), or use --backend cpu"
+         (README, \"LibTorch backend\"), or use --backend native"
         .into())
 }
 
