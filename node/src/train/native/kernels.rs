@@ -16,6 +16,105 @@ const ROWS_PER_PARTIAL: usize = 64;
 /// Matrix products with fewer multiply-adds run on the calling thread.
 const PAR_GEMM_MIN_FLOPS: usize = 1 << 18;
 
+/// Defines a function whose body runs compiled for AVX2 + FMA when the CPU has them, and for
+/// the x86-64 baseline (SSE2) otherwise, so one binary runs on every volunteer's CPU and still
+/// uses 8-lane vectors where it can. The body is the same code either way, and Rust never
+/// contracts a multiply and an add into an FMA or reorders float operations, so both versions
+/// give the same bits; only the vector width differs.
+macro_rules! wide {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                if avx2_fma() {
+                    // SAFETY: `avx2_fma` checked that this CPU has every feature `avx2` uses.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// Whether this CPU has AVX2 and FMA (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    })
+}
+
+/// Independent partial sums a reduction keeps, so that it vectorises: a float sum in one
+/// accumulator cannot, since its order is fixed. The order here is fixed too (lane by lane,
+/// then the lanes in a fixed tree), so results never depend on the vector width.
+const LANES: usize = 8;
+
+#[inline(always)]
+fn lanes_total(a: [f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// `Σ f(x[i])` in [`LANES`] partial sums.
+#[inline(always)]
+fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += f(c[l]);
+        }
+    }
+    let mut s = lanes_total(acc);
+    for &v in rest {
+        s += f(v);
+    }
+    s
+}
+
+/// `Σ f(a[i], b[i])` in [`LANES`] partial sums.
+#[inline(always)]
+fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += f(ca[l], cb[l]);
+        }
+    }
+    let mut s = lanes_total(acc);
+    let full = n / LANES * LANES;
+    for i in full..n {
+        s += f(a[i], b[i]);
+    }
+    s
+}
+
+/// The largest value of `x` (−∞ for an empty slice).
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
 /// How a matrix operand is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -134,17 +233,31 @@ fn erf_with(x: f32, exp_neg_x2: f32) -> f32 {
     e.copysign(x)
 }
 
+wide! {
+    fn gelu_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            let e = exp(-0.5 * x * x);
+            *o = 0.5 * x * (1.0 + erf_with(x * FRAC_1_SQRT_2, e));
+        }
+    }
+}
+
+wide! {
+    fn gelu_bwd_chunk(x: &[f32], dy: &mut [f32]) {
+        for (d, &x) in dy.iter_mut().zip(x) {
+            let e = exp(-0.5 * x * x);
+            let cdf = 0.5 * (1.0 + erf_with(x * FRAC_1_SQRT_2, e));
+            *d *= cdf + x * FRAC_1_SQRT_2PI * e;
+        }
+    }
+}
+
 /// Exact GELU, `x·Φ(x)`: `out[i] = gelu(x[i])`.
 pub fn gelu_fwd(x: &[f32], out: &mut [f32]) {
     const CHUNK: usize = 4096;
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                let e = exp(-0.5 * x * x);
-                *o = 0.5 * x * (1.0 + erf_with(x * FRAC_1_SQRT_2, e));
-            }
-        });
+        .for_each(|(o, x)| gelu_chunk(x, o));
 }
 
 /// GELU's backward: `dx[i] = dy[i] · gelu'(x[i])`, in place on `dy`.
@@ -152,62 +265,74 @@ pub fn gelu_bwd(x: &[f32], dy: &mut [f32]) {
     const CHUNK: usize = 4096;
     dy.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(d, x)| {
-            for (d, &x) in d.iter_mut().zip(x) {
-                let e = exp(-0.5 * x * x);
-                let cdf = 0.5 * (1.0 + erf_with(x * FRAC_1_SQRT_2, e));
-                *d *= cdf + x * FRAC_1_SQRT_2PI * e;
+        .for_each(|(d, x)| gelu_bwd_chunk(x, d));
+}
+
+wide! {
+    /// Layer norm of one row (biased variance, as burn's): writes `(x − mean)·rstd` to `xhat`
+    /// and `xhat·gamma + beta` to `out`; returns `rstd`.
+    pub fn ln_row(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        xhat: &mut [f32],
+        out: &mut [f32],
+    ) -> f32 {
+        let d = x.len() as f32;
+        let mean = sum_map(x, |v| v) / d;
+        let var = sum_map(x, |v| (v - mean) * (v - mean)) / d;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let n = x.len();
+        let (gamma, beta, xhat, out) = (&gamma[..n], &beta[..n], &mut xhat[..n], &mut out[..n]);
+        for i in 0..n {
+            let h = (x[i] - mean) * rstd;
+            xhat[i] = h;
+            out[i] = h * gamma[i] + beta[i];
+        }
+        rstd
+    }
+}
+
+wide! {
+    /// Layer norm backward of one row: `dx` from the gradient `dy` of the output, with
+    /// `dgamma += dy·xhat` and `dbeta += dy`.
+    pub fn ln_row_bwd(
+        dy: &[f32],
+        xhat: &[f32],
+        rstd: f32,
+        gamma: &[f32],
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        let n = dy.len();
+        let (xhat, gamma, dx) = (&xhat[..n], &gamma[..n], &mut dx[..n]);
+        let (dgamma, dbeta) = (&mut dgamma[..n], &mut dbeta[..n]);
+        let d = n as f32;
+        let s1 = sum_map2(dy, gamma, |a, g| a * g);
+        let mut acc = [0.0f32; LANES];
+        for ((a, g), h) in dy
+            .chunks_exact(LANES)
+            .zip(gamma.chunks_exact(LANES))
+            .zip(xhat.chunks_exact(LANES))
+        {
+            for l in 0..LANES {
+                acc[l] += a[l] * g[l] * h[l];
             }
-        });
-}
-
-/// Layer norm of one row (biased variance, as burn's): writes `(x − mean)·rstd` to `xhat` and
-/// `xhat·gamma + beta` to `out`; returns `rstd`.
-#[inline]
-pub fn ln_row(
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    xhat: &mut [f32],
-    out: &mut [f32],
-) -> f32 {
-    let d = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / d;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
-    let rstd = 1.0 / (var + eps).sqrt();
-    for i in 0..x.len() {
-        let h = (x[i] - mean) * rstd;
-        xhat[i] = h;
-        out[i] = h * gamma[i] + beta[i];
-    }
-    rstd
-}
-
-/// Layer norm backward of one row: `dx` from the gradient `dy` of the output, with
-/// `dgamma += dy·xhat` and `dbeta += dy`.
-#[inline]
-pub fn ln_row_bwd(
-    dy: &[f32],
-    xhat: &[f32],
-    rstd: f32,
-    gamma: &[f32],
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-) {
-    let d = dy.len() as f32;
-    let (mut s1, mut s2) = (0.0f32, 0.0f32);
-    for i in 0..dy.len() {
-        let g = dy[i] * gamma[i];
-        s1 += g;
-        s2 += g * xhat[i];
-        dgamma[i] += dy[i] * xhat[i];
-        dbeta[i] += dy[i];
-    }
-    let (m1, m2) = (s1 / d, s2 / d);
-    for i in 0..dy.len() {
-        dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
+        }
+        let mut s2 = lanes_total(acc);
+        for i in n / LANES * LANES..n {
+            s2 += dy[i] * gamma[i] * xhat[i];
+        }
+        for i in 0..n {
+            dgamma[i] += dy[i] * xhat[i];
+            dbeta[i] += dy[i];
+        }
+        let (m1, m2) = (s1 / d, s2 / d);
+        for i in 0..n {
+            dx[i] = rstd * (dy[i] * gamma[i] - m1 - xhat[i] * m2);
+        }
     }
 }
 
@@ -322,39 +447,37 @@ pub fn add_into(a: &mut [f32], b: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
-/// Causal softmax of a `t × t` score matrix in place, scaled by `scale` first; entries above
-/// the diagonal become 0.
-pub fn causal_softmax(s: &mut [f32], t: usize, scale: f32) {
-    for i in 0..t {
-        let row = &mut s[i * t..(i + 1) * t];
-        let (live, masked) = row.split_at_mut(i + 1);
-        let mut max = f32::NEG_INFINITY;
-        for v in live.iter_mut() {
-            *v *= scale;
-            max = max.max(*v);
+wide! {
+    /// Causal softmax of a `t × t` score matrix in place, scaled by `scale` first; entries
+    /// above the diagonal become 0.
+    pub fn causal_softmax(s: &mut [f32], t: usize, scale: f32) {
+        for i in 0..t {
+            let row = &mut s[i * t..(i + 1) * t];
+            let (live, masked) = row.split_at_mut(i + 1);
+            live.iter_mut().for_each(|v| *v *= scale);
+            let max = max_of(live);
+            live.iter_mut().for_each(|v| *v = exp(*v - max));
+            let inv = 1.0 / sum_map(live, |v| v);
+            live.iter_mut().for_each(|v| *v *= inv);
+            masked.fill(0.0);
         }
-        let mut sum = 0.0f32;
-        for v in live.iter_mut() {
-            *v = exp(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        live.iter_mut().for_each(|v| *v *= inv);
-        masked.fill(0.0);
     }
 }
 
-/// Softmax backward for a causal `t × t` probability matrix: turns `dp` (the gradient of the
-/// probabilities) into the gradient of the unscaled scores, `p·(dp − Σ p·dp)·scale`, in place.
-pub fn causal_softmax_bwd(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
-    for i in 0..t {
-        let pr = &p[i * t..i * t + i + 1];
-        let (live, masked) = dp[i * t..(i + 1) * t].split_at_mut(i + 1);
-        let dot: f32 = pr.iter().zip(live.iter()).map(|(p, d)| p * d).sum();
-        for (d, &p) in live.iter_mut().zip(pr) {
-            *d = p * (*d - dot) * scale;
+wide! {
+    /// Softmax backward for a causal `t × t` probability matrix: turns `dp` (the gradient of
+    /// the probabilities) into the gradient of the unscaled scores, `p·(dp − Σ p·dp)·scale`,
+    /// in place.
+    pub fn causal_softmax_bwd(p: &[f32], dp: &mut [f32], t: usize, scale: f32) {
+        for i in 0..t {
+            let pr = &p[i * t..i * t + i + 1];
+            let (live, masked) = dp[i * t..(i + 1) * t].split_at_mut(i + 1);
+            let dot = sum_map2(pr, live, |p, d| p * d);
+            for (d, &p) in live.iter_mut().zip(pr) {
+                *d = p * (*d - dot) * scale;
+            }
+            masked.fill(0.0);
         }
-        masked.fill(0.0);
     }
 }
 
@@ -382,21 +505,36 @@ pub fn xent_fwd_bwd(logits: &mut [f32], targets: &[i64], v: usize, z: f32) -> (f
         .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
 }
 
-/// One row of [`xent_fwd_bwd`]: returns (cross-entropy, lse). A target outside the vocabulary
-/// counts as the last token (the data pipeline only produces bytes, so this never happens).
-#[inline]
-fn xent_row(row: &mut [f32], target: i64, inv_n: f32, z: f32) -> (f32, f32) {
-    let target = (target.max(0) as usize).min(row.len() - 1);
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
-    let lse = sum.ln() + max;
-    let ce = lse - row[target];
-    let coef = inv_n * (1.0 + 2.0 * z * lse);
-    for x in row.iter_mut() {
-        *x = exp(*x - lse) * coef;
+wide! {
+    /// One row of [`xent_fwd_bwd`]: returns (cross-entropy, lse). A target outside the
+    /// vocabulary counts as the last token (the data pipeline only produces bytes, so this
+    /// never happens).
+    fn xent_row(row: &mut [f32], target: i64, inv_n: f32, z: f32) -> (f32, f32) {
+        let target = (target.max(0) as usize).min(row.len() - 1);
+        let lse = log_sum_exp(row);
+        let ce = lse - row[target];
+        let coef = inv_n * (1.0 + 2.0 * z * lse);
+        for x in row.iter_mut() {
+            *x = exp(*x - lse) * coef;
+        }
+        row[target] -= inv_n;
+        (ce, lse)
     }
-    row[target] -= inv_n;
-    (ce, lse)
+}
+
+/// `ln Σ e^x` of a row, shifted by its maximum.
+#[inline(always)]
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = max_of(row);
+    sum_map(row, |x| exp(x - max)).ln() + max
+}
+
+wide! {
+    /// Cross-entropy of one row (evaluation).
+    fn xent_only(row: &[f32], target: i64) -> f32 {
+        let target = (target.max(0) as usize).min(row.len() - 1);
+        log_sum_exp(row) - row[target]
+    }
 }
 
 /// Cross-entropy only (evaluation): the summed cross-entropy of the rows, in row order.
@@ -407,15 +545,54 @@ pub fn xent_fwd(logits: &[f32], targets: &[i64], v: usize) -> f64 {
         .map(|(l, tg)| {
             let mut ce = 0.0f64;
             for (row, &target) in l.chunks(v).zip(tg) {
-                let target = (target.max(0) as usize).min(v - 1);
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
-                ce += (sum.ln() + max - row[target]) as f64;
+                ce += xent_only(row, target) as f64;
             }
             ce
         })
         .collect();
     per_chunk.iter().sum()
+}
+
+/// The constants of one AdamW step (see [`crate::train::native::adamw`]), as `f32`.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamConsts {
+    /// Gradient scale from global-norm clipping.
+    pub grad_scale: f32,
+    /// β₁ and 1 − β₁.
+    pub b1: f32,
+    /// 1 − β₁.
+    pub ob1: f32,
+    /// β₂.
+    pub b2: f32,
+    /// 1 − β₂.
+    pub ob2: f32,
+    /// Bias corrections 1 − β₁ᵗ and 1 − β₂ᵗ.
+    pub bc1: f32,
+    /// 1 − β₂ᵗ.
+    pub bc2: f32,
+    /// ε.
+    pub eps: f32,
+    /// Learning rate.
+    pub lr: f32,
+    /// 1 − lr·wd (1 for tensors without decay).
+    pub keep: f32,
+}
+
+wide! {
+    /// AdamW on one chunk: moments updated, bias-corrected step, decoupled decay.
+    pub fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConsts) {
+        let n = p.len();
+        let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+        for i in 0..n {
+            let gi = g[i] * c.grad_scale;
+            let mi = m[i] * c.b1 + gi * c.ob1;
+            let vi = v[i] * c.b2 + gi * gi * c.ob2;
+            m[i] = mi;
+            v[i] = vi;
+            let upd = (mi / c.bc1) / ((vi / c.bc2).sqrt() + c.eps);
+            p[i] = p[i] * c.keep - upd * c.lr;
+        }
+    }
 }
 
 /// Sum of squares of `x` in f64, in fixed-size chunks added in order.

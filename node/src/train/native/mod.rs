@@ -898,33 +898,29 @@ pub fn adamw(
     const CHUNK: usize = 8192;
     let (b1, b2) = (cfg.beta1, cfg.beta2);
     let t = t as i32;
-    let (b1f, b2f) = (b1 as f32, b2 as f32);
-    let (ob1, ob2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
-    let bc1 = (1.0 - b1.powi(t)) as f32;
-    let bc2 = (1.0 - b2.powi(t)) as f32;
-    let eps = cfg.eps as f32;
-    let lrf = lr as f32;
+    let mut c = kernels::AdamConsts {
+        grad_scale,
+        b1: b1 as f32,
+        ob1: (1.0 - b1) as f32,
+        b2: b2 as f32,
+        ob2: (1.0 - b2) as f32,
+        bc1: (1.0 - b1.powi(t)) as f32,
+        bc2: (1.0 - b2.powi(t)) as f32,
+        eps: cfg.eps as f32,
+        lr: lr as f32,
+        keep: 1.0,
+    };
     let mut off = 0;
     for (info, &dec) in layout.iter().zip(decay) {
         let r = off..off + info.len();
         off = r.end;
-        let keep = (1.0 - lr * if dec { cfg.weight_decay } else { 0.0 }) as f32;
+        c.keep = (1.0 - lr * if dec { cfg.weight_decay } else { 0.0 }) as f32;
         params[r.clone()]
             .par_chunks_mut(CHUNK)
             .zip(grads[r.clone()].par_chunks(CHUNK))
             .zip(m[r.clone()].par_chunks_mut(CHUNK))
             .zip(v[r].par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let gi = g[i] * grad_scale;
-                    let mi = m[i] * b1f + gi * ob1;
-                    let vi = v[i] * b2f + gi * gi * ob2;
-                    m[i] = mi;
-                    v[i] = vi;
-                    let upd = (mi / bc1) / ((vi / bc2).sqrt() + eps);
-                    p[i] = p[i] * keep - upd * lrf;
-                }
-            });
+            .for_each(|(((p, g), m), v)| kernels::adamw_chunk(p, g, m, v, &c));
     }
 }
 
