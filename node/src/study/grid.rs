@@ -416,6 +416,20 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_key_is_part_of_the_run_and_its_flags() {
+        let g = parse(
+            r#"{"base": {"mode": "dp"}, "runs": [{"backend": "native"}, {"backend": "cpu"}, {}]}"#,
+        )
+        .unwrap();
+        assert_eq!(g.runs.len(), 3, "three distinct runs: {:?}", g.runs);
+        assert!(g.runs[0].key().contains("backend=native"));
+        let args = g.runs[0].args();
+        let at = args.iter().position(|a| a == "--backend").unwrap();
+        assert_eq!(args[at + 1], "native");
+        assert!(!g.runs[2].args().contains(&"--backend".to_string()));
+    }
+
+    #[test]
     fn duplicate_runs_are_made_once() {
         let g = parse(r#"{"runs": [{"mode": "dp"}, {"mode": ["dp", "diloco"]}]}"#).unwrap();
         assert_eq!(g.runs.len(), 2);
