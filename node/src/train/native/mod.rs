@@ -145,6 +145,21 @@ impl Offsets {
     }
 }
 
+/// `y = x·W`, or `y += x·W` when `accumulate`, for rows `x` of width `k` and `W` stored
+/// `[k, m]` row-major (burn's `Linear` layout).
+fn linear(y: &mut [f32], x: &[f32], w: &[f32], k: usize, accumulate: bool) {
+    let (n, m) = (x.len() / k, w.len() / k);
+    matmul(y, x, Op::N, w, Op::N, n, m, k, accumulate, true);
+}
+
+/// Backward of [`linear`] for the output gradient `dy`: `dw = xᵀ·dy` and `dx = dy·Wᵀ` (both
+/// written, not added to).
+fn linear_bwd(x: &[f32], w: &[f32], dy: &[f32], k: usize, dw: &mut [f32], dx: &mut [f32]) {
+    let (n, m) = (x.len() / k, w.len() / k);
+    matmul(dw, x, Op::T, dy, Op::N, k, m, n, false, true);
+    matmul(dx, dy, Op::N, w, Op::T, n, k, m, false, true);
+}
+
 /// Two disjoint mutable ranges of one slice.
 fn two_mut(x: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
     assert!(a.end <= b.start || b.end <= a.start, "ranges overlap");
@@ -411,24 +426,13 @@ impl NativeModel {
             &mut ws.xnf,
             &mut ws.rstdf,
         );
-        matmul(
-            &mut ws.logits,
-            &ws.xnf,
-            Op::N,
-            &p[self.off.head.clone()],
-            Op::N,
-            n,
-            s.v,
-            d,
-            false,
-            true,
-        );
+        linear(&mut ws.logits, &ws.xnf, &p[self.off.head.clone()], d, false);
     }
 
     fn block_forward(&self, l: usize, x: &[f32], out: &mut [f32], a: &mut LayerActs, s: &Dims) {
         let o = &self.off.blocks[l];
         let p = &self.params;
-        let (n, d, f, t, hd, h) = (s.n(), s.d, s.f, s.t, s.hd, s.h);
+        let (d, f, t, hd, h) = (s.d, s.f, s.t, s.hd, s.h);
         kernels::ln_fwd(
             x,
             &p[o.ln1_g.clone()],
@@ -438,18 +442,7 @@ impl NativeModel {
             &mut a.xn1,
             &mut a.rstd1,
         );
-        matmul(
-            &mut a.qkv,
-            &a.xn1,
-            Op::N,
-            &p[o.qkv.clone()],
-            Op::N,
-            n,
-            3 * d,
-            d,
-            false,
-            true,
-        );
+        linear(&mut a.qkv, &a.xn1, &p[o.qkv.clone()], d, false);
         let (qg, qb) = (&p[o.qn_g.clone()], &p[o.qn_b.clone()]);
         let (kg, kb) = (&p[o.kn_g.clone()], &p[o.kn_b.clone()]);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -497,18 +490,7 @@ impl NativeModel {
             }
         });
         a.x2.copy_from_slice(x);
-        matmul(
-            &mut a.x2,
-            &a.att,
-            Op::N,
-            &p[o.proj.clone()],
-            Op::N,
-            n,
-            d,
-            d,
-            true,
-            true,
-        );
+        linear(&mut a.x2, &a.att, &p[o.proj.clone()], d, true);
         kernels::ln_fwd(
             &a.x2,
             &p[o.ln2_g.clone()],
@@ -518,35 +500,13 @@ impl NativeModel {
             &mut a.xn2,
             &mut a.rstd2,
         );
-        matmul(
-            &mut a.h1,
-            &a.xn2,
-            Op::N,
-            &p[o.fc1_w.clone()],
-            Op::N,
-            n,
-            f,
-            d,
-            false,
-            true,
-        );
+        linear(&mut a.h1, &a.xn2, &p[o.fc1_w.clone()], d, false);
         if let Some(b1) = &o.fc1_b {
             kernels::add_bias(&mut a.h1, &p[b1.clone()]);
         }
         kernels::gelu_fwd(&a.h1, &mut a.g);
         out.copy_from_slice(&a.x2);
-        matmul(
-            out,
-            &a.g,
-            Op::N,
-            &p[o.fc2_w.clone()],
-            Op::N,
-            n,
-            d,
-            f,
-            true,
-            true,
-        );
+        linear(out, &a.g, &p[o.fc2_w.clone()], f, true);
         if let Some(b2) = &o.fc2_b {
             kernels::add_bias(out, &p[b2.clone()]);
         }
@@ -554,7 +514,7 @@ impl NativeModel {
 
     fn backward(&mut self, batch: &Batch, ws: &mut Workspace) {
         let s = ws.dims;
-        let (n, d, t) = (s.n(), s.d, s.t);
+        let (d, t) = (s.d, s.t);
         let total: usize = self.params.len();
         if self.grads.len() != total {
             self.grads = vec![0.0; total];
@@ -563,29 +523,13 @@ impl NativeModel {
         let p = &self.params;
         let g = &mut self.grads;
         // Head and final layer norm.
-        matmul(
-            &mut g[off.head.clone()],
+        linear_bwd(
             &ws.xnf,
-            Op::T,
-            &ws.logits,
-            Op::N,
-            d,
-            s.v,
-            n,
-            false,
-            true,
-        );
-        matmul(
-            &mut ws.dxn,
-            &ws.logits,
-            Op::N,
             &p[off.head.clone()],
-            Op::T,
-            n,
+            &ws.logits,
             d,
-            s.v,
-            false,
-            true,
+            &mut g[off.head.clone()],
+            &mut ws.dxn,
         );
         {
             let (dg, db) = two_mut(g, off.lnf_g.clone(), off.lnf_b.clone());
@@ -655,63 +599,31 @@ fn block_backward(
     sc: &mut Scratch<'_>,
     s: &Dims,
 ) {
-    let (n, d, f, t, hd, h) = (s.n(), s.d, s.f, s.t, s.hd, s.h);
+    let (d, f, t, hd, h) = (s.d, s.f, s.t, s.hd, s.h);
     // MLP: out = x2 + gelu(ln2(x2)·W1 + b1)·W2 + b2.
-    matmul(
-        &mut g[o.fc2_w.clone()],
+    linear_bwd(
         &a.g,
-        Op::T,
+        &p[o.fc2_w.clone()],
         sc.dx,
-        Op::N,
         f,
-        d,
-        n,
-        false,
-        true,
+        &mut g[o.fc2_w.clone()],
+        sc.dh,
     );
     if let Some(b2) = &o.fc2_b {
         kernels::col_sums(sc.dx, d, &mut g[b2.clone()]);
     }
-    matmul(
-        sc.dh,
-        sc.dx,
-        Op::N,
-        &p[o.fc2_w.clone()],
-        Op::T,
-        n,
-        f,
-        d,
-        false,
-        true,
-    );
     kernels::gelu_bwd(&a.h1, sc.dh);
-    matmul(
-        &mut g[o.fc1_w.clone()],
+    linear_bwd(
         &a.xn2,
-        Op::T,
+        &p[o.fc1_w.clone()],
         sc.dh,
-        Op::N,
         d,
-        f,
-        n,
-        false,
-        true,
+        &mut g[o.fc1_w.clone()],
+        sc.dxn,
     );
     if let Some(b1) = &o.fc1_b {
         kernels::col_sums(sc.dh, f, &mut g[b1.clone()]);
     }
-    matmul(
-        sc.dxn,
-        sc.dh,
-        Op::N,
-        &p[o.fc1_w.clone()],
-        Op::T,
-        n,
-        d,
-        f,
-        false,
-        true,
-    );
     {
         let (dg, db) = two_mut(g, o.ln2_g.clone(), o.ln2_b.clone());
         kernels::ln_bwd(
@@ -727,29 +639,13 @@ fn block_backward(
         );
     }
     // Attention: x2 = x + att·Wp.
-    matmul(
-        &mut g[o.proj.clone()],
+    linear_bwd(
         &a.att,
-        Op::T,
-        sc.dx,
-        Op::N,
-        d,
-        d,
-        n,
-        false,
-        true,
-    );
-    matmul(
-        sc.datt,
-        sc.dx,
-        Op::N,
         &p[o.proj.clone()],
-        Op::T,
-        n,
+        sc.dx,
         d,
-        d,
-        false,
-        true,
+        &mut g[o.proj.clone()],
+        sc.datt,
     );
     let (qg, kg) = (&p[o.qn_g.clone()], &p[o.kn_g.clone()]);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -841,29 +737,13 @@ fn block_backward(
                 .for_each(|(a, b)| *a += b);
         }
     }
-    matmul(
-        &mut g[o.qkv.clone()],
+    linear_bwd(
         &a.xn1,
-        Op::T,
-        sc.dqkv,
-        Op::N,
-        d,
-        3 * d,
-        n,
-        false,
-        true,
-    );
-    matmul(
-        sc.dxn,
-        sc.dqkv,
-        Op::N,
         &p[o.qkv.clone()],
-        Op::T,
-        n,
+        sc.dqkv,
         d,
-        3 * d,
-        false,
-        true,
+        &mut g[o.qkv.clone()],
+        sc.dxn,
     );
     let (dg, db) = two_mut(g, o.ln1_g.clone(), o.ln1_b.clone());
     kernels::ln_bwd(
