@@ -3,8 +3,8 @@
 //! markdown table; the plots are [`crate::study::plot`]'s.
 //!
 //! A DiLoCo row is compared with the data-parallel row that shares its model, steps, global
-//! batch, sequence length, inner learning rate, warmup, weight decay and shards (a DP run's
-//! replica count does not change what it computes, so it is not part of the match).
+//! batch, sequence length, inner learning rate, warmup, weight decay, shards and backend (a DP
+//! run's replica count does not change what it computes, so it is not part of the match).
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -20,6 +20,7 @@ const BASELINE_FIELDS: &[&str] = &[
     "warmup",
     "weight_decay",
     "shards",
+    "backend",
 ];
 
 /// One row of the report: every seed of one configuration.
@@ -152,7 +153,11 @@ pub fn rows(lines: &[Value]) -> Vec<Row> {
                 wall_s: mean(&vals("wall_s")),
                 baseline_key: BASELINE_FIELDS
                     .iter()
-                    .map(|f| format!("{f}={}", text(&first[*f])))
+                    .map(|f| match (*f, &first[*f]) {
+                        // Lines from before the backend was recorded were all made on `cpu`.
+                        ("backend", Value::Null) => "backend=cpu".to_string(),
+                        (f, v) => format!("{f}={}", text(v)),
+                    })
                     .collect::<Vec<_>>()
                     .join(" "),
                 history: mean_history(runs.values().copied()),
@@ -220,8 +225,8 @@ pub fn markdown(title: &str, rows: &[Row], command: &str, plots: &[(String, Stri
         s,
         "Eval loss: final eval loss (nats per byte), mean ± sample standard deviation over the \
          seeds listed. vs DP: change of the mean against the data-parallel row with the same \
-         model, steps, global batch, sequence length, learning rate, warmup, weight decay and \
-         shards (negative is better). Bytes: what one replica sends over the run in a \
+         model, steps, global batch, sequence length, learning rate, warmup, weight decay, \
+         shards and backend (negative is better). Bytes: what one replica sends over the run in a \
          bandwidth-optimal all-reduce.\n"
     );
     let mut baselines: Vec<&str> = Vec::new();
@@ -322,6 +327,28 @@ mod tests {
         let rows = rows(&[other, line("diloco", 2, 0, 2.3)]);
         assert_eq!(rows[1].vs_dp, None);
         assert!(markdown("t", &rows, "c", &[]).contains("| - |"));
+    }
+
+    #[test]
+    fn rows_compare_only_with_dp_on_the_same_backend() {
+        // A native DiLoCo row beside a DP row recorded before backends were (all `cpu`).
+        let mut native = line("diloco", 2, 0, 2.3);
+        native["backend"] = json!("native");
+        native["config_key"] = json!("backend=native mode=diloco replicas=2");
+        let mixed = rows(&[line("dp", 1, 0, 2.0), native.clone()]);
+        assert_eq!(mixed[1].vs_dp, None, "compared across backends");
+        let mut dp = line("dp", 1, 0, 2.0);
+        dp["backend"] = json!("native");
+        dp["config_key"] = json!("backend=native mode=dp replicas=1");
+        let same = rows(&[dp, native]);
+        assert!((same[1].vs_dp.unwrap() - 15.0).abs() < 1e-9);
+        let cpu = rows_of_cpu();
+        assert_eq!(cpu[1].vs_dp.map(|v| v.round()), Some(15.0));
+    }
+
+    /// Lines without a backend field (all `cpu`) still compare among themselves.
+    fn rows_of_cpu() -> Vec<Row> {
+        rows(&[line("dp", 1, 0, 2.0), line("diloco", 2, 0, 2.3)])
     }
 
     #[test]
