@@ -439,14 +439,6 @@ pub fn add_bias(x: &mut [f32], bias: &[f32]) {
     });
 }
 
-/// `a += b`, element-wise.
-pub fn add_into(a: &mut [f32], b: &[f32]) {
-    const CHUNK: usize = 8192;
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
-}
-
 wide! {
     /// Causal softmax of a `t × t` score matrix in place, scaled by `scale` first; entries
     /// above the diagonal become 0.
