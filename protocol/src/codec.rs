@@ -419,9 +419,26 @@ fn dequantize(q: Quantization, raw: &[u8], n: usize) -> Result<Vec<f32>, CodecEr
     Ok(out)
 }
 
+/// [`quantize_roundtrip`] of a vector the caller no longer needs: for f32 it is clamped in
+/// place (no allocation, the same bits).
+pub fn quantize_roundtrip_owned(q: Quantization, mut values: Vec<f32>) -> Vec<f32> {
+    if q == Quantization::F32 {
+        for x in &mut values {
+            *x = sanitize(*x, f32::MAX);
+        }
+        values
+    } else {
+        quantize_roundtrip(q, &values)
+    }
+}
+
 /// What `decode(&encode(q, values), ..)` returns, computed without compression: use it to
 /// simulate the codec in-process. Bit-identical to the decoded vector.
 pub fn quantize_roundtrip(q: Quantization, values: &[f32]) -> Vec<f32> {
+    if q == Quantization::F32 {
+        // One pass instead of bytes out and back: the encoding only clamps what is not finite.
+        return values.iter().map(|&x| sanitize(x, f32::MAX)).collect();
+    }
     let mut raw = Vec::with_capacity(q.raw_len(values.len()).unwrap_or(0));
     quantize_into(q, values, &mut raw);
     // The payload was produced by `quantize_into` for exactly this length and is finite by
@@ -910,6 +927,36 @@ mod tests {
             let (mn, mx) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
             prop_assert!(mx - mn <= BLOCK);
         }
+    }
+
+    #[test]
+    fn f32_roundtrip_shortcut_equals_the_byte_path() {
+        // quantize_roundtrip skips the bytes for f32; it must still clamp what the encoding
+        // clamps (NaN to 0, infinities to the largest finite value) and keep -0.0 and subnormals.
+        let values = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            f32::MIN_POSITIVE / 2.0,
+            1.5,
+            -f32::MAX,
+        ];
+        let mut raw = Vec::new();
+        quantize_into(Quantization::F32, &values, &mut raw);
+        let bytes_path = dequantize(Quantization::F32, &raw, values.len()).unwrap();
+        let shortcut = quantize_roundtrip(Quantization::F32, &values);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&shortcut), bits(&bytes_path));
+        let owned = quantize_roundtrip_owned(Quantization::F32, values.to_vec());
+        assert_eq!(bits(&owned), bits(&bytes_path));
+        for q in Quantization::ALL {
+            let finite = &values[3..];
+            let a = quantize_roundtrip_owned(q, finite.to_vec());
+            assert_eq!(bits(&a), bits(&quantize_roundtrip(q, finite)), "{q}");
+        }
+        assert_eq!(shortcut[0].to_bits(), 0);
+        assert_eq!(shortcut[1], f32::MAX);
     }
 
     #[test]

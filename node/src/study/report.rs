@@ -342,13 +342,9 @@ mod tests {
         dp["config_key"] = json!("backend=native mode=dp replicas=1");
         let same = rows(&[dp, native]);
         assert!((same[1].vs_dp.unwrap() - 15.0).abs() < 1e-9);
-        let cpu = rows_of_cpu();
+        // Lines without a backend field (all `cpu`) still compare among themselves.
+        let cpu = rows(&[line("dp", 1, 0, 2.0), line("diloco", 2, 0, 2.3)]);
         assert_eq!(cpu[1].vs_dp.map(|v| v.round()), Some(15.0));
-    }
-
-    /// Lines without a backend field (all `cpu`) still compare among themselves.
-    fn rows_of_cpu() -> Vec<Row> {
-        rows(&[line("dp", 1, 0, 2.0), line("diloco", 2, 0, 2.3)])
     }
 
     #[test]

@@ -473,7 +473,11 @@ impl Replica {
             loss += stats.loss as f64;
             on_step(step, &stats);
         }
-        let delta = outer_gradient(theta, &self.params())?;
+        let delta = match &self.engine {
+            // The native engine holds the parameters as one flat vector: no copy needed.
+            Engine::Native(n) => outer_gradient(theta, &n.params)?,
+            Engine::Burn(_) => outer_gradient(theta, &self.params())?,
+        };
         Ok(Some(RoundResult {
             delta,
             loss: (loss / steps.max(1) as f64) as f32,
@@ -539,8 +543,7 @@ impl Evaluator {
                 device: device.clone(),
             },
             Compute::Native => {
-                let zeros = vec![0.0; cfg.num_params()];
-                match NativeModel::new(cfg, &zeros) {
+                match NativeModel::from_vec(cfg, vec![0.0; cfg.num_params()]) {
                     Ok(m) => Evaluator::Native(Box::new(m)),
                     // `num_params` is the layout's length by construction (tested).
                     Err(e) => unreachable!("native layout disagrees with num_params: {e}"),

@@ -21,7 +21,7 @@ use crate::train::flat::{self, ParamInfo};
 use crate::train::inner::{Evaluator, InnerConfig, Replica, RoundError};
 use crate::train::model::ModelConfig;
 use crate::train::progress::Progress;
-use diloco_protocol::codec::{quantize_roundtrip, ErrorFeedback, Quantization};
+use diloco_protocol::codec::{quantize_roundtrip_owned, ErrorFeedback, Quantization};
 use diloco_protocol::outer::{self, OuterConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -323,7 +323,7 @@ pub fn run(
                                 sparse_bytes += bytes_sent.len() as u64 * (m as u64 - 1);
                                 deltas.push(sent);
                             }
-                            _ => deltas.push(quantize_roundtrip(cfg.quantize, &done.delta)),
+                            _ => deltas.push(quantize_roundtrip_owned(cfg.quantize, done.delta)),
                         }
                         weights.push(done.tokens as f64);
                     }

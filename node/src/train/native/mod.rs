@@ -330,6 +330,11 @@ pub struct NativeModel {
 impl NativeModel {
     /// A model of `cfg` holding `params` (in [`layout`] order).
     pub fn new(cfg: &ModelConfig, params: &[f32]) -> Result<Self, FlatError> {
+        Self::from_vec(cfg, params.to_vec())
+    }
+
+    /// [`NativeModel::new`] taking the parameters by value (no copy).
+    pub fn from_vec(cfg: &ModelConfig, params: Vec<f32>) -> Result<Self, FlatError> {
         let lay = layout(cfg);
         let expected: usize = lay.iter().map(ParamInfo::len).sum();
         if params.len() != expected {
@@ -341,7 +346,7 @@ impl NativeModel {
         Ok(NativeModel {
             cfg: cfg.clone(),
             off: Offsets::new(cfg, &lay),
-            params: params.to_vec(),
+            params,
             grads: Vec::new(),
             ws: None,
         })
