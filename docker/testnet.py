@@ -443,6 +443,7 @@ def run_chaos(net, duration, period=15.0, nodes=3):
     start = time.time()
     start_round = net.top_round(cids)
     kills = 0
+    last_rnd = None
     next_tick = start
     while time.time() < start + duration:
         gap = net.max_gap(start)
@@ -453,6 +454,11 @@ def run_chaos(net, duration, period=15.0, nodes=3):
         # One failure at a time: the last victim must be back in the group first (with two of
         # three down a majority quorum is gone by design). Rejoining is bounded too.
         net.wait_members(cids, timeout=90)
+        # ... and the group must have finished a round since the last kill: membership alone
+        # came back within seconds once, and a second kill 3 s after the first (both in round
+        # 29) stacked two failures' timeouts into one stall window, past the one-failure limit.
+        if last_rnd is not None:
+            net.wait_agree(cids, last_rnd + 1, timeout=90)
         next_tick = max(next_tick + period, time.time())
         victim = rng.choice(cids)
         sig = rng.choice(["KILL", "KILL", "TERM"])
@@ -465,6 +471,7 @@ def run_chaos(net, duration, period=15.0, nodes=3):
         else:
             net.stop(victim)
         kills += 1
+        last_rnd = rnd if isinstance(rnd, int) else net.top_round(cids)
         with net.lock:
             net.latest.pop(victim, None)
         down = rng.uniform(0.5, 5.0)
