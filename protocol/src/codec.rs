@@ -437,7 +437,7 @@ pub fn quantize_roundtrip_owned(q: Quantization, mut values: Vec<f32>) -> Vec<f3
 pub fn quantize_roundtrip(q: Quantization, values: &[f32]) -> Vec<f32> {
     if q == Quantization::F32 {
         // One pass instead of bytes out and back: the encoding only clamps what is not finite.
-        return values.iter().map(|&x| sanitize(x, f32::MAX)).collect();
+        return quantize_roundtrip_owned(q, values.to_vec());
     }
     let mut raw = Vec::with_capacity(q.raw_len(values.len()).unwrap_or(0));
     quantize_into(q, values, &mut raw);
