@@ -113,8 +113,10 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// Groups result lines into rows (file order of first appearance) and fills in `vs_dp`.
-/// A configuration run twice with one seed keeps the later line.
+/// Groups result lines into rows and fills in `vs_dp`. Rows come in reading order, whatever
+/// order parallel runs finished in: settings groups (one DP baseline each) in the order they
+/// first appear in the file, and within a group DP first, then by M, H, outer lr, batch,
+/// codec and drop probability. A configuration run twice with one seed keeps the later line.
 pub fn rows(lines: &[Value]) -> Vec<Row> {
     let mut order: Vec<String> = Vec::new();
     let mut by_key: BTreeMap<String, BTreeMap<u64, &Value>> = BTreeMap::new();
@@ -176,6 +178,29 @@ pub fn rows(lines: &[Value]) -> Vec<Row> {
             .get(&r.baseline_key)
             .map(|base| (r.mean() - base) / base * 100.0);
     }
+    let mut groups: Vec<&str> = Vec::new();
+    for r in &out {
+        if !groups.contains(&r.baseline_key.as_str()) {
+            groups.push(&r.baseline_key);
+        }
+    }
+    let group: BTreeMap<String, usize> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.to_string(), i))
+        .collect();
+    out.sort_by(|a, b| {
+        let lr = |r: &Row| r.outer_lr.unwrap_or(f64::NEG_INFINITY);
+        group[&a.baseline_key]
+            .cmp(&group[&b.baseline_key])
+            .then((a.mode != "dp").cmp(&(b.mode != "dp")))
+            .then(a.replicas.cmp(&b.replicas))
+            .then(a.inner_steps.cmp(&b.inner_steps))
+            .then(lr(a).total_cmp(&lr(b)))
+            .then(a.batch.cmp(&b.batch))
+            .then(a.codec.cmp(&b.codec))
+            .then(a.drop_prob.total_cmp(&b.drop_prob))
+    });
     out
 }
 
@@ -345,6 +370,36 @@ mod tests {
         // Lines without a backend field (all `cpu`) still compare among themselves.
         let cpu = rows(&[line("dp", 1, 0, 2.0), line("diloco", 2, 0, 2.3)]);
         assert_eq!(cpu[1].vs_dp.map(|v| v.round()), Some(15.0));
+    }
+
+    #[test]
+    fn rows_come_dp_first_then_by_m_whatever_the_file_order() {
+        // Parallel runs append in the order they finish.
+        let mut other_steps = line("dp", 1, 0, 1.0);
+        other_steps["steps"] = json!(200);
+        other_steps["config_key"] = json!("mode=dp replicas=1 steps=200");
+        let rows = rows(&[
+            line("diloco", 4, 0, 2.4),
+            other_steps,
+            line("diloco", 1, 0, 2.1),
+            line("dp", 1, 0, 2.0),
+            line("diloco", 2, 0, 2.2),
+        ]);
+        let order: Vec<(u64, &str, u64)> = rows
+            .iter()
+            .map(|r| (r.steps, r.mode.as_str(), r.replicas))
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                (100, "dp", 1),
+                (100, "diloco", 1),
+                (100, "diloco", 2),
+                (100, "diloco", 4),
+                (200, "dp", 1),
+            ]
+        );
+        assert!((rows[3].vs_dp.unwrap() - 20.0).abs() < 1e-9);
     }
 
     #[test]
