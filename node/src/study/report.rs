@@ -178,17 +178,12 @@ pub fn rows(lines: &[Value]) -> Vec<Row> {
             .get(&r.baseline_key)
             .map(|base| (r.mean() - base) / base * 100.0);
     }
-    let mut groups: Vec<&str> = Vec::new();
+    // Settings groups numbered in order of first appearance.
+    let mut group: BTreeMap<String, usize> = BTreeMap::new();
     for r in &out {
-        if !groups.contains(&r.baseline_key.as_str()) {
-            groups.push(&r.baseline_key);
-        }
+        let next = group.len();
+        group.entry(r.baseline_key.clone()).or_insert(next);
     }
-    let group: BTreeMap<String, usize> = groups
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (k.to_string(), i))
-        .collect();
     out.sort_by(|a, b| {
         let lr = |r: &Row| r.outer_lr.unwrap_or(f64::NEG_INFINITY);
         group[&a.baseline_key]
